@@ -1,0 +1,1 @@
+"""Cohorts (synthetic, HCP, CSV manifest), preprocessing and datasets."""

@@ -1,0 +1,1 @@
+"""Reconstruction, generative and anatomical metrics."""

@@ -1,0 +1,1 @@
+"""Model families (ae, vae, gan, stylegan) and shared 3D primitives."""
