@@ -85,5 +85,52 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     _run(go)
 
 
+FamilyOpt = Annotated[str, typer.Option("--model", "-m", help="Model family: ae, vae, gan or stylegan.")]
+
+
+@app.command()
+def train(
+    model: FamilyOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an unfinished checkpoint of the same config and data, in its MLflow run.")
+    ] = False,
+    stop_after_epoch: Annotated[
+        Optional[int], typer.Option(help="Checkpoint and stop after this epoch (resume later with --resume).")
+    ] = None,
+) -> None:
+    """Train one model family, log it to MLflow and register it (DVC stage `train@<family>`)."""
+
+    def go():
+        from brainlatent.train.runner import train_family
+
+        p = _load(params, set_)
+        out = train_family(model, p, resume=resume, stop_after_epoch=stop_after_epoch)
+        state = "finished" if out.finished else "stopped (resumable)"
+        typer.echo(f"{model}: {state}; MLflow run {out.run_id}\n  {out.run_url}")
+        if out.model_version:
+            role = "champion" if out.champion else "candidate"
+            typer.echo(f"  registered brainlatent-{model} version {out.model_version} ({role})")
+        keys = [k for k in ("val_mse", "val_psnr", "val_ssim", "val_proxy") if k in out.metrics]
+        typer.echo("  " + "  ".join(f"{k}={out.metrics[k]:.4g}" for k in keys))
+
+    _run(go)
+
+
+@app.command("registry")
+def registry_cmd() -> None:
+    """List registered models, their versions, aliases and key metrics."""
+
+    def go():
+        from brainlatent import tracking
+        from brainlatent.registry import describe_registry
+
+        tracking.configure()
+        typer.echo(describe_registry())
+
+    _run(go)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -56,8 +56,9 @@ class SynthConfig:
     # Sex: males ~10% larger brain volume on average (linear scale 1.10 ** (1/3)), overlapping distributions.
     male_volume_ratio: PositiveFloat = 1.10
     volume_sd: NonNegFloat = 0.05  # SD of log brain volume within each sex
-    # Local sex effect, not explained by size: relative volume change of a bilateral region (see docs).
-    local_sex_effect: float = 0.25
+    # Local sex effect, not explained by size: male / female volume ratio of the bilateral temporal poles
+    # is 1 + local_sex_effect (negative: smaller in males; see docs/synthetic_cohort.md).
+    local_sex_effect: Annotated[float, Field(gt=-1)] = 0.25
     # Age: relative lateral-ventricle volume increase per year, and relative cortical GM thinning per year.
     ventricle_growth_per_year: NonNegFloat = 0.06
     gm_thinning_per_year: NonNegFloat = 0.01
@@ -90,7 +91,8 @@ class DataConfig:
     hcp_image: Literal["T1w", "MNINonLinear"] = "T1w"
     processed_dir: str = "data/processed"
     shape: Shape3 = (32, 40, 32)
-    fov_mm: Vec3 = (160.0, 200.0, 160.0)
+    # Box in mm around each brain's centre of mass; must hold the largest brain (brainstem included).
+    fov_mm: Vec3 = (176.0, 220.0, 176.0)
     # Stretch each brain's bounding box to fill the array. Erases head size (the largest sex difference
     # in real data): off by default, offered only for experiments that want it.
     fit_bbox: bool = False
@@ -113,10 +115,99 @@ class DataConfig:
         return self
 
 
+# ------------------------------------------------------------------------------------------ training
+@dataclass(config=_STRICT)
+class TrainConfig:
+    """Settings every family's training shares."""
+
+    checkpoint_dir: str = "checkpoints"
+    artifact_every: PositiveInt = 5  # log reconstructions / samples every N epochs (and at the end)
+    n_fixed: PositiveInt = 4  # fixed validation subjects shown in reconstruction artifacts
+    n_samples: PositiveInt = 4  # random samples shown for generative families
+    bf16: bool = False  # bf16 autocast (CUDA, and CPUs with fast bf16)
+    channels_last: bool = False  # channels_last_3d memory format (helps cuDNN on recent GPUs)
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU)
+
+
+class _FamilyConfig:
+    """Mixin: split a flat family section into constructor arguments and training settings."""
+
+    MODEL_KEYS: tuple[str, ...] = ()
+
+    def model_kwargs(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MODEL_KEYS}
+
+
+_AE_MODEL_KEYS = ("latent_dim", "base_channels", "max_channels", "min_bottleneck", "norm")
+
+
+@dataclass(config=_STRICT)
+class AEConfig(_FamilyConfig):
+    """Vanilla 3D convolutional autoencoder (models/autoencoder.py)."""
+
+    MODEL_KEYS = _AE_MODEL_KEYS
+    latent_dim: PositiveInt = 64
+    base_channels: PositiveInt = 16
+    max_channels: PositiveInt = 128
+    min_bottleneck: PositiveInt = 4
+    norm: Literal["group", "layer", "none"] = "group"
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 2e-3
+    weight_decay: NonNegFloat = 0.0
+    lr_min_ratio: Fraction = 0.05  # cosine decay to lr * lr_min_ratio over the run
+
+
+@dataclass(config=_STRICT)
+class VAEConfig(_FamilyConfig):
+    """Variational autoencoder (models/vae.py): beta-weighted KL with a linear warm-up."""
+
+    MODEL_KEYS = (*_AE_MODEL_KEYS, "beta", "kl_warmup_epochs", "recon_sigma")
+    latent_dim: PositiveInt = 64
+    base_channels: PositiveInt = 16
+    max_channels: PositiveInt = 128
+    min_bottleneck: PositiveInt = 4
+    norm: Literal["group", "layer", "none"] = "group"
+    beta: NonNegFloat = 1.0
+    kl_warmup_epochs: NonNegFloat = 10.0  # KL weight ramps linearly from 0 to beta over this many epochs
+    recon_sigma: PositiveFloat = 0.1  # Gaussian likelihood SD in normalised intensity units
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 2e-3
+    weight_decay: NonNegFloat = 0.0
+    lr_min_ratio: Fraction = 0.05
+
+
+FAMILY_CONFIGS: dict[str, type] = {"ae": AEConfig, "vae": VAEConfig}
+
+
+# -------------------------------------------------------------------------------------------- tuning
+@dataclass(config=_STRICT)
+class TuneConfig:
+    """Optuna studies per family (tuning.py). ``space`` maps family -> parameter -> spec, where a spec is
+    ``{low, high, log}`` (float), ``{low, high, step}`` (int when low/high are ints) or ``{choices: [...]}``;
+    the parameter must be a field of that family's section."""
+
+    families: tuple[Family, ...] = ("ae", "vae", "gan", "stylegan")  # tuned in the pipeline; others use params as is
+    n_trials: PositiveInt = 6
+    epochs: PositiveInt = 4  # epochs per trial
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_warmup_epochs: NonNegInt = 1
+    # Optuna storage URL; None -> sqlite:///<project>/optuna.db. BRAINLATENT_OPTUNA_STORAGE overrides (e.g. a
+    # PostgreSQL URL with a password, which never belongs in params.yaml).
+    storage: str | None = None
+    study_prefix: str = "brainlatent"
+    seed: int = 0
+    space: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
 # ------------------------------------------------------------------------------------------- loading
 SECTIONS: dict[str, type] = {
     "synth": SynthConfig,
     "data": DataConfig,
+    "train": TrainConfig,
+    "tune": TuneConfig,
+    **FAMILY_CONFIGS,
 }
 
 
@@ -155,8 +246,18 @@ class Params:
 
     synth: SynthConfig
     data: DataConfig
+    train: TrainConfig
+    tune: TuneConfig
+    ae: AEConfig
+    vae: VAEConfig
     seed: int = 0
     device: str = "auto"
+
+
+    def family(self, name: str) -> Any:
+        if name not in FAMILY_CONFIGS:
+            raise ConfigError(f"unknown model family {name!r}; expected one of {sorted(FAMILY_CONFIGS)}")
+        return getattr(self, name)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

@@ -1,0 +1,144 @@
+"""The family-agnostic latent-model interface and the family registry.
+
+Everything downstream of training (latent directions, traversals, reconstructions) talks to a
+:class:`LatentModel` only: ``encode`` maps volumes to vectors, ``decode`` maps vectors back to volumes.
+A checkpoint is ``{"family", "config", "state_dict"}``; :func:`build_model` rebuilds the module from the
+JSON-able config (the constructor's keyword arguments) without pickling code.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from brainlatent.models.layers import Shape3
+
+# Family name -> module that registers it on import (so build_model works without importing every family).
+_FAMILY_MODULES = {
+    "ae": "brainlatent.models.autoencoder",
+    "vae": "brainlatent.models.vae",
+    "gan": "brainlatent.models.gan",
+    "stylegan": "brainlatent.models.stylegan",
+}
+
+MODEL_FAMILIES: dict[str, type["LatentModel"]] = {}
+
+
+class LatentModel(nn.Module, abc.ABC):
+    """A model with a vector latent space for 3D volumes.
+
+    Subclasses set the class attribute ``family`` and the instance attributes ``latent_dim`` and
+    ``volume_shape`` (X, Y, Z), and implement :meth:`encode`, :meth:`decode` and :meth:`config_dict`.
+    Generative families (``generative = True``) also implement :meth:`sample`.
+    """
+
+    family: ClassVar[str]
+    generative: ClassVar[bool] = False
+    latent_dim: int
+    volume_shape: Shape3
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) volumes in [0, 1] -> (B, latent_dim) latent vectors (deterministic)."""
+
+    @abc.abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) latent vectors -> (B, 1, X, Y, Z) volumes in [0, 1]."""
+
+    @abc.abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, JSON-serialisable: ``build_model(family, config)`` rebuilds."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` volumes (n, 1, X, Y, Z) drawn from the model; only for generative families."""
+        raise NotImplementedError(f"family {self.family!r} is not generative: it has no sample()")
+
+    # -- helpers shared by the families ---------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_volumes(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless ``x`` is (B, 1, *volume_shape)."""
+        if x.ndim != 5 or tuple(x.shape[1:]) != (1, *self.volume_shape):
+            raise ValueError(
+                f"{type(self).__name__}: expected volumes of shape (B, 1, {', '.join(map(str, self.volume_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def check_latents(self, z: torch.Tensor) -> None:
+        """Raise ValueError unless ``z`` is (B, latent_dim)."""
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(
+                f"{type(self).__name__}: expected latents of shape (B, {self.latent_dim}), got {tuple(z.shape)}"
+            )
+
+    def prior_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, latent_dim) draws from N(0, I) on the model's device.
+
+        Drawn on the generator's device, then moved: a seeded CPU generator gives the same samples
+        whatever device the model lives on.
+        """
+        if n < 1:
+            raise ValueError(f"sample: n must be a positive integer, got {n}")
+        gen_device = generator.device if generator is not None else self.device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=gen_device)
+        return z.to(self.device)
+
+
+def register_family(cls: type[LatentModel]) -> type[LatentModel]:
+    """Class decorator: add ``cls`` to :data:`MODEL_FAMILIES` under ``cls.family``."""
+    name = getattr(cls, "family", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__}: a registered LatentModel needs a class attribute 'family'")
+    existing = MODEL_FAMILIES.get(name)
+    # Same qualified name: a module reload (e.g. importlib.reload in a notebook), not a clash.
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"family {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+    MODEL_FAMILIES[name] = cls
+    return cls
+
+
+def get_family(family: str) -> type[LatentModel]:
+    """The LatentModel class of ``family``, importing its module on first use."""
+    if family not in MODEL_FAMILIES and family in _FAMILY_MODULES:
+        importlib.import_module(_FAMILY_MODULES[family])
+    if family not in MODEL_FAMILIES:
+        known = sorted(set(MODEL_FAMILIES) | set(_FAMILY_MODULES))
+        raise ValueError(f"model family: unknown {family!r}; expected one of {known}")
+    return MODEL_FAMILIES[family]
+
+
+def build_model(family: str, config: Mapping[str, Any]) -> LatentModel:
+    """Instantiate ``family`` from its ``config_dict()`` (e.g. read back from a JSON checkpoint)."""
+    cls = get_family(family)
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(config) - set(params) - {"self"})
+    if unknown:
+        expected = [p for p in params if p != "self"]
+        raise ValueError(f"{family} model config: unknown key(s) {unknown}; expected some of {expected}")
+    return cls(**dict(config))
+
+
+def model_checkpoint(model: LatentModel) -> dict[str, Any]:
+    """``{"family", "config", "state_dict"}``: everything :func:`load_model` needs, no code pickled."""
+    return {"family": model.family, "config": model.config_dict(), "state_dict": model.state_dict()}
+
+
+def load_model(checkpoint: Mapping[str, Any], map_location: str | torch.device | None = "cpu") -> LatentModel:
+    """Rebuild a model from :func:`model_checkpoint`'s dict and load its weights (eval mode)."""
+    missing = [k for k in ("family", "config", "state_dict") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"model checkpoint: missing key(s) {missing}; expected family, config, state_dict")
+    model = build_model(checkpoint["family"], checkpoint["config"])
+    state = {k: v.to(map_location) if map_location is not None else v for k, v in checkpoint["state_dict"].items()}
+    model.load_state_dict(state)
+    if map_location is not None:
+        model.to(map_location)
+    return model.eval()

@@ -1,0 +1,212 @@
+"""The MLflow Model Registry: register checkpoints, move aliases, load models back by URI.
+
+Every family registers as ``brainlatent-<family>``. Each new version gets alias ``candidate``; alias
+``champion`` moves to it only when its declared metric is strictly better than the current champion's
+(see :data:`CHAMPION_METRICS` and docs/tracking.md). The rule's metric and value are stored as version
+tags, so a registry look-up shows why a version is (or is not) the champion.
+
+What a version holds: ``weights.pt`` (a plain ``state_dict``) and ``config.json`` (family + constructor
+arguments), wrapped as an MLflow pyfunc ("models from code", so nothing is pickled). Our own loader reads
+the two files directly: ``torch.load(weights_only=True)`` and a rebuild from the config. No code from an
+artifact is ever executed or unpickled by :func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+FORMAT_VERSION = 1
+
+# The metric each family's champion rule compares, and whether higher is better. Training logs these on the
+# validation split; `evaluate` re-applies the rule with generative metrics for the GANs (docs/tracking.md).
+CHAMPION_METRICS: dict[str, tuple[str, bool]] = {
+    "ae": ("val_mse", False),
+    "vae": ("val_mse", False),
+    "gan": ("val_proxy", False),
+    "stylegan": ("val_proxy", False),
+    "featurenet": ("val_sex_auc", True),
+}
+
+
+def registered_name(family: str) -> str:
+    return f"brainlatent-{family}"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    name: str
+    version: str
+    run_id: str
+    config: dict[str, Any]
+    tags: dict[str, str]
+
+
+def _pyfunc_code_path() -> str:
+    return str(Path(__file__).with_name("mlflow_pyfunc.py"))
+
+
+def _is_better(new: float, old: float | None, higher_is_better: bool) -> bool:
+    if old is None or not math.isfinite(old):
+        return math.isfinite(new)
+    return new > old if higher_is_better else new < old
+
+
+def log_and_register(
+    model: torch.nn.Module,
+    family: str,
+    config: dict[str, Any],
+    metrics: dict[str, float],
+    tags: dict[str, str] | None = None,
+    name: str | None = None,
+) -> tuple[str, bool]:
+    """Log ``model`` to the active run, register a new version, set ``candidate`` and maybe ``champion``.
+
+    Returns (version, became_champion).
+    """
+    name = name or registered_name(family)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        cfg_path = Path(tmp) / "config.json"
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state, weights)
+        cfg_path.write_text(json.dumps({"format_version": FORMAT_VERSION, "family": family, "config": config}))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_pyfunc_code_path(),
+            artifacts={"weights": str(weights), "config": str(cfg_path)},
+            # Explicit requirements: inferring them imports the world and pins a CPU-only environment.
+            pip_requirements=["brainlatent", "torch", "mlflow"],
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in {**(tags or {}), **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    metric, higher = CHAMPION_METRICS.get(family, (None, False))
+    promoted = False
+    if metric is not None and metric in metrics:
+        promoted = promote_if_better(name, version, metric, metrics[metric], higher)
+    return version, promoted
+
+
+def promote_if_better(name: str, version: str, metric: str, value: float, higher_is_better: bool) -> bool:
+    """Move ``champion`` to ``version`` when its ``metric`` beats the current champion's (strictly).
+
+    A champion that has no value recorded for ``metric`` (the rule changed) is replaced.
+    """
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "champion_rule", f"{metric} {'max' if higher_is_better else 'min'}")
+    client.set_model_version_tag(name, version, f"metric.{metric}", f"{value:.6g}")
+    current = _alias_version(client, name, CHAMPION)
+    old = None
+    if current is not None and str(current.version) != str(version):
+        raw = current.tags.get(f"metric.{metric}")
+        old = float(raw) if raw is not None else None
+    elif current is not None:  # already champion
+        return True
+    if _is_better(value, old, higher_is_better):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return True
+    return False
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def resolve(uri: str):
+    """``models:/name@alias`` or ``models:/name/<version>`` -> ModelVersion, with errors that name the thing."""
+    m = _URI.match(uri.strip())
+    if not m:
+        raise ValueError(f"model URI {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    client = MlflowClient()
+    name = m["name"]
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(r.name for r in client.search_registered_models())
+        raise ValueError(f"model URI {uri!r}: no registered model named {name!r}; registered: {known}") from None
+    if m["alias"]:
+        mv = _alias_version(client, name, m["alias"])
+        if mv is None:
+            raise ValueError(
+                f"model URI {uri!r}: alias {m['alias']!r} is not set on {name!r} "
+                f"(aliases set: {sorted(rm.aliases) if rm.aliases else 'none'})"
+            )
+        return mv
+    try:
+        return client.get_model_version(name, m["version"])
+    except MlflowException:
+        raise ValueError(f"model URI {uri!r}: {name!r} has no version {m['version']}") from None
+
+
+def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a registered model as a :class:`~brainlatent.models.base.LatentModel` (eval mode).
+
+    Only tensors are deserialised (``weights_only=True``); the architecture is rebuilt from config.json.
+    """
+    from brainlatent.models.base import build_model
+
+    mv = resolve(uri)
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}"))
+    weights, cfg_path = root / "artifacts" / "weights.pt", root / "artifacts" / "config.json"
+    for f in (weights, cfg_path):
+        if not f.is_file():
+            raise ValueError(f"model {uri!r} (version {mv.version}): artifact {f.name} is missing")
+    meta = json.loads(cfg_path.read_text())
+    state = load_weights(weights, device)
+    model = build_model(meta["family"], meta["config"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"model {uri!r}: weights do not match its config.json ({err})") from None
+    model.to(device).eval()
+    return LoadedModel(model, mv.name, mv.version, mv.run_id, meta["config"], dict(mv.tags))
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state_dict with ``weights_only=True``: a pickle that would run code is refused, not executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ValueError(f"{path}: not a valid weights file, or it contains objects other than tensors ({err})") from None
+
+
+def describe_registry() -> str:
+    """A plain-text table of every registered model: versions, aliases, rule metric and lineage."""
+    client = MlflowClient()
+    lines = []
+    for rm in sorted(client.search_registered_models(), key=lambda r: r.name):
+        aliases_by_version: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases_by_version.setdefault(str(version), []).append(alias)
+        lines.append(f"{rm.name}")
+        versions = client.search_model_versions(f"name='{rm.name}'")
+        for mv in sorted(versions, key=lambda v: int(v.version)):
+            tags = mv.tags or {}
+            metrics = "  ".join(f"{k[7:]}={v}" for k, v in sorted(tags.items()) if k.startswith("metric."))
+            alias_txt = ",".join(sorted(aliases_by_version.get(str(mv.version), []))) or "-"
+            commit = tags.get("git_commit", "?")[:8]
+            lines.append(f"  v{mv.version:<3} [{alias_txt}]  run={mv.run_id[:8]} git={commit}  {metrics}")
+    return "\n".join(lines) if lines else "no registered models"

@@ -1,0 +1,212 @@
+"""MLflow: where runs go, what every run is tagged with, and artifact helpers.
+
+Default store: a SQLite file at the project root (``mlflow.db``) and a local artifact folder (``mlartifacts/``),
+both absolute paths. ``MLFLOW_TRACKING_URI`` (e.g. a tracking server ``http://host:5000`` or
+``postgresql://...``) overrides them without code changes. A remote server is probed before any expensive
+work starts so an unreachable one fails fast with a clear message instead of hanging.
+
+Experiments: every training run of every family goes into one experiment, ``brainlatent-train``, tagged
+``model=<family>``: the MLflow UI then compares the four families in one table and one chart (filter with
+``tags.model = 'vae'``). Tuning, evaluation, directions and the report each have their own experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+import numpy as np
+import yaml
+
+log = logging.getLogger(__name__)
+
+TRAIN_EXPERIMENT = "brainlatent-train"
+TUNE_EXPERIMENT = "brainlatent-tune"
+EVAL_EXPERIMENT = "brainlatent-evaluate"
+DIRECTIONS_EXPERIMENT = "brainlatent-directions"
+REPORT_EXPERIMENT = "brainlatent-report"
+FEATURENET_EXPERIMENT = "brainlatent-featurenet"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+def project_root() -> Path:
+    """The project root: ``BRAINLATENT_ROOT`` if set, else the current directory (where dvc runs stages)."""
+    return Path(os.environ.get("BRAINLATENT_ROOT", ".")).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = (root or project_root()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _is_local_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            if resp.status != 200:
+                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {resp.status} on /health")
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} (from MLFLOW_TRACKING_URI) is unreachable: {err}. "
+            "Start it, or unset MLFLOW_TRACKING_URI to use the project's local SQLite store."
+        ) from None
+
+
+def configure(root: Path | None = None) -> str:
+    """Point MLflow at the project's store (or MLFLOW_TRACKING_URI) and check it answers. Returns the URI."""
+    uri = tracking_uri(root)
+    _check_reachable(uri)
+    # Keep client retries short so a server that dies mid-run does not hang a stage for many minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def experiment_id(name: str, root: Path | None = None) -> str:
+    """Get or create an experiment. With the local SQLite store its artifacts go to <root>/mlartifacts/<name>."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _is_local_sqlite(mlflow.get_tracking_uri()):
+        location = ((root or project_root()).resolve() / "mlartifacts" / name).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and create (two trainings on one store).
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ------------------------------------------------------------------------------------------ lineage
+def git_commit(root: Path | None = None) -> tuple[str, bool]:
+    """(commit sha or 'unknown', dirty?) of the project's git checkout."""
+    root = root or project_root()
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root, capture_output=True, text=True, check=True, timeout=10,
+            ).stdout.strip()
+        )
+        return sha, dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def dvc_out_hash(out_path: str, root: Path | None = None) -> str | None:
+    """The md5 DVC recorded in dvc.lock for a stage output (e.g. ``data/processed``), or None if not locked yet."""
+    lock = (root or project_root()) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    target = out_path.rstrip("/")
+    for stage in stages.values():
+        for out in stage.get("outs", []) or []:
+            if str(out.get("path", "")).rstrip("/") == target:
+                return out.get("md5")
+    return None
+
+
+def content_hash(path: Path) -> str:
+    """A sha256 over the names and bytes of every file under ``path``: lineage even before dvc.lock exists."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for f in files:
+        h.update(str(f.relative_to(path) if Path(path).is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def lineage_tags(processed_dir: str, root: Path | None = None) -> dict[str, str]:
+    """Tags that lead from a run (and the model versions it registers) back to the exact code and data."""
+    root = root or project_root()
+    sha, dirty = git_commit(root)
+    tags = {
+        "git_commit": sha,
+        "git_dirty": str(dirty).lower(),
+        "data.processed_dir": processed_dir,
+        "data.content_sha256": content_hash(root / processed_dir),
+    }
+    md5 = dvc_out_hash(processed_dir, root)
+    if md5:
+        tags["data.dvc_md5"] = md5
+    return tags
+
+
+# ---------------------------------------------------------------------------------------- artifacts
+def log_volumes(
+    volumes: np.ndarray,
+    affine: np.ndarray,
+    artifact_path: str,
+    names: Iterable[str],
+    title: str | None = None,
+) -> None:
+    """Log volumes ``(N, X, Y, Z)`` as NIfTI files plus one tri-planar PNG montage under ``artifact_path``."""
+    from brainlatent.viz.montage import save_nifti, triplanar_montage
+
+    names = list(names)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for vol, name in zip(volumes, names):
+            save_nifti(np.asarray(vol, np.float32), affine, tmp / f"{name}.nii.gz")
+        fig = triplanar_montage(np.asarray(volumes), titles=names, path=tmp / "montage.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        mlflow.log_artifacts(str(tmp), artifact_path=artifact_path)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    mlflow.log_dict(json.loads(json.dumps(obj, default=_json_default)), artifact_file)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def run_url(run) -> str:
+    """Where a run shows up in the UI (``make ui`` serves the local store on 127.0.0.1:5000)."""
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"

@@ -1,0 +1,87 @@
+"""Training tasks for the reconstruction families: autoencoder and VAE."""
+
+from __future__ import annotations
+
+import torch
+
+from brainlatent.metrics.reconstruction import reconstruction_per_volume
+from brainlatent.models.base import build_model
+from brainlatent.train.loop import Task
+
+
+class ReconstructionTask(Task):
+    """AE and VAE: Adam(W) with cosine decay; validation reports MSE / PSNR / SSIM (and the ELBO terms)."""
+
+    def __init__(self, family: str, cfg, volume_shape, device, bf16=False, channels_last=False):
+        super().__init__(device, bf16, channels_last)
+        self.family, self.cfg = family, cfg
+        self.model = build_model(family, {**cfg.model_kwargs(), "volume_shape": list(volume_shape)}).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt, T_max=cfg.epochs, eta_min=cfg.lr * cfg.lr_min_ratio
+        )
+        self.kl_weight = 1.0
+
+    def optimizers(self):
+        return {"model": self.opt}
+
+    def schedulers(self):
+        return {"model": self.sched}
+
+    def on_epoch_start(self, epoch: int) -> dict[str, float]:
+        out = {"lr": self.opt.param_groups[0]["lr"]}
+        if self.family == "vae":
+            # Warm-up factor in [0, 1] at the end of this epoch (beta lives in the model); logged as
+            # the effective KL weight beta * warm-up.
+            self.kl_weight = self.model.kl_weight(epoch + 1)
+            out["kl_weight"] = self.model.beta * self.kl_weight
+        return out
+
+    def _loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.family == "vae":
+            return self.model.loss(x, kl_weight=self.kl_weight)
+        return self.model.loss(x)
+
+    def train_step(self, x, epoch, step):
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            losses = self._loss(x)
+        losses["loss"].backward()
+        self.opt.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(x), batch_size):
+            xb = self.prepare_batch(x[i : i + batch_size])
+            with self.autocast():
+                outs.append(self.model.decode(self.model.encode(xb)).float().cpu())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def validate(self, val):
+        recon = self.reconstruct(val)
+        per_volume = reconstruction_per_volume(recon, val)
+        metrics = {f"val_{k}": float(v.mean()) for k, v in per_volume.items()}
+        if self.family == "vae":
+            terms = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+            n = 0
+            for i in range(0, len(val), 16):
+                xb = self.prepare_batch(val[i : i + 16])
+                with self.autocast():
+                    out = self.model.loss(xb, kl_weight=1.0)
+                for k in terms:
+                    terms[k] += float(out[k]) * len(xb)
+                n += len(xb)
+            metrics.update({"val_elbo_loss": terms["loss"] / n, "val_kl": terms["kl"] / n})
+        return metrics
+
+    @torch.no_grad()
+    def artifacts(self, fixed, generator):
+        out = {"reconstructions": self.reconstruct(fixed), "inputs": fixed}
+        if getattr(self.model, "generative", False):
+            out["samples"] = self.model.sample(len(fixed), generator=generator).float().cpu()
+        return out

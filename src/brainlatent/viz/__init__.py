@@ -1,0 +1,1 @@
+"""Figures: tri-planar montages, traversal strips, GIFs and difference maps."""

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny processed cohorts, real MLflow stores and params on temporary directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from brainlatent.config import params_from_dict
+from brainlatent.data.cohort import AGE_GROUPS, age_to_group
+from brainlatent.grid import Grid
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SHAPE = (16, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch):
+    """Tests never touch the developer's MLflow store, DVC analytics or a display."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def tiny_params_dict(**section_overrides) -> dict:
+    """The repository's params.yaml shrunk to 16^3 volumes, narrow models and 2 epochs."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["device"] = "cpu"
+    raw["data"].update(shape=list(TINY_SHAPE), fov_mm=[160.0, 160.0, 160.0], workers=1)
+    raw["synth"].update(n_subjects=16, voxel_mm=6.0, workers=1)
+    raw["train"].update(artifact_every=1, n_fixed=2, n_samples=2, system_metrics=False)
+    for fam in ("ae", "vae"):
+        raw[fam].update(latent_dim=8, base_channels=4, max_channels=16, epochs=2, batch_size=4)
+    for section, values in section_overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """An empty project root (cwd and BRAINLATENT_ROOT) holding a tiny params.yaml."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BRAINLATENT_ROOT", str(root))
+    return root
+
+
+@pytest.fixture
+def tiny_params(project):
+    return params_from_dict(yaml.safe_load((project / "params.yaml").read_text()))
+
+
+def write_processed(root: Path, n: int = 24, shape=TINY_SHAPE, seed: int = 0) -> Path:
+    """A processed cohort following the data contract: ellipsoid 'brains' whose size follows sex and whose
+    dark central 'ventricle' grows with age. Independent of `prepare`, so training tests stand alone."""
+    rng = np.random.default_rng(seed)
+    out = root / "data" / "processed"
+    out.mkdir(parents=True, exist_ok=True)
+    grid = Grid.box(shape, (160.0, 160.0, 160.0), (0.0, -18.0, 18.0))
+    ii, jj, kk = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    vols, rows = [], []
+    for i in range(n):
+        sex = "M" if i % 2 else "F"
+        age = float(rng.uniform(22, 37))
+        radius = (0.62 if sex == "M" else 0.56) + rng.normal(0, 0.02)
+        vent = 0.12 + 0.01 * (age - 22)
+        r = np.sqrt(ii**2 + (jj / 1.1) ** 2 + kk**2)
+        vol = np.clip(1.2 - r / radius, 0, 1) * (r < radius)
+        vol = np.where(r < vent, 0.1, vol) + rng.normal(0, 0.01, shape)
+        vols.append(np.clip(vol, 0, 1))
+        rows.append(
+            dict(index=i, subject_id=str(100000 + i), sex=sex, age_group=age_to_group(age), age=age,
+                 brain_volume_mm3=float((vol > 0.05).sum() * grid.voxel_volume_mm3),
+                 split=("train", "train", "val", "test")[i % 4] if i >= 4 else ("train", "val", "test", "train")[i],
+                 center_x_mm=0.0, center_y_mm=-18.0, center_z_mm=18.0)
+        )
+    np.save(out / "volumes.npy", np.stack(vols).astype(np.float16))
+    pd.DataFrame(rows).to_csv(out / "subjects.csv", index=False)
+    grid.save(out / "grid.json")
+    (out / "qc.json").write_text('{"n_accepted": %d, "n_rejected": 0, "rejected": []}' % n)
+    assert set(pd.DataFrame(rows).age_group) <= set(AGE_GROUPS)
+    return out
+
+
+@pytest.fixture
+def tiny_processed(project) -> Path:
+    return write_processed(project)

@@ -1,0 +1,218 @@
+"""DCGAN-style 3D GAN: shapes, EMA, penalties, losses and a tiny WGAN-GP run (CPU, 16^3)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from brainlatent.models.base import build_model
+from brainlatent.models.gan import (
+    GAN,
+    gradient_penalty,
+    ns_d_loss,
+    ns_g_loss,
+    r1_penalty,
+    update_ema,
+    wgan_g_loss,
+    wgan_gp_d_loss,
+)
+
+SHAPE = (16, 16, 16)
+TINY = dict(latent_dim=8, g_base_channels=4, g_max_channels=16, d_base_channels=4, d_max_channels=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP spinning across busy cores slows these tiny
+    models by an order of magnitude (measured 8 s vs 105 s for the GAN run under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def blobs(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """(n, 1, *shape) soft ellipsoids in [0, 1] with random centres and radii."""
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij")
+    vols = []
+    for _ in range(n):
+        centre = (torch.rand(3, generator=g) - 0.5) * 0.4
+        radius = 0.5 + 0.3 * torch.rand(3, generator=g)
+        d2 = sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radius))
+        vols.append(torch.sigmoid((1 - d2) * 8))
+    return torch.stack(vols)[:, None]
+
+
+def tiny_gan(shape=SHAPE, seed: int = 0) -> GAN:
+    torch.manual_seed(seed)
+    return GAN(volume_shape=shape, **TINY)
+
+
+def linear_critic(shape, weight_norm: float) -> nn.Module:
+    """D(x) = <w, x> with ||w||_2 = weight_norm: its input gradient has exactly that norm everywhere."""
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 1, bias=False))
+    with torch.no_grad():
+        w = torch.randn_like(critic[1].weight)
+        critic[1].weight.copy_(w / w.norm() * weight_norm)
+    return critic
+
+
+class ConstantCritic(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1), 3.0)
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+@pytest.mark.parametrize("shape", [(16, 16, 16), (16, 20, 16), (32, 40, 32)])
+def test_generator_and_critic_shapes(shape):
+    gan = tiny_gan(shape)
+    z = torch.randn(3, gan.latent_dim)
+    fake = gan(z)
+    assert fake.shape == (3, 1, *shape) and 0 <= fake.min() and fake.max() <= 1
+    assert gan.discriminator(fake.to(memory_format=torch.channels_last_3d)).shape == (3, 1)
+    assert gan.decode(z).shape == (3, 1, *shape)
+    assert gan.sample(2).shape == (2, 1, *shape)
+    assert gan.latent_init(4).shape == (4, gan.latent_dim) and not gan.latent_init(4).any()
+
+
+def test_decode_and_sample_use_the_ema_generator():
+    gan = tiny_gan()
+    z = torch.randn(2, gan.latent_dim)
+    with torch.no_grad():
+        for p in gan.generator.parameters():  # the training generator moves, the EMA does not
+            p.add_(0.1)
+        torch.testing.assert_close(gan.decode(z), gan.generator_ema(z), rtol=0, atol=0)
+        assert not torch.allclose(gan.decode(z), gan(z))
+        a = gan.sample(3, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(a, gan.sample(3, torch.Generator().manual_seed(0)), rtol=0, atol=0)
+        assert not torch.allclose(a, gan.sample(3, torch.Generator().manual_seed(1)))
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())
+
+
+def test_config_dict_rebuilds_identical_gan():
+    gan = tiny_gan((16, 20, 16), seed=2)
+    gan.update_ema(0.5)
+    rebuilt = build_model("gan", json.loads(json.dumps(gan.config_dict())))
+    rebuilt.load_state_dict(gan.state_dict())
+    z = torch.randn(2, gan.latent_dim)
+    x = blobs(2, (16, 20, 16), seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.decode(z), gan.decode(z), rtol=0, atol=0)
+        torch.testing.assert_close(rebuilt.discriminator(x), gan.discriminator(x), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in rebuilt.generator_ema.parameters())
+
+
+# --------------------------------------------------------------------------------------------- penalties
+def test_gradient_penalty_vanishes_for_a_unit_norm_linear_critic():
+    real, fake = blobs(4, SHAPE, seed=0), torch.rand(4, 1, *SHAPE)
+    gp = gradient_penalty(linear_critic(SHAPE, 1.0), real, fake)
+    assert gp.dtype == torch.float32 and gp.item() == pytest.approx(0.0, abs=1e-6)
+    # ||grad|| = 2 everywhere: the penalty is exactly (2 - 1)^2.
+    assert gradient_penalty(linear_critic(SHAPE, 2.0), real, fake).item() == pytest.approx(1.0, rel=1e-4)
+    # A real critic is penalised and the penalty is differentiable in the critic's weights.
+    critic = tiny_gan().discriminator
+    gp = gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(0))
+    assert gp > 0
+    gp.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.parameters())
+
+
+def test_r1_penalty_is_zero_for_a_constant_critic_and_the_squared_gradient_norm_otherwise():
+    real = blobs(3, SHAPE, seed=0)
+    assert r1_penalty(ConstantCritic(), real).item() == 0.0
+    assert r1_penalty(linear_critic(SHAPE, 3.0), real).item() == pytest.approx(9.0, rel=1e-4)
+    # ns_d_loss's R1 (reusing the forward pass) agrees with the standalone penalty.
+    critic = tiny_gan().discriminator
+    out = ns_d_loss(critic, real, torch.rand(3, 1, *SHAPE), r1_gamma=10.0)
+    torch.testing.assert_close(out["r1"], r1_penalty(critic, real).detach())
+    torch.testing.assert_close(out["loss"].detach(), out["adv"] + 5.0 * out["r1"])
+
+
+def test_loss_values_on_a_known_critic():
+    real, fake = blobs(2, SHAPE, seed=0), blobs(2, SHAPE, seed=1)
+    critic = linear_critic(SHAPE, 1.0)
+    with torch.no_grad():
+        s_real, s_fake = critic(real), critic(fake)
+    out = wgan_gp_d_loss(critic, real, fake, gp_weight=10.0, drift_weight=1e-3)
+    torch.testing.assert_close(out["wasserstein"], s_real.mean() - s_fake.mean())
+    torch.testing.assert_close(out["loss"].detach(), -out["wasserstein"] + 10 * out["gp"] + 1e-3 * out["drift"])
+    torch.testing.assert_close(wgan_g_loss(s_fake), -s_fake.mean())
+    torch.testing.assert_close(ns_g_loss(torch.zeros(4, 1)), torch.tensor(math.log(2.0)))
+
+
+def test_losses_are_float32_and_finite_under_bf16_autocast():
+    gan = tiny_gan()
+    real = blobs(2, SHAPE, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fake = gan(torch.randn(2, gan.latent_dim))
+        d_outs = [wgan_gp_d_loss(gan.discriminator, real, fake), ns_d_loss(gan.discriminator, real, fake)]
+        g_loss = ns_g_loss(gan.discriminator(fake))
+    for loss in [*(o["loss"] for o in d_outs), g_loss]:
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------------------------------- EMA
+def test_ema_decay_zero_copies_and_decay_one_stays_put():
+    model, ema = nn.Linear(4, 3), nn.Linear(4, 3)
+    before = [p.clone() for p in ema.parameters()]
+    update_ema(ema, model, 1.0)
+    for p, b in zip(ema.parameters(), before):
+        torch.testing.assert_close(p, b, rtol=0, atol=0)
+    update_ema(ema, model, 0.5)
+    for p, b, m in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(p, (b + m) / 2)
+    update_ema(ema, model, 0.0)
+    for p, m in zip(ema.parameters(), model.parameters()):
+        torch.testing.assert_close(p, m, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="decay"):
+        update_ema(ema, model, 1.5)
+
+
+# ------------------------------------------------------------------------------------------------- train
+def test_tiny_wgan_gp_training_moves_samples_toward_the_data():
+    """40 critic+generator steps on 8 volumes: no NaN, and the EMA samples' mean volume approaches the
+    data's mean volume (measured: MSE 0.21 -> 0.02; asserted: at least a 2x drop)."""
+    torch.manual_seed(0)
+    data = blobs(8, SHAPE, seed=1)
+    gan = tiny_gan()
+    opt_g = torch.optim.Adam(gan.generator.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=1e-3, betas=(0.0, 0.99))
+
+    def mean_mse() -> float:
+        with torch.no_grad():
+            samples = gan.sample(16, torch.Generator().manual_seed(123))
+        return float((samples.mean(0) - data.mean(0)).square().mean())
+
+    start = mean_mse()
+    for _ in range(40):
+        d = wgan_gp_d_loss(gan.discriminator, data, gan(torch.randn(8, gan.latent_dim)))
+        opt_d.zero_grad()
+        d["loss"].backward()
+        opt_d.step()
+        g = wgan_g_loss(gan.discriminator(gan(torch.randn(8, gan.latent_dim))))
+        opt_g.zero_grad()
+        g.backward()
+        opt_g.step()
+        gan.update_ema(0.8)
+        assert torch.isfinite(d["loss"]) and torch.isfinite(g)
+    assert all(torch.isfinite(p).all() for p in gan.parameters())
+    assert mean_mse() < start / 2
+
+
+# ------------------------------------------------------------------------------------------- inversion
+def test_encode_inverts_through_the_inversion_module():
+    pytest.importorskip("brainlatent.inversion")
+    gan = tiny_gan()
+    with torch.no_grad():  # a target the EMA generator can reach exactly
+        x = gan.synthesize(torch.randn(2, gan.latent_dim, generator=torch.Generator().manual_seed(0)))
+    z = gan.encode(x, steps=60, lr=0.1, compute_ssim=False)
+    assert z.shape == (2, gan.latent_dim) and torch.isfinite(z).all() and not z.requires_grad
+    with torch.no_grad():
+        err_init = (gan.decode(gan.latent_init(2)) - x).square().mean()
+        err_inverted = (gan.decode(z) - x).square().mean()
+    assert err_inverted < err_init / 2
