@@ -63,12 +63,12 @@ class SynthConfig:
     ventricle_growth_per_year: NonNegFloat = 0.06
     gm_thinning_per_year: NonNegFloat = 0.01
     # Nuisance.
-    deformation_mm: NonNegFloat = 1.5  # amplitude of smooth random deformations
-    rotation_deg: NonNegFloat = 2.0
-    translation_mm: NonNegFloat = 2.0
-    intensity_sd: NonNegFloat = 0.05
-    bias_field: NonNegFloat = 0.1
-    noise_sd: NonNegFloat = 0.02
+    deformation_mm: NonNegFloat = 1.5  # RMS length of the smooth random displacement (~15 mm smooth)
+    rotation_deg: NonNegFloat = 2.0  # RMS rotation angle of the rigid misalignment
+    translation_mm: NonNegFloat = 2.0  # RMS translation length of the rigid misalignment
+    intensity_sd: NonNegFloat = 0.05  # SD of the log global intensity scale
+    bias_field: NonNegFloat = 0.1  # SD of the log multiplicative bias field (~40 mm smooth)
+    noise_sd: NonNegFloat = 0.02  # Gaussian noise SD, in template units (WM ~ 0.87)
     workers: PositiveInt = 2
     seed: int = 0
 
@@ -179,7 +179,68 @@ class VAEConfig(_FamilyConfig):
     lr_min_ratio: Fraction = 0.05
 
 
-FAMILY_CONFIGS: dict[str, type] = {"ae": AEConfig, "vae": VAEConfig}
+@dataclass(config=_STRICT)
+class GANConfig(_FamilyConfig):
+    """DCGAN-style 3D GAN (models/gan.py) with WGAN-GP or non-saturating + R1 and a generator EMA."""
+
+    MODEL_KEYS = ("latent_dim", "g_base_channels", "g_max_channels", "d_base_channels", "d_max_channels",
+                  "min_bottleneck", "g_norm", "d_norm")
+    latent_dim: PositiveInt = 64
+    g_base_channels: PositiveInt = 16
+    g_max_channels: PositiveInt = 128
+    d_base_channels: PositiveInt = 16
+    d_max_channels: PositiveInt = 128
+    min_bottleneck: PositiveInt = 4
+    g_norm: Literal["group", "layer", "none"] = "group"
+    d_norm: Literal["group", "layer", "none"] = "layer"
+    loss: Literal["wgan-gp", "ns-r1"] = "wgan-gp"
+    gp_weight: NonNegFloat = 10.0
+    r1_gamma: NonNegFloat = 10.0
+    n_critic: PositiveInt = 2  # discriminator steps per generator step
+    ema_decay: Fraction = 0.99
+    epochs: PositiveInt = 40
+    batch_size: PositiveInt = 8
+    lr_g: PositiveFloat = 1e-3
+    lr_d: PositiveFloat = 1e-3
+
+
+@dataclass(config=_STRICT)
+class StyleGANConfig(_FamilyConfig):
+    """StyleGAN v1 in 3D (models/stylegan.py): mapping network, AdaIN, noise, progressive growing, style
+    mixing, truncation, generator EMA."""
+
+    MODEL_KEYS = ("z_dim", "w_dim", "n_mapping", "mapping_lr_mul", "n_levels", "base_channels", "max_channels",
+                  "blur", "mbstd_group_size", "truncation_psi", "truncation_cutoff", "inversion_steps",
+                  "inversion_lr")
+    z_dim: PositiveInt = 64
+    w_dim: PositiveInt = 64
+    n_mapping: PositiveInt = 8
+    mapping_lr_mul: PositiveFloat = 0.01
+    n_levels: PositiveInt | None = None  # None: as many levels as keep the base axis >= 4
+    base_channels: PositiveInt = 16
+    max_channels: PositiveInt = 64
+    blur: bool = True
+    mbstd_group_size: PositiveInt = 4
+    truncation_psi: Annotated[float, Field(ge=0, le=1)] = 1.0
+    truncation_cutoff: PositiveInt | None = None
+    inversion_steps: PositiveInt = 200
+    inversion_lr: PositiveFloat = 0.05
+    loss: Literal["wgan-gp", "ns-r1"] = "ns-r1"
+    gp_weight: NonNegFloat = 10.0
+    r1_gamma: NonNegFloat = 1.0
+    n_critic: PositiveInt = 1
+    mixing_prob: Fraction = 0.9
+    w_avg_beta: Fraction = 0.995
+    ema_decay: Fraction = 0.99
+    epochs_per_level: PositiveInt = 8  # progressive growing: epochs at each resolution level
+    fade_fraction: Fraction = 0.5  # share of a new level's epochs spent fading it in
+    epochs: PositiveInt = 40
+    batch_size: PositiveInt = 8
+    lr_g: PositiveFloat = 1e-3
+    lr_d: PositiveFloat = 1e-3
+
+
+FAMILY_CONFIGS: dict[str, type] = {"ae": AEConfig, "vae": VAEConfig, "gan": GANConfig, "stylegan": StyleGANConfig}
 
 
 # -------------------------------------------------------------------------------------------- tuning
@@ -250,6 +311,8 @@ class Params:
     tune: TuneConfig
     ae: AEConfig
     vae: VAEConfig
+    gan: GANConfig
+    stylegan: StyleGANConfig
     seed: int = 0
     device: str = "auto"
 

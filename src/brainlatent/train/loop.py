@@ -36,6 +36,7 @@ class Task(ABC):
     """One family's training logic. Subclasses set ``self.model`` and create their optimisers."""
 
     model: torch.nn.Module
+    steps_per_epoch: int = 1
 
     def __init__(self, device: torch.device, bf16: bool = False, channels_last: bool = False):
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
@@ -154,9 +155,10 @@ def run_loop(
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         task.model.train()
+        batches = _batches(len(train), cfg.batch_size, gen)
+        task.steps_per_epoch = len(batches)  # lets schedules (fade-in alpha) advance per step
         sched_values = task.on_epoch_start(epoch)
         sums: dict[str, float] = {}
-        batches = _batches(len(train), cfg.batch_size, gen)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", mininterval=1.0)
         for step, idx in enumerate(bar):
             losses = task.train_step(task.prepare_batch(train[idx]), epoch, step)
