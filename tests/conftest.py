@@ -18,6 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = (16, 16, 16)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than two fighting over a loaded 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch):
     """Tests never touch the developer's MLflow store, DVC analytics or a display."""

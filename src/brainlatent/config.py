@@ -262,12 +262,56 @@ class TuneConfig:
     seed: int = 0
     space: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
+# ---------------------------------------------------------------------------------------- evaluation
+@dataclass(config=_STRICT)
+class FeatureNetConfig:
+    """The feature network behind 3D FID/KID/MMD (models/featurenet.py), trained on the prepared data.
+
+    ``backbone: medicalnet`` uses user-provided MedicalNet ResNet weights (``medicalnet_path``) instead;
+    FIDs from different backbones are not comparable (docs/metrics.md)."""
+
+    backbone: Literal["featurenet", "medicalnet"] = "featurenet"
+    medicalnet_path: str | None = None
+    medicalnet_depth: Literal[10, 18] = 10
+    channels: tuple[PositiveInt, ...] = (8, 16, 32, 64)
+    feature_dim: PositiveInt = 64
+    dropout: Fraction = 0.2
+    epochs: PositiveInt = 20
+    lr: PositiveFloat = 3e-3
+    weight_decay: NonNegFloat = 1e-4
+    batch_size: PositiveInt = 8
+    age_weight: NonNegFloat = 1.0
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "FeatureNetConfig":
+        if self.backbone == "medicalnet" and not self.medicalnet_path:
+            raise ValueError("backbone 'medicalnet' needs medicalnet_path: the path of the MedicalNet weights file")
+        return self
+
+
+@dataclass(config=_STRICT)
+class EvaluateConfig:
+    """`evaluate@model`: how many samples and which split the metrics use."""
+
+    model_alias: str = "champion"  # which registered version each family is evaluated at
+    n_samples: PositiveInt = 64  # generated volumes for FID/KID/MMD/MS-SSIM/anatomy
+    split: Literal["val", "test"] = "test"
+    ms_ssim_pairs: PositiveInt = 50
+    kid_subset_size: PositiveInt = 32
+    inversion_steps: PositiveInt = 100  # GAN families: reconstruction through inversion
+    # The champion rule for the GAN families after evaluation (lower is better); AE/VAE keep val_mse.
+    gan_champion_metric: str = "fid"
+
+
 # ------------------------------------------------------------------------------------------- loading
 SECTIONS: dict[str, type] = {
     "synth": SynthConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "tune": TuneConfig,
+    "featurenet": FeatureNetConfig,
+    "evaluate": EvaluateConfig,
     **FAMILY_CONFIGS,
 }
 
@@ -309,6 +353,8 @@ class Params:
     data: DataConfig
     train: TrainConfig
     tune: TuneConfig
+    featurenet: FeatureNetConfig
+    evaluate: EvaluateConfig
     ae: AEConfig
     vae: VAEConfig
     gan: GANConfig
