@@ -105,7 +105,9 @@ def train(
     def go():
         from brainlatent.train.runner import train_family
 
-        p = _load(params, set_)
+        from brainlatent.tuning import apply_tuned
+
+        p = apply_tuned(_load(params, set_), model)
         out = train_family(model, p, resume=resume, stop_after_epoch=stop_after_epoch)
         state = "finished" if out.finished else "stopped (resumable)"
         typer.echo(f"{model}: {state}; MLflow run {out.run_id}\n  {out.run_url}")
@@ -114,6 +116,27 @@ def train(
             typer.echo(f"  registered brainlatent-{model} version {out.model_version} ({role})")
         keys = [k for k in ("val_mse", "val_psnr", "val_ssim", "val_proxy") if k in out.metrics]
         typer.echo("  " + "  ".join(f"{k}={out.metrics[k]:.4g}" for k in keys))
+
+    _run(go)
+
+
+@app.command()
+def tune(model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Run (or join) the family's Optuna study; writes tuned/<family>.json for `train` (DVC stage `tune@<family>`).
+
+    Start the same command in more shells or machines with a shared storage to add workers (docs/tuning.md)."""
+
+    def go():
+        from brainlatent.tuning import tune_family
+
+        out = tune_family(model, _load(params, set_))
+        if out.skipped:
+            typer.echo(f"{model}: tuning switched off (tune.families); train uses params.yaml as is -> {out.path}")
+            return
+        typer.echo(
+            f"{model}: study {out.study}: {out.n_complete} complete, {out.n_pruned} pruned, {out.n_failed} failed; "
+            f"best {out.metric}={out.best_value:.4g} (trial {out.best_trial}) {out.best_params}\n  -> {out.path}"
+        )
 
     _run(go)
 
