@@ -81,7 +81,21 @@ def configure(root: Path | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if _is_local_sqlite(uri):
+        _init_sqlite_store(uri)
     return uri
+
+
+def _init_sqlite_store(uri: str) -> None:
+    """Create the SQLite schema under an inter-process lock: two processes starting on a fresh mlflow.db
+    would otherwise race through MLflow's migrations ("duplicate column name")."""
+    import hashlib
+
+    from filelock import FileLock
+
+    lock = Path(tempfile.gettempdir()) / f"brainlatent-mlflow-{hashlib.sha1(uri.encode()).hexdigest()[:16]}.lock"
+    with FileLock(lock, timeout=300):
+        mlflow.MlflowClient().search_experiments(max_results=1)
 
 
 def experiment_id(name: str, root: Path | None = None) -> str:

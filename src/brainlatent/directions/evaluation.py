@@ -1,0 +1,238 @@
+"""Cross-validated, bootstrapped and permutation-tested evaluation of one probe.
+
+Protocol (docs/directions_method.md):
+  1. ``n_repeats`` x stratified ``n_splits``-fold CV (seeded shuffles). Every fold fits the whole pipeline
+     (transform, scaler, head with its inner CV) on the training part and scores the held-out part, giving
+     out-of-fold scores ``(R, N)``.
+  2. Point estimate of each metric = mean over repeats of the metric of that repeat's pooled out-of-fold
+     scores. 95% CI = percentile interval of the same statistic over a stratified bootstrap of subjects
+     (the fitted fold models are kept; only the evaluation is resampled, so the CI reflects test-set
+     sampling, not refitting variability).
+  3. p-value: ``sklearn.model_selection.permutation_test_score`` with the same pipeline and one seeded
+     stratified split, scoring ROC AUC (binary) or Spearman (ordinal); p = (1 + #perm >= obs) / (1 + n_perm).
+  4. Held out: when test features are given, the pipeline is fitted on all fitting rows and scored once on
+     the test rows (bootstrap CI over test subjects).
+
+Metrics: binary -> ``auc``, ``balanced_accuracy`` (threshold p = 0.5); ordinal -> ``spearman`` (score vs
+group index), ``auc`` (mean over the cumulative splits ``group >= k``), ``balanced_accuracy`` (score
+rounded to the nearest group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import spearmanr
+from sklearn.base import clone
+from sklearn.metrics import make_scorer
+from sklearn.model_selection import StratifiedKFold, cross_validate, permutation_test_score
+from sklearn.pipeline import Pipeline
+from threadpoolctl import threadpool_limits
+
+from . import metrics as M
+from .probes import ProbeSettings, Task, chosen_regularisation, decision_scores
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric with its confidence interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+
+@dataclass
+class ProbeResult:
+    """Everything measured for one (target, feature set) probe."""
+
+    target: str
+    task: str
+    features: str
+    n_subjects: int
+    class_counts: dict[int, int]
+    cv: dict[str, Estimate]
+    p_value: float
+    permutation_score: float  # the CV score the permutation test compares against its null
+    n_permutations: int
+    regularisation: dict[str, float]  # median over outer folds of the chosen C / alpha
+    heldout: dict[str, Estimate] | None = None
+    oof_scores: np.ndarray = field(default=None, repr=False)  # (R, N) out-of-fold decision scores
+
+    def flat_metrics(self) -> dict[str, float]:
+        """``{"<target>.<features>.cv_auc": ..., "..._low": ..., "p_value": ...}`` for MLflow / DVC metrics."""
+        key = f"{self.target}.{self.features}"
+        out: dict[str, float] = {}
+        for split, metrics in (("cv", self.cv), ("heldout", self.heldout or {})):
+            for name, est in metrics.items():
+                out[f"{key}.{split}_{name}"] = est.value
+                out[f"{key}.{split}_{name}_low"] = est.low
+                out[f"{key}.{split}_{name}_high"] = est.high
+        out[f"{key}.p_value"] = self.p_value
+        for name, value in self.regularisation.items():
+            out[f"{key}.{name}"] = value
+        return out
+
+    def summary_row(self) -> dict[str, object]:
+        """One row of the results table (one column per metric, CI as ``low``/``high`` columns)."""
+        row: dict[str, object] = {"target": self.target, "task": self.task, "features": self.features,
+                                  "n": self.n_subjects, "p_value": self.p_value}
+        for split, metrics in (("cv", self.cv), ("heldout", self.heldout or {})):
+            for name, est in metrics.items():
+                row[f"{split}_{name}"] = est.value
+                row[f"{split}_{name}_low"] = est.low
+                row[f"{split}_{name}_high"] = est.high
+        row.update(self.regularisation)
+        return row
+
+
+def check_labels(y: np.ndarray, task: Task, n_splits: int, what: str = "labels") -> np.ndarray:
+    """Validate integer labels ``(N,)`` for ``task`` and that every class can fill ``n_splits`` folds."""
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: expected a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+    classes, counts = np.unique(y, return_counts=True)
+    if task == "binary" and not np.array_equal(classes, [0, 1]):
+        raise ValueError(f"{what}: a binary probe needs labels 0 and 1 (both present), got {classes.tolist()}")
+    if task == "ordinal" and (classes.min() < 0 or len(classes) < 2):
+        raise ValueError(f"{what}: an ordinal probe needs >= 2 group indices >= 0, got {classes.tolist()}")
+    if counts.min() < n_splits:
+        raise ValueError(
+            f"{what}: class {classes[counts.argmin()]} has {counts.min()} subjects, fewer than the "
+            f"{n_splits} CV folds; lower n_splits or merge groups"
+        )
+    return y
+
+
+def _check_features(X: np.ndarray, n: int, what: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] != n:
+        raise ValueError(f"{what}: expected ({n}, F) features, got shape {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{what}: contains NaN or infinite values")
+    return X
+
+
+def score_metrics(y: np.ndarray, scores: np.ndarray, task: Task, n_classes: int) -> dict[str, np.ndarray]:
+    """Metrics of scores ``(..., N)`` against labels broadcastable to them; each value has shape ``(...)``."""
+    if task == "binary":
+        return {"auc": M.auc(y, scores), "balanced_accuracy": M.balanced_accuracy(y, scores > 0, 2)}
+    predicted = np.clip(np.rint(scores), 0, n_classes - 1)
+    return {
+        "spearman": M.spearman(y, scores),
+        "auc": M.ordinal_auc(y, scores, n_classes),
+        "balanced_accuracy": M.balanced_accuracy(y, predicted, n_classes),
+    }
+
+
+def bootstrap_estimates(
+    y: np.ndarray, scores: np.ndarray, task: Task, n_classes: int, settings: ProbeSettings, seed: int
+) -> dict[str, Estimate]:
+    """Point estimates (mean over repeats) and stratified subject-bootstrap CIs for scores ``(R, N)``."""
+    scores = np.atleast_2d(scores)
+    point = {k: float(np.mean(v)) for k, v in score_metrics(y, scores, task, n_classes).items()}
+    idx = M.stratified_bootstrap_indices(y, settings.n_bootstrap, np.random.default_rng(seed))  # (B, N)
+    boot = score_metrics(y[idx], scores[:, idx], task, n_classes)  # each (R, B)
+    return {k: Estimate(point[k], *M.percentile_interval(v.mean(0), settings.ci_level)) for k, v in boot.items()}
+
+
+def _spearman_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(spearmanr(y_true, y_pred).statistic)
+
+
+def cross_validated_scores(
+    probe: Pipeline, X: np.ndarray, y: np.ndarray, settings: ProbeSettings
+) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Out-of-fold decision scores ``(n_repeats, N)`` and each outer fold's chosen regularisation."""
+    scores = np.full((settings.n_repeats, len(y)), np.nan)
+    chosen: list[dict[str, float]] = []
+    for r in range(settings.n_repeats):
+        cv = StratifiedKFold(settings.n_splits, shuffle=True, random_state=settings.seed + r)
+        out = cross_validate(probe, X, y, cv=cv, return_estimator=True, return_indices=True,
+                             n_jobs=settings.n_jobs)
+        for fitted, test in zip(out["estimator"], out["indices"]["test"]):
+            scores[r, test] = decision_scores(fitted, X[test])
+            chosen.append(chosen_regularisation(fitted))
+    assert np.all(np.isfinite(scores)), "every subject is scored once per repeat"
+    return scores, chosen
+
+
+def evaluate_probe(
+    probe: Pipeline,
+    X: np.ndarray,
+    y: np.ndarray,
+    task: Task,
+    settings: ProbeSettings,
+    *,
+    target: str = "",
+    features: str = "",
+    X_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+) -> ProbeResult:
+    """Evaluate an unfitted probe pipeline on features ``X (N, F)`` and integer labels ``y (N,)``.
+
+    ``X_test (M, F)`` / ``y_test (M,)``: a separate held-out set; the probe is then fitted on all of ``X``
+    and scored once on it. Labels: binary 0/1 (1 = male / older); ordinal group index 0..G-1 (older higher).
+    """
+    # Probe problems are small (~100s x ~100s): multi-threaded BLAS costs more than it saves there and
+    # oversubscribes the cores when joblib runs folds / permutations in parallel.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _evaluate_probe(probe, X, y, task, settings, target=target, features=features,
+                               X_test=X_test, y_test=y_test)
+
+
+def _evaluate_probe(
+    probe: Pipeline,
+    X: np.ndarray,
+    y: np.ndarray,
+    task: Task,
+    settings: ProbeSettings,
+    *,
+    target: str = "",
+    features: str = "",
+    X_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+) -> ProbeResult:
+    y = check_labels(y, task, settings.n_splits, what=f"{target or 'probe'} labels")
+    X = _check_features(X, len(y), what=f"{target or 'probe'} {features or 'features'}")
+    n_classes = int(y.max()) + 1
+    scores, chosen = cross_validated_scores(probe, X, y, settings)
+    cv_metrics = bootstrap_estimates(y, scores, task, n_classes, settings, seed=settings.seed)
+
+    p_value, perm_score = float("nan"), float("nan")
+    if settings.n_permutations > 0:
+        scoring = "roc_auc" if task == "binary" else make_scorer(_spearman_score)
+        perm_score, _, p_value = permutation_test_score(
+            probe, X, y,
+            cv=StratifiedKFold(settings.n_splits, shuffle=True, random_state=settings.seed),
+            n_permutations=settings.n_permutations, scoring=scoring,
+            random_state=settings.seed, n_jobs=settings.n_jobs,
+        )
+
+    heldout = None
+    if (X_test is None) != (y_test is None):
+        raise ValueError("evaluate_probe: give both X_test and y_test, or neither")
+    if X_test is not None:
+        y_test = np.asarray(y_test)
+        if not np.issubdtype(y_test.dtype, np.integer) or y_test.ndim != 1:
+            raise ValueError(f"held-out labels: expected a 1-D integer array, got {y_test.shape} {y_test.dtype}")
+        X_test = _check_features(X_test, len(y_test), what=f"{target or 'probe'} held-out {features or 'features'}")
+        if X_test.shape[1] != X.shape[1]:
+            raise ValueError(f"held-out features have {X_test.shape[1]} columns, fitting features {X.shape[1]}")
+        fitted = clone(probe).fit(X, y)
+        heldout = bootstrap_estimates(y_test, decision_scores(fitted, X_test)[None], task, n_classes,
+                                      settings, seed=settings.seed + 1)
+
+    regularisation = {k: float(np.median([c[k] for c in chosen])) for k in chosen[0]}
+    classes, counts = np.unique(y, return_counts=True)
+    return ProbeResult(
+        target=target, task=task, features=features, n_subjects=len(y),
+        class_counts={int(c): int(n) for c, n in zip(classes, counts)},
+        cv=cv_metrics, p_value=float(p_value), permutation_score=float(perm_score),
+        n_permutations=settings.n_permutations, regularisation=regularisation,
+        heldout=heldout, oof_scores=scores,
+    )

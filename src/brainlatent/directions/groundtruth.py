@@ -1,0 +1,75 @@
+"""Does a direction find what we planted? (synthetic cohort only)
+
+The synthetic cohort plants a local sex effect and age effects (ventricles grow with age, cortex thins);
+the planted effect maps are put on the processed grid by ``brainlatent.anatomy.load_effect_map``. Two
+checks per direction:
+
+  map correlation  Pearson r between the traversal's group-mean difference map and the planted effect map,
+                   optionally inside a brain mask (so the empty background does not inflate r)
+  effect sign      along the age direction the ventricle volume must rise (planted growth > 0): the
+                   measured change per SD must have the planted sign and rise monotonically
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr
+
+
+def map_correlation(estimated: np.ndarray, planted: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Pearson r between two ``(X, Y, Z)`` maps over the voxels of ``mask`` (all voxels when None)."""
+    estimated, planted = np.asarray(estimated, np.float64), np.asarray(planted, np.float64)
+    if estimated.shape != planted.shape:
+        raise ValueError(f"map_correlation: estimated map {estimated.shape} and planted map {planted.shape} differ")
+    if mask is None:
+        mask = np.ones(estimated.shape, bool)
+    mask = np.asarray(mask, bool)
+    if mask.shape != estimated.shape:
+        raise ValueError(f"map_correlation: mask {mask.shape} does not match the maps {estimated.shape}")
+    a, b = estimated[mask], planted[mask]
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        raise ValueError("map_correlation: need >= 3 masked voxels and non-constant maps")
+    return float(pearsonr(a, b).statistic)
+
+
+def effect_agreement(summary: pd.DataFrame, quantity: str, expected_sign: int) -> dict[str, float]:
+    """Compare a traversal's measured change of ``quantity`` with the planted sign (+1 grows, -1 shrinks).
+
+    ``summary``: ``TraversalEffects.summary``. Returns ``sign_correct`` (1.0/0.0), ``monotonicity``
+    (mean Spearman times the expected sign: +1 is a perfect, correctly signed trend) and ``change_per_sd``.
+    """
+    if expected_sign not in (-1, 1):
+        raise ValueError(f"expected_sign must be +1 or -1, got {expected_sign!r}")
+    if quantity not in summary.index:
+        raise ValueError(f"traversal summary has no quantity {quantity!r}; have {list(summary.index)}")
+    row = summary.loc[quantity]
+    change = float(row["change_per_sd"])
+    return {
+        "sign_correct": float(np.sign(change) == expected_sign),
+        "monotonicity": float(row["mean_spearman"]) * expected_sign,
+        "change_per_sd": change,
+        "relative_change": float(row["relative_change"]),
+    }
+
+
+# The planted effects along the positive end (older) of the age directions (docs/synthetic_cohort.md).
+PLANTED_AGE_SIGNS: dict[str, int] = {"ventricle_volume_mm3": +1, "gm_volume_mm3": -1}
+
+
+def ground_truth_metrics(
+    difference_map: np.ndarray | None = None,
+    planted_map: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    summary: pd.DataFrame | None = None,
+    expected_signs: dict[str, int] | None = None,
+) -> dict[str, float]:
+    """Flat ground-truth metrics for one direction: ``map_correlation`` and ``<quantity>.<check>``."""
+    out: dict[str, float] = {}
+    if difference_map is not None and planted_map is not None:
+        out["map_correlation"] = map_correlation(difference_map, planted_map, mask)
+    if summary is not None:
+        for quantity, sign in (expected_signs or {}).items():
+            for key, value in effect_agreement(summary, quantity, sign).items():
+                out[f"{quantity}.{key}"] = value
+    return out

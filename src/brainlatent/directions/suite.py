@@ -1,0 +1,138 @@
+"""All probes of one model: every target on latents, size-controlled latents and the two baselines.
+
+The one entry point the ``directions`` stage needs for the probing half of the experiment:
+``run_probe_suite(latents, subjects, settings, volumes=...)`` -> results table, fitted latent probes and
+their :class:`Direction` s. Family-agnostic: it sees arrays only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.pipeline import Pipeline
+
+from .direction import Direction, direction_from_probe
+from .evaluation import ProbeResult, evaluate_probe
+from .probes import ProbeSettings, make_probe
+from .targets import TARGETS, brain_volume, target_labels
+
+LATENT_FEATURES = ("latent", "latent_size_controlled")
+
+
+@dataclass
+class ProbeSuite:
+    results: list[ProbeResult] = field(default_factory=list)
+    probes: dict[str, Pipeline] = field(default_factory=dict)  # "<target>.<features>" -> fitted latent probe
+    directions: dict[str, Direction] = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        """One row per (target, features) with CV / held-out metrics, CIs and the permutation p-value."""
+        return pd.DataFrame([r.summary_row() for r in self.results])
+
+    def flat_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r in self.results:
+            out.update(r.flat_metrics())
+        return out
+
+    def save_directions(self, out_dir: str | Path) -> list[Path]:
+        """Write each direction to ``<out_dir>/<name>.json`` (MLflow artifacts)."""
+        return [d.save(Path(out_dir) / f"{name}.json") for name, d in self.directions.items()]
+
+
+def _features(
+    kind: str, latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarray | None
+) -> np.ndarray | None:
+    if kind == "latent":
+        return latents
+    if kind == "latent_size_controlled":
+        return np.hstack([latents, brain_volume(subjects)])
+    if kind == "brain_volume":
+        return brain_volume(subjects)
+    if kind == "pca_voxels":
+        return None if volumes is None else np.asarray(volumes, np.float32).reshape(len(volumes), -1)
+    raise AssertionError(kind)
+
+
+def direction_name(target: str, features: str) -> str:
+    return target if features == "latent" else f"{target}_size_controlled"
+
+
+def run_probe_suite(
+    latents: np.ndarray,
+    subjects: pd.DataFrame,
+    settings: ProbeSettings,
+    *,
+    volumes: np.ndarray | None = None,
+    test_latents: np.ndarray | None = None,
+    test_subjects: pd.DataFrame | None = None,
+    test_volumes: np.ndarray | None = None,
+    targets: tuple[str, ...] = tuple(TARGETS),
+    size_control_targets: tuple[str, ...] = ("sex",),
+    baselines: bool = True,
+    permute_baselines: bool = False,
+) -> ProbeSuite:
+    """Probe ``targets`` on ``latents (N, L)`` of the rows of ``subjects`` (subjects.csv columns).
+
+    ``volumes (N, X, Y, Z)``: the same subjects' processed volumes for the PCA-of-voxels baseline (skipped
+    when None). ``test_*``: a separate held-out set (same columns), scored once by probes fitted on all
+    fitting rows. Directions are fitted on all fitting rows for the ``latent`` probes and, for
+    ``size_control_targets``, the ``latent_size_controlled`` probes.
+
+    Baselines get the same repeated CV and bootstrap CIs; their permutation tests are skipped unless
+    ``permute_baselines`` (the PCA baseline refits a voxel PCA per fold and permutation: the slowest
+    part by far, and the CIs already say whether the latents beat it).
+    """
+    latents = np.asarray(latents, np.float64)
+    if latents.ndim != 2 or latents.shape[0] != len(subjects):
+        raise ValueError(f"latents: expected ({len(subjects)}, L), one row per subject, got {latents.shape}")
+    has_test = test_latents is not None
+    if has_test and test_subjects is None:
+        raise ValueError("run_probe_suite: test_latents given without test_subjects")
+    if volumes is not None and len(volumes) != len(subjects):
+        raise ValueError(f"volumes: expected {len(subjects)} volumes, got {len(volumes)}")
+
+    unknown = sorted((set(targets) | set(size_control_targets)) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown probe target(s) {unknown}; expected some of {list(TARGETS)}")
+    plan = [(t, "latent") for t in targets]
+    plan += [(t, "latent_size_controlled") for t in size_control_targets]
+    if baselines:
+        plan += [(t, f) for t in targets for f in ("pca_voxels", "brain_volume")]
+
+    suite = ProbeSuite()
+    for target_name, features in plan:
+        target = TARGETS[target_name]
+        X = _features(features, latents, subjects, volumes)
+        if X is None:
+            continue
+        y = target_labels(subjects, target_name)
+        X_test = y_test = None
+        if has_test and not (features == "pca_voxels" and test_volumes is None):
+            X_test = _features(features, np.asarray(test_latents, np.float64), test_subjects, test_volumes)
+            y_test = target_labels(test_subjects, target_name)
+        n_train = len(y) - -(-len(y) // settings.n_splits)  # rows in the smallest outer training fold
+        probe = make_probe(target.task, features, settings, n_train=n_train)
+        run_settings = settings
+        if features not in LATENT_FEATURES and not permute_baselines:
+            run_settings = settings.replace(n_permutations=0)
+        result = evaluate_probe(probe, X, y, target.task, run_settings, target=target_name, features=features,
+                                X_test=X_test, y_test=y_test)
+        suite.results.append(result)
+        if features in LATENT_FEATURES:
+            fitted = probe.fit(X, y)
+            key = f"{target_name}.{features}"
+            suite.probes[key] = fitted
+            name = direction_name(target_name, features)
+            suite.directions[name] = direction_from_probe(
+                fitted, latents, name=name, positive=target.positive,
+                covariates=brain_volume(subjects) if features == "latent_size_controlled" else None,
+                metadata={"target": target_name, "task": target.task, "features": features,
+                          "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
+                          "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
+                          "n_subjects": result.n_subjects, **result.regularisation},
+            )
+    return suite

@@ -1,0 +1,136 @@
+"""Directions: recovering a known latent direction, step scale, sign, size control, JSON artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import special_ortho_group
+from sklearn.decomposition import PCA
+from sklearn.pipeline import Pipeline
+
+from brainlatent.directions import Direction, ProbeSettings, cosine, direction_from_probe, make_probe, raw_gradient
+
+SETTINGS = ProbeSettings(C=1.0)
+
+
+def _anisotropic_cohort(n: int = 800, dim: int = 16, seed: int = 0):
+    """Latents with per-dim scales 0.5..4; P(label 1) = sigmoid(3 * v.z / sd(v.z)) for a known unit v.
+
+    (Much smaller scales would make v's entries there statistically unidentifiable at this n.)
+    """
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(0.5, 4.0, dim)
+    z = rng.normal(size=(n, dim)) * scales
+    v = rng.normal(size=dim)
+    v /= np.linalg.norm(v)
+    t = z @ v
+    y = (rng.random(n) < 1 / (1 + np.exp(-3 * t / t.std()))).astype(np.int64)
+    return z, y, v
+
+
+def test_raw_space_direction_recovers_the_planted_one():
+    z, y, v = _anisotropic_cohort()
+    probe = make_probe("binary", "latent", SETTINGS).fit(z, y)
+    d = direction_from_probe(probe, z, name="sex", positive="male")
+    assert cosine(d.vector, v) >= 0.9  # positive: the +direction points to label 1
+    # The standardised coefficients alone (the precedent's "raw coefficients") point elsewhere when
+    # latent dimensions have different scales: dividing by the scale is what makes the direction right.
+    assert cosine(probe[-1].coef_[0], v) < cosine(d.vector, v) - 0.1
+
+
+def test_nested_cv_direction_also_recovers_it():
+    z, y, v = _anisotropic_cohort(seed=1)
+    probe = make_probe("binary", "latent", ProbeSettings(inner_splits=3, Cs=(0.01, 0.1, 1.0, 10.0))).fit(z, y)
+    assert cosine(direction_from_probe(probe, z, "sex", "male").vector, v) >= 0.9
+
+
+def test_step_scale_is_the_sd_of_the_projection():
+    z, y, _ = _anisotropic_cohort(n=300, seed=2)
+    d = direction_from_probe(make_probe("binary", "latent", SETTINGS).fit(z, y), z, "sex", "male")
+    assert np.linalg.norm(d.vector) == pytest.approx(1.0)
+    assert d.step_sd == pytest.approx((z @ d.vector).std(ddof=1))
+    pos = d.project(z)
+    assert pos.mean() == pytest.approx(0.0, abs=1e-9) and pos.std(ddof=1) == pytest.approx(1.0)
+    offsets = d.offsets(np.array([-2.0, 0.0, 1.0]))
+    assert offsets.shape == (3, z.shape[1])
+    # A +1 step moves a subject by exactly one SD along the direction.
+    np.testing.assert_allclose(d.project(z[:5] + offsets[2]) - d.project(z[:5]), 1.0)
+    assert d.logit_per_sd > 0
+
+
+def test_ordinal_direction_points_to_older_groups():
+    rng = np.random.default_rng(3)
+    age = rng.uniform(22, 37, 400)
+    z = rng.normal(size=(400, 6)) * [1, 5, 0.2, 1, 1, 3]
+    u = np.array([0, 0, 1.0, 0, 0, 0])  # age lives in a low-variance latent dimension
+    z += np.outer((age - 29.5) / 15, u)
+    group = np.digitize(age, [26, 31, 36])
+    d = direction_from_probe(make_probe("ordinal", "latent", SETTINGS).fit(z, group), z, "age_group", "older")
+    assert cosine(d.vector, u) >= 0.9
+    assert np.corrcoef(d.project(z), age)[0, 1] > 0.5
+
+
+def test_size_control_recovers_the_local_effect():
+    """sex = larger head + a local effect; controlling for brain volume isolates the local one."""
+    rng = np.random.default_rng(4)
+    n, dim = 600, 10
+    male = rng.integers(0, 2, n).astype(float)
+    size = 1.5 * male + rng.normal(size=n)  # head size, strongly sex-dependent
+    local = 1.0 * male + rng.normal(size=n)  # a local difference beyond size
+    factors = np.column_stack([size, local, rng.normal(size=(n, dim - 2)) * np.linspace(0.5, 2, dim - 2)])
+    rotation = special_ortho_group.rvs(dim, random_state=5)  # latents mix the factors
+    z = factors @ rotation.T
+    u_size, u_local = rotation[:, 0], rotation[:, 1]  # raw-space gradients of the size / local factor
+    volume = 1.2e6 * (1 + 0.05 * size + 0.005 * rng.normal(size=n))  # measured, with a little noise
+    y = male.astype(np.int64)
+
+    raw = direction_from_probe(make_probe("binary", "latent", SETTINGS).fit(z, y), z, "sex", "male")
+    X = np.column_stack([z, volume])
+    controlled_probe = make_probe("binary", "latent_size_controlled", SETTINGS).fit(X, y)
+    with pytest.raises(ValueError, match="needs the fitting covariates"):
+        direction_from_probe(controlled_probe, z, "sex_size_controlled", "male")
+    controlled = direction_from_probe(controlled_probe, z, "sex_size_controlled", "male", covariates=volume)
+
+    assert cosine(raw.vector, u_size) > 0.5  # the plain probe leans on head size
+    assert abs(cosine(controlled.vector, u_size)) < 0.1  # the controlled one does not
+    assert cosine(controlled.vector, u_local) >= 0.9
+    assert cosine(controlled.vector, u_local) > cosine(raw.vector, u_local) + 0.2
+
+
+def test_json_round_trip(tmp_path):
+    z, y, _ = _anisotropic_cohort(n=200, dim=5, seed=6)
+    d = direction_from_probe(make_probe("binary", "latent", SETTINGS).fit(z, y), z, "sex", "male",
+                             metadata={"cv_auc": np.float64(0.8), "p_value": float("nan"), "C": 1.0})
+    path = d.save(tmp_path / "dirs" / "sex.json")
+    text = path.read_text()
+    assert "NaN" not in text  # strict JSON: NaN is written as null
+    assert isinstance(json.loads(text)["vector"], list)
+    back = Direction.load(path)
+    np.testing.assert_array_equal(back.vector, d.vector)
+    assert (back.name, back.positive, back.step_sd, back.center) == (d.name, d.positive, d.step_sd, d.center)
+    assert back.metadata["cv_auc"] == 0.8 and back.metadata["p_value"] is None
+
+
+def test_invalid_directions_and_files_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unit norm"):
+        Direction("x", np.array([1.0, 1.0]), step_sd=1.0, center=0.0, positive="male")
+    with pytest.raises(ValueError, match="step_sd"):
+        Direction("x", np.array([1.0, 0.0]), step_sd=0.0, center=0.0, positive="male")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="bad.json: not a direction file"):
+        Direction.load(bad)
+    d = Direction("x", np.array([0.6, 0.8]), step_sd=2.0, center=0.0, positive="male")
+    with pytest.raises(ValueError, match=r"expected latents \(N, 2\)"):
+        d.project(np.zeros((3, 4)))
+
+
+def test_pixel_baselines_have_no_latent_direction():
+    rng = np.random.default_rng(7)
+    X, y = rng.normal(size=(40, 30)), np.repeat([0, 1], 20)
+    probe = make_probe("binary", "pca_voxels", SETTINGS, n_train=40).fit(X, y)
+    assert isinstance(probe, Pipeline) and isinstance(probe[0], PCA)
+    with pytest.raises(ValueError, match="not a latent-space transform"):
+        raw_gradient(probe)
