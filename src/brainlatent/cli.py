@@ -141,6 +141,128 @@ def tune(model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt
     _run(go)
 
 
+@app.command()
+def featurenet(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train and register the feature network behind 3D FID/KID (DVC stage `featurenet`)."""
+
+    def go():
+        from brainlatent.evaluation import train_featurenet
+
+        out = train_featurenet(_load(params, set_))
+        typer.echo(f"featurenet: version {out.model_version}; " + _fmt(out.metrics) + f"\n  {out.run_url}")
+
+    _run(go)
+
+
+@app.command()
+def evaluate(model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Generative, reconstruction and anatomical metrics of a registered model (DVC stage `evaluate@<family>`)."""
+
+    def go():
+        from brainlatent.evaluation import evaluate_family
+
+        out = evaluate_family(model, _load(params, set_))
+        note = " (champion alias moved)" if out.champion_changed else ""
+        typer.echo(f"{model} v{out.model_version}{note}: " + _fmt(out.metrics) + f"\n  {out.run_url}")
+
+    _run(go)
+
+
+@app.command()
+def directions(model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Probe the latent space for sex and age, fit directions, traverse, measure (DVC stage `directions@<family>`)."""
+
+    def go():
+        from brainlatent.directions.experiment import run_directions
+
+        out = run_directions(model, _load(params, set_))
+        typer.echo(f"{model}: outputs in {out.out_dir}; " + _fmt(out.metrics, 8) + f"\n  {out.run_url}")
+
+    _run(go)
+
+
+@app.command()
+def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Compare every registered champion: tables, sample figure, metric plots (DVC stage `report`)."""
+
+    def go():
+        from brainlatent.report import build_report
+
+        out = build_report(_load(params, set_))
+        typer.echo(f"report written to {out.out_dir} ({len(out.table)} models)\n  {out.run_url}")
+
+    _run(go)
+
+
+@app.command()
+def traverse(
+    model_uri: Annotated[str, typer.Option(help="Registered model, e.g. models:/brainlatent-vae@champion.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="A T1w NIfTI (brain-extracted).")],
+    direction: Annotated[str, typer.Option(help="A fitted direction: sex, age_old, age_group, sex_size_controlled.")],
+    steps: Annotated[str, typer.Option(help="Comma-separated steps in SDs of the latent projection.")] = "-2,-1,0,1,2",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("traversal"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Move a user's scan along a fitted latent direction; writes one NIfTI per step and a PNG strip."""
+
+    def go():
+        from brainlatent.directions.apply import traverse_scan
+
+        try:
+            values = [float(v) for v in steps.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--steps {steps!r}: expected comma-separated numbers, e.g. -2,-1,0,1,2") from None
+        p = _load(params, set_)
+        from brainlatent import tracking
+
+        tracking.configure()
+        files = traverse_scan(model_uri, input, direction, values, out, p)
+        typer.echo(f"{len(files)} files written to {out}")
+
+    _run(go)
+
+
+@app.command()
+def show(uri: Annotated[str, typer.Argument(help="models:/<name>@<alias> or models:/<name>/<version>.")]) -> None:
+    """A registered model version: aliases, metrics, lineage (git commit, data hash), source run."""
+
+    def go():
+        from brainlatent import tracking
+        from brainlatent.registry import describe_version
+
+        tracking.configure()
+        typer.echo(describe_version(uri))
+
+    _run(go)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    host: Annotated[str, typer.Option(help="Bind address; keep 127.0.0.1 unless you know why.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the project's store (127.0.0.1 by default)."""
+    import os
+    import subprocess
+    import sys
+
+    from brainlatent import tracking
+
+    uri = tracking.tracking_uri()
+    art = (tracking.project_root() / "mlartifacts").as_uri()
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", art]
+    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+def _fmt(metrics: dict, limit: int = 6) -> str:
+    keys = list(metrics)[:limit]
+    return "  ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
+
+
 @app.command("registry")
 def registry_cmd() -> None:
     """List registered models, their versions, aliases and key metrics."""

@@ -304,6 +304,26 @@ class EvaluateConfig:
     gan_champion_metric: str = "fid"
 
 
+@dataclass(config=_STRICT)
+class DirectionsConfig:
+    """`directions@model`: probes, directions and traversals for one registered model (docs/directions_method.md)."""
+
+    model_alias: str = "champion"
+    latent_space: Literal["w", "w+"] = "w"  # StyleGAN inversion space (W+ probes are per-layer concatenations)
+    inversion_steps: PositiveInt = 100  # GAN families: latents of real scans by inversion
+    # Probe regularisation: a fixed C keeps `make repro` fast; null selects C by nested CV (research runs).
+    probe_C: PositiveFloat | None = 0.1
+    n_splits: Annotated[int, Field(ge=2)] = 5
+    n_repeats: PositiveInt = 2
+    n_bootstrap: PositiveInt = 500
+    n_permutations: NonNegInt = 50
+    pca_components: PositiveInt = 20
+    max_step_sd: PositiveFloat = 2.0  # traversal grid: symmetric, in SDs of the latent projection
+    n_steps: Annotated[int, Field(ge=3)] = 5
+    n_traversal_subjects: PositiveInt = 8  # held-out subjects traversed (strips/GIFs for the first few)
+    n_strip_subjects: PositiveInt = 2
+
+
 # ------------------------------------------------------------------------------------------- loading
 SECTIONS: dict[str, type] = {
     "synth": SynthConfig,
@@ -312,6 +332,7 @@ SECTIONS: dict[str, type] = {
     "tune": TuneConfig,
     "featurenet": FeatureNetConfig,
     "evaluate": EvaluateConfig,
+    "directions": DirectionsConfig,
     **FAMILY_CONFIGS,
 }
 
@@ -355,6 +376,7 @@ class Params:
     tune: TuneConfig
     featurenet: FeatureNetConfig
     evaluate: EvaluateConfig
+    directions: DirectionsConfig
     ae: AEConfig
     vae: VAEConfig
     gan: GANConfig

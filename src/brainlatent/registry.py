@@ -210,3 +210,26 @@ def describe_registry() -> str:
             commit = tags.get("git_commit", "?")[:8]
             lines.append(f"  v{mv.version:<3} [{alias_txt}]  run={mv.run_id[:8]} git={commit}  {metrics}")
     return "\n".join(lines) if lines else "no registered models"
+
+
+def describe_version(uri: str) -> str:
+    """What ``brainlatent show`` prints for one model version: aliases, metrics, lineage, source run."""
+    mv = resolve(uri)
+    client = MlflowClient()
+    rm = client.get_registered_model(mv.name)
+    aliases = sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
+    tags = dict(mv.tags or {})
+    lines = [
+        f"{mv.name} version {mv.version}  aliases: {', '.join(aliases) or '-'}",
+        f"  source run:  {mv.run_id}",
+        f"  git commit:  {tags.get('git_commit', '?')}{' (dirty)' if tags.get('git_dirty') == 'true' else ''}",
+        f"  data:        {tags.get('data.processed_dir', '?')}  dvc md5={tags.get('data.dvc_md5', '-')}  "
+        f"sha256={tags.get('data.content_sha256', '?')[:16]}",
+    ]
+    if "champion_rule" in tags:
+        lines.append(f"  champion rule: {tags['champion_rule']}")
+    metric_tags = {k: v for k, v in sorted(tags.items()) if k.startswith(("metric.", "eval.", "directions."))}
+    if metric_tags:
+        lines.append("  metrics:")
+        lines += [f"    {k:<40} {v}" for k, v in metric_tags.items()]
+    return "\n".join(lines)
