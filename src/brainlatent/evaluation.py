@@ -1,0 +1,518 @@
+"""The `featurenet` and `evaluate@<family>` stages: the feature network, then every family's metrics.
+
+``train_featurenet`` trains :class:`~brainlatent.models.featurenet.FeatureNet` on the train split (the val
+split picks the epoch), logs it to MLflow (experiment ``brainlatent-featurenet``) and registers it as
+``brainlatent-featurenet`` with the same artifact layout as the generative families (``weights.pt`` +
+``config.json``, family ``featurenet``); its champion rule is ``val_sex_auc`` (higher is better). With
+``featurenet.backbone: medicalnet`` nothing is trained: the stage records the user's MedicalNet weights file.
+
+``evaluate_family`` loads ``models:/brainlatent-<family>@<evaluate.model_alias>`` and the feature extractor,
+and computes on ``evaluate.split``:
+
+* reconstruction (every family): MSE, PSNR (capped at :data:`PSNR_CAP_DB`), 3D SSIM. AE/VAE reconstruct by
+  encode/decode; GAN/StyleGAN by inversion with ``evaluate.inversion_steps`` Adam steps;
+* generation (families with ``sample()``: vae, gan, stylegan): ``evaluate.n_samples`` seeded samples against
+  the real split: FID, KID, RBF-MMD, MS-SSIM diversity, anatomical plausibility and, with FeatureNet, the
+  sex / age-group mix the feature net predicts.
+
+Metrics go to an MLflow run (experiment ``brainlatent-evaluate``, tag ``model=<family>``), to the model
+version's tags (``eval.<metric>``) and to ``metrics/evaluate/<family>.json``. For the GAN families the
+champion is then re-chosen by ``evaluate.gan_champion_metric`` among the versions evaluated under the same
+protocol (docs/metrics.md, "Champion rules").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from brainlatent import registry, tracking
+from brainlatent.config import EvaluateConfig, Params, to_flat_dict
+from brainlatent.data.dataset import ProcessedData
+from brainlatent.grid import Grid
+from brainlatent.metrics import anatomical, generative
+from brainlatent.metrics.reconstruction import reconstruction_per_volume
+from brainlatent.metrics.registry import is_better, metric_direction
+from brainlatent.models.base import LatentModel
+from brainlatent.models.featurenet import (
+    FeatureExtractor,
+    FeatureNet,
+    encode_age_group,
+    encode_sex,
+    evaluate_featurenet,
+    extract_features,
+    fit_featurenet,
+    load_medicalnet,
+    predict_attributes,
+)
+from brainlatent.train.device import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+FEATURENET_FAMILY = "featurenet"
+FEATURENET_MODEL = registry.registered_name(FEATURENET_FAMILY)
+GAN_FAMILIES = ("gan", "stylegan")
+# PSNR of an exact reconstruction is +inf; a cap keeps the mean finite and every store able to hold it.
+PSNR_CAP_DB = 100.0
+
+
+@dataclass(frozen=True)
+class FeatureNetOutcome:
+    run_id: str
+    backbone: str
+    model_version: str | None  # None for MedicalNet (not registered: the user's file is the model)
+    champion: bool
+    metrics: dict[str, float]
+    run_url: str
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    family: str
+    run_id: str
+    model_version: str
+    metrics: dict[str, float]
+    champion_changed: bool
+    champion_version: str | None  # after the rule (None when the family has no champion)
+    run_url: str
+
+
+def _root(root: Path | None) -> Path:
+    return (root or tracking.project_root()).resolve()
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Strict JSON for DVC: a non-finite number (e.g. a mean ratio over a zero real mean) becomes null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- featurenet stage
+def _labels(data: ProcessedData, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(volumes (n, 1, X, Y, Z) float32, sex (n,) 1 = male, age-group index (n,)) of one split."""
+    rows = data.subjects.iloc[data.split_indices(split)]
+    return data.load_split(split), encode_sex(rows["sex"].tolist()), encode_age_group(rows["age_group"].tolist())
+
+
+def _medicalnet_path(params: Params, root: Path) -> Path:
+    raw = Path(params.featurenet.medicalnet_path or "")
+    path = raw if raw.is_absolute() else root / raw
+    if not path.is_file():
+        raise ValueError(f"featurenet.medicalnet_path: MedicalNet weights file not found: {path}")
+    return path
+
+
+def train_featurenet(params: Params, root: Path | None = None) -> FeatureNetOutcome:
+    """Train, log and register the feature network (DVC stage ``featurenet``); writes metrics/featurenet.json.
+
+    FeatureNet: per-epoch ``train_loss`` / ``epoch_val_*`` as MLflow metrics (step = epoch), then the held-out
+    metrics of the kept (lowest val loss) weights: ``val_loss``, ``val_sex_auc``, ``val_sex_acc``,
+    ``val_age_acc``, ``val_age_mae_groups``. MedicalNet: loads the weights once (fails early on a bad file)
+    and records the file's path and sha256; nothing is trained or registered.
+    """
+    root = _root(root)
+    cfg = params.featurenet
+    tracking.configure(root)
+    seed_everything(params.seed)
+    lineage = tracking.lineage_tags(params.data.processed_dir, root)
+    flat = {**to_flat_dict(cfg, "featurenet."), "seed": params.seed, "device": params.device,
+            "data.shape": list(params.data.shape), "data.processed_dir": params.data.processed_dir}
+    exp_id = tracking.experiment_id(tracking.FEATURENET_EXPERIMENT, root)
+    name = f"featurenet-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    if cfg.backbone == "medicalnet":
+        path = _medicalnet_path(params, root)
+        net = load_medicalnet(path, cfg.medicalnet_depth)
+        sha = _file_sha256(path)
+        with mlflow.start_run(experiment_id=exp_id, run_name=name,
+                              tags={"model": FEATURENET_FAMILY, "stage": "featurenet", "backbone": "medicalnet",
+                                    "medicalnet.sha256": sha, **lineage}) as run:
+            mlflow.log_params(flat)
+            out = {"backbone": "medicalnet", "medicalnet_depth": cfg.medicalnet_depth,
+                   "feature_dim": int(net.backbone.layer4[-1].conv2.out_channels)}
+            mlflow.log_metric("feature_dim", out["feature_dim"])
+        _write_json(root / "metrics" / "featurenet.json", out)
+        return FeatureNetOutcome(run.info.run_id, "medicalnet", None, False, {}, tracking.run_url(run))
+
+    device = resolve_device(params.device)
+    data = ProcessedData.open(root / params.data.processed_dir)
+    x_tr, s_tr, a_tr = _labels(data, "train")
+    x_va, s_va, a_va = _labels(data, "val")
+    if len(x_va) == 0:
+        raise ValueError(f"{data.root}: the validation split is empty; the feature net needs it to pick its epoch")
+    run = mlflow.start_run(experiment_id=exp_id, run_name=name, log_system_metrics=params.train.system_metrics,
+                           tags={"model": FEATURENET_FAMILY, "stage": "featurenet", "backbone": "featurenet",
+                                 **lineage})
+    try:
+        mlflow.log_params(flat)
+        mlflow.set_tag("device", str(device))
+        model, history = fit_featurenet(
+            x_tr, s_tr, a_tr, x_va, s_va, a_va, channels=cfg.channels, feature_dim=cfg.feature_dim,
+            dropout=cfg.dropout, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size, age_weight=cfg.age_weight, seed=params.seed, augment=cfg.augment,
+            device=device,
+        )
+        # Curves under epoch_* names: the plain val_* names hold the kept (lowest val loss) epoch's values,
+        # which MLflow would otherwise hide behind the last epoch's (its "latest" value is the highest step).
+        for row in history:
+            curves = {(k if k == "train_loss" else f"epoch_{k}"): v for k, v in row.items() if k != "epoch"}
+            mlflow.log_metrics(curves, step=int(row["epoch"]))
+        held_out = evaluate_featurenet(model, x_va, s_va, a_va, device=device, age_weight=cfg.age_weight)
+        metrics = {f"val_{k}": v for k, v in held_out.items()}
+        metrics["best_epoch"] = float(min(history, key=lambda r: r["val_loss"])["epoch"])
+        mlflow.log_metrics(metrics)
+        version, champion = registry.log_and_register(
+            model, FEATURENET_FAMILY, model.config, metrics,
+            tags={**lineage, "run_id": run.info.run_id, "backbone": "featurenet"},
+        )
+        mlflow.set_tag("model_version", version)
+        _write_json(root / "metrics" / "featurenet.json", {"backbone": "featurenet", **metrics})
+        mlflow.end_run()
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    return FeatureNetOutcome(run.info.run_id, "featurenet", version, champion, metrics, tracking.run_url(run))
+
+
+# ------------------------------------------------------------------------------------ feature extractor
+@dataclass(frozen=True)
+class ResolvedExtractor:
+    """A feature extractor and where it came from (recorded with every FID it produces)."""
+
+    extractor: FeatureExtractor
+    backbone: str
+    ident: str  # models:/brainlatent-featurenet/<version>, or medicalnet-<depth>:<sha256 prefix>
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def predicts_attributes(self) -> bool:
+        """Only FeatureNet has sex / age heads (attribute metrics)."""
+        return isinstance(self.extractor, FeatureNet)
+
+
+def resolve_feature_extractor(
+    params: Params, root: Path | None = None, device: str | torch.device = "cpu"
+) -> ResolvedExtractor:
+    """The evaluation's feature extractor: ``models:/brainlatent-featurenet@champion`` (``@candidate`` when no
+    version has won the rule yet, e.g. a NaN AUC on a one-sex val split), or the MedicalNet weights file.
+
+    FeatureNet is rebuilt from config.json and ``torch.load(weights_only=True)``; it must have been trained on
+    volumes of ``data.shape``.
+    """
+    root = _root(root)
+    cfg = params.featurenet
+    if cfg.backbone == "medicalnet":
+        path = _medicalnet_path(params, root)
+        ident = f"medicalnet-{cfg.medicalnet_depth}:{_file_sha256(path)[:16]}"
+        net = load_medicalnet(path, cfg.medicalnet_depth).to(device)
+        return ResolvedExtractor(net, "medicalnet", ident, {"featurenet.path": str(path)})
+
+    client = MlflowClient()
+    mv = None
+    for alias in (registry.CHAMPION, registry.CANDIDATE):
+        try:
+            mv = client.get_model_version_by_alias(FEATURENET_MODEL, alias)
+            break
+        except mlflow.exceptions.MlflowException:
+            continue
+    if mv is None:
+        raise ValueError(
+            f"no registered feature net: {FEATURENET_MODEL} has no 'champion' or 'candidate' version in "
+            f"{mlflow.get_tracking_uri()}; run `brainlatent featurenet` first"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        art = Path(mlflow.artifacts.download_artifacts(f"models:/{FEATURENET_MODEL}/{mv.version}", dst_path=tmp))
+        meta = json.loads((art / "artifacts" / "config.json").read_text())
+        state = registry.load_weights(art / "artifacts" / "weights.pt")
+    if meta.get("family") != FEATURENET_FAMILY:
+        raise ValueError(f"{FEATURENET_MODEL} version {mv.version}: config.json is for {meta.get('family')!r}")
+    model = FeatureNet(**meta["config"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{FEATURENET_MODEL} version {mv.version}: weights do not match config.json ({err})") from None
+    shape = tuple(params.data.shape)
+    if model.volume_shape != shape:
+        raise ValueError(
+            f"{FEATURENET_MODEL} version {mv.version} was trained on volumes {model.volume_shape} but data.shape is "
+            f"{shape}; re-run `brainlatent featurenet`"
+        )
+    tags = {"featurenet.version": str(mv.version), "featurenet.run_id": mv.run_id or ""}
+    sha = (mv.tags or {}).get("data.content_sha256")
+    if sha:
+        tags["featurenet.data_sha256"] = sha
+    return ResolvedExtractor(model.to(device).eval(), "featurenet", f"models:/{FEATURENET_MODEL}/{mv.version}", tags)
+
+
+def load_feature_extractor(
+    params: Params, root: Path | None = None, device: str | torch.device = "cpu"
+) -> FeatureExtractor:
+    """The feature extractor the metrics use (see :func:`resolve_feature_extractor`), in eval mode."""
+    return resolve_feature_extractor(params, root, device).extractor
+
+
+# ------------------------------------------------------------------------------------ evaluation parts
+@torch.no_grad()
+def generate(model: LatentModel, n: int, seed: int, batch_size: int = 8) -> torch.Tensor:
+    """``n`` samples (n, 1, X, Y, Z) float32 on the CPU, drawn in batches from one seeded CPU generator."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [model.sample(min(batch_size, n - i), generator=gen).float().cpu() for i in range(0, n, batch_size)]
+    return torch.cat(out)
+
+
+def reconstruct(
+    model: LatentModel, volumes: torch.Tensor, inversion_steps: int, batch_size: int = 8
+) -> torch.Tensor:
+    """Reconstructions (n, 1, X, Y, Z) float32 on the CPU of ``volumes`` (n, 1, X, Y, Z).
+
+    AE/VAE: ``decode(encode(x))``. GAN: z optimised from zeros; StyleGAN: w optimised from w_avg; both with
+    ``inversion_steps`` Adam steps and decoded with ``decode`` (clamped to [0, 1], fixed noise).
+    """
+    out = []
+    for i in range(0, len(volumes), batch_size):
+        x = volumes[i : i + batch_size].to(model.device, torch.float32)
+        if model.family == "stylegan":
+            z = model.project(x, "w", steps=inversion_steps, compute_ssim=False).latent
+        elif model.family == "gan":
+            z = model.encode(x, steps=inversion_steps, compute_ssim=False)
+        else:
+            with torch.no_grad():
+                z = model.encode(x)
+        with torch.no_grad():
+            out.append(model.decode(z).float().cpu())
+    return torch.cat(out)
+
+
+def reconstruction_metrics(reconstructions: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Means over volumes of MSE, PSNR (dB, each volume capped at :data:`PSNR_CAP_DB`) and 3D SSIM."""
+    per = reconstruction_per_volume(reconstructions, targets)
+    return {
+        "mse": float(per["mse"].mean()),
+        "psnr": float(np.minimum(per["psnr"], PSNR_CAP_DB).mean()),
+        "ssim": float(per["ssim"].mean()),
+    }
+
+
+def anatomy_metrics(
+    samples: torch.Tensor, reals: torch.Tensor, grid: Grid, percentiles: tuple[float, float]
+) -> dict[str, float]:
+    """Anatomical plausibility (docs/metrics.md) on (N, 1, X, Y, Z) volumes. A measure that is constant or
+    not finite over the real scans (e.g. a region outside a tiny field of view) cannot normalise the W1
+    distance and is skipped with a warning rather than failing the whole evaluation."""
+    from brainlatent.anatomy import measure_volumes  # lazy: loads and resamples the MNI template
+
+    real = measure_volumes(reals[:, 0].numpy(), grid, percentiles)
+    fake = measure_volumes(samples[:, 0].numpy(), grid, percentiles)
+    usable = [c for c in real.columns if np.isfinite(real[c]).sum() >= 2 and np.nanstd(real[c].to_numpy()) > 0]
+    skipped = sorted(set(real.columns) - set(usable))
+    if skipped:
+        log.warning("anatomy: measure(s) %s are constant over the real scans; left out", skipped)
+    if not usable:
+        return {}
+    return anatomical.measure_distances(fake, real, usable)
+
+
+def generative_metrics(
+    samples: torch.Tensor,
+    reals: torch.Tensor,
+    extractor: ResolvedExtractor,
+    grid: Grid,
+    cfg: EvaluateConfig,
+    seed: int,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """FID, KID, RBF-MMD (feature space), MS-SSIM diversity, anatomy and attribute distances of ``samples``
+    (N, 1, X, Y, Z) against ``reals`` (M, 1, X, Y, Z)."""
+    f_s = extract_features(extractor.extractor, samples, device=device)
+    f_r = extract_features(extractor.extractor, reals, device=device)
+    subset = min(cfg.kid_subset_size, len(f_s), len(f_r))
+    out = {
+        **generative.fid(f_s, f_r),
+        **generative.kid(f_s, f_r, subset_size=subset, seed=seed),
+        **generative.mmd_rbf(f_s, f_r),
+        **generative.ms_ssim_diversity(samples, reals, n_pairs=cfg.ms_ssim_pairs, seed=seed),
+        **anatomy_metrics(samples, reals, grid, percentiles),
+    }
+    if extractor.predicts_attributes:
+        out.update(anatomical.attribute_distances(
+            predict_attributes(extractor.extractor, samples, device=device),
+            predict_attributes(extractor.extractor, reals, device=device),
+        ))
+    return out
+
+
+def evaluation_protocol(params: Params, extractor_ident: str, data_sha256: str) -> str:
+    """A short hash of everything that makes two evaluations comparable: the feature extractor, the real
+    reference set (split and data content), sample count, metric settings and seed."""
+    spec = {"extractor": extractor_ident, "data": data_sha256, "evaluate": to_flat_dict(params.evaluate),
+            "seed": params.seed}
+    spec["evaluate"].pop("model_alias")
+    spec["evaluate"].pop("gan_champion_metric")
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- champion rule
+def check_champion_metric(metric: str) -> bool:
+    """ValueError unless ``evaluate.gan_champion_metric`` names a rankable metric; returns higher-is-better."""
+    try:
+        return metric_direction(metric) == "max"
+    except ValueError as err:
+        raise ValueError(f"evaluate.gan_champion_metric: {err}") from None
+
+
+def apply_champion_rule(family: str, metric: str, protocol: str) -> tuple[str | None, bool]:
+    """Re-choose ``champion`` of ``brainlatent-<family>`` among the versions evaluated under ``protocol``.
+
+    The candidates are the versions whose ``eval.protocol`` tag equals ``protocol`` and that carry a finite
+    ``eval.<metric>``. The current champion keeps the alias unless another candidate is strictly better
+    (``metrics.registry.is_better``); a champion not evaluated under this protocol (still chosen by
+    ``val_proxy``, or scored with another feature extractor) gives way to the best candidate.
+
+    Returns:
+        (champion version after the rule or None, whether the alias moved).
+    """
+    higher = check_champion_metric(metric)
+    client = MlflowClient()
+    name = registry.registered_name(family)
+    try:
+        current = str(client.get_model_version_by_alias(name, registry.CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    scored: dict[str, float] = {}
+    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        tags = mv.tags or {}
+        raw = tags.get(f"eval.{metric}")
+        if tags.get("eval.protocol") == protocol and raw is not None and math.isfinite(float(raw)):
+            scored[str(mv.version)] = float(raw)
+    if not scored:
+        return current, False
+    best = current if current in scored else None
+    for version, value in scored.items():  # ascending versions: ties keep the champion, then the oldest
+        if best is None or is_better(metric, value, scored[best]):
+            best = version
+    assert best is not None
+    client.set_model_version_tag(name, best, "champion_rule", f"{metric} {'max' if higher else 'min'} (evaluate)")
+    client.set_model_version_tag(name, best, f"metric.{metric}", f"{scored[best]:.6g}")
+    if best == current:
+        return current, False
+    client.set_registered_model_alias(name, registry.CHAMPION, best)
+    log.info("%s: champion %s -> %s (%s %.6g)", name, current, best, metric, scored[best])
+    return best, True
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def evaluate_family(family: str, params: Params, root: Path | None = None) -> EvalOutcome:
+    """Evaluate ``models:/brainlatent-<family>@<evaluate.model_alias>`` (DVC stage ``evaluate@<family>``).
+
+    Writes metrics/evaluate/<family>.json, logs an MLflow run tagged with the model version and the training
+    run it evaluates (``evaluated_run_id``), tags the model version ``eval.<metric>`` and, for gan/stylegan,
+    re-applies the champion rule with ``evaluate.gan_champion_metric``.
+    """
+    root = _root(root)
+    params.family(family)  # unknown family -> ConfigError naming the choices
+    cfg = params.evaluate
+    if family in GAN_FAMILIES:
+        check_champion_metric(cfg.gan_champion_metric)  # before any expensive work
+    tracking.configure(root)
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    data = ProcessedData.open(root / params.data.processed_dir)
+    reals = data.load_split(cfg.split)
+    if len(reals) < 2:
+        raise ValueError(
+            f"evaluate.split: the {cfg.split!r} split of {data.root} has {len(reals)} volume(s); need >= 2"
+        )
+
+    uri = f"models:/{registry.registered_name(family)}@{cfg.model_alias}"
+    loaded = registry.load_model(uri, device)
+    model: LatentModel = loaded.model
+    if tuple(model.volume_shape) != tuple(data.grid.shape):
+        raise ValueError(
+            f"{uri}: trained on volumes {tuple(model.volume_shape)}, but {data.root} holds {data.grid.shape}"
+        )
+    extractor = resolve_feature_extractor(params, root, device)
+    lineage = tracking.lineage_tags(params.data.processed_dir, root)
+    protocol = evaluation_protocol(params, extractor.ident, lineage["data.content_sha256"])
+    if extractor.tags.get("featurenet.data_sha256", lineage["data.content_sha256"]) != lineage["data.content_sha256"]:
+        log.warning("the feature net was trained on other data than %s; FIDs are still comparable between "
+                    "models evaluated with it, but not with earlier evaluations", params.data.processed_dir)
+    batch = params.family(family).batch_size
+
+    exp_id = tracking.experiment_id(tracking.EVAL_EXPERIMENT, root)
+    tags = {
+        "model": family, "stage": "evaluate", "model_name": loaded.name, "model_version": str(loaded.version),
+        "model_uri": f"models:/{loaded.name}/{loaded.version}", "model_alias": cfg.model_alias,
+        "evaluated_run_id": loaded.run_id or "", "eval_protocol": protocol, "split": cfg.split,
+        "featurenet.backbone": extractor.backbone, "featurenet.id": extractor.ident,
+        "reconstruction": f"inversion ({cfg.inversion_steps} steps)" if family in GAN_FAMILIES else "encode/decode",
+        **extractor.tags, **lineage,
+    }
+    run = mlflow.start_run(experiment_id=exp_id, run_name=f"eval-{family}-v{loaded.version}", tags=tags)
+    try:
+        mlflow.log_params({**to_flat_dict(cfg, "evaluate."), "seed": params.seed, "device": params.device,
+                           "n_real": len(reals)})
+        recons = reconstruct(model, reals, cfg.inversion_steps, batch)
+        metrics = reconstruction_metrics(recons, reals)
+        affine = data.grid.affine
+        k = min(params.train.n_fixed, len(reals))
+        tracking.log_volumes(reals[:k, 0].numpy(), affine, "volumes/reals", [f"real_{i:02d}" for i in range(k)])
+        tracking.log_volumes(recons[:k, 0].numpy(), affine, "volumes/reconstructions",
+                             [f"reconstruction_{i:02d}" for i in range(k)])
+        if model.generative:
+            samples = generate(model, cfg.n_samples, params.seed, batch)
+            metrics.update(generative_metrics(samples, reals, extractor, data.grid, cfg, params.seed,
+                                              params.data.intensity_percentiles, device))
+            k = min(params.train.n_samples, len(samples))
+            tracking.log_volumes(samples[:k, 0].numpy(), affine, "volumes/samples",
+                                 [f"sample_{i:02d}" for i in range(k)])
+        mlflow.log_metrics(metrics)
+        tracking.log_json(metrics, "metrics.json")
+
+        client = MlflowClient()
+        version_tags = {f"eval.{k}": repr(float(v)) for k, v in metrics.items()}
+        version_tags.update(
+            {"eval.run_id": run.info.run_id, "eval.protocol": protocol, "eval.featurenet": extractor.ident}
+        )
+        for key, value in version_tags.items():
+            client.set_model_version_tag(loaded.name, str(loaded.version), key, value)
+
+        changed, champion = False, None
+        if family in GAN_FAMILIES:
+            champion, changed = apply_champion_rule(family, cfg.gan_champion_metric, protocol)
+        else:
+            try:
+                champion = str(client.get_model_version_by_alias(loaded.name, registry.CHAMPION).version)
+            except mlflow.exceptions.MlflowException:
+                champion = None
+        mlflow.set_tags({"champion_version": champion or "none", "champion_changed": str(changed).lower()})
+        _write_json(root / "metrics" / "evaluate" / f"{family}.json",
+                    {**metrics, "model_version": int(loaded.version)})
+        mlflow.end_run()
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    return EvalOutcome(family, run.info.run_id, str(loaded.version), metrics, changed, champion,
+                       tracking.run_url(run))
+

@@ -1,0 +1,386 @@
+"""The `report` stage: one comparison of every family's evaluated model, built from MLflow.
+
+For each family with a version at ``evaluate.model_alias`` (``champion`` by default) the latest *finished*
+evaluation run of that exact version (experiment ``brainlatent-evaluate``) is read back, so every number in
+the report is the one MLflow holds; nothing is recomputed. Outputs (DVC out ``report/``):
+
+* ``metrics.md`` and ``index.html`` (self-contained: figures embedded): the table, rows = family, columns =
+  metrics (best value per rankable column in bold), which model version and evaluation run each row comes
+  from, and warnings (rows scored with different feature extractors or protocols are not comparable);
+* ``metrics.csv``: the same table at full precision (Markdown and HTML show 6 significant digits);
+* ``samples.png``: mid-slice tri-planar views side by side, real scans then each family's logged samples
+  (reconstructions for the AE);
+* ``metrics.png``: bar plots of the headline metrics.
+
+An MLflow run in ``brainlatent-report`` logs the table as metrics ``<family>.<metric>`` and the files as
+artifacts. When ``metrics/directions/<family>.json`` exists its numeric values are added as
+``directions.<key>`` columns (they come from that file, not from the evaluation runs).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from brainlatent import registry, tracking
+from brainlatent.config import FAMILIES, Params
+from brainlatent.metrics.registry import metric_direction
+
+log = logging.getLogger(__name__)
+
+# The bar plots: one rankable number per question (quality, coverage, diversity, anatomy, attributes, recon).
+HEADLINE_METRICS = (
+    "fid", "kid_mean", "mmd_rbf", "ms_ssim_diversity_gap", "anat_w1_norm_mean", "frac_male_abs_diff",
+    "age_group_tv", "mse", "psnr", "ssim",
+)
+DIRECTIONS_PREFIX = "directions."
+# Axis sliced and (horizontal, vertical) axes of each panel, as in viz/montage.py (RAS, origin lower).
+_PLANES = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    run_id: str
+    out_dir: Path
+    table: pd.DataFrame  # rows = family, columns = metrics; exactly the evaluation runs' values
+    models: pd.DataFrame  # rows = family: model version, evaluation run, feature extractor, protocol
+    warnings: list[str]
+    run_url: str
+
+
+@dataclass(frozen=True)
+class _Row:
+    family: str
+    version: str
+    run: Run
+
+
+# ------------------------------------------------------------------------------------------ collect
+def latest_evaluation(client: MlflowClient, experiment_id: str, family: str, version: str) -> Run | None:
+    """The most recent finished evaluation run of ``brainlatent-<family>`` version ``version``, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.model = '{family}' AND tags.model_version = '{version}' "
+                       "AND attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _evaluated_rows(alias: str) -> tuple[list[_Row], list[str]]:
+    """One row per family whose ``alias`` version has a finished evaluation run; notes for the others."""
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name(tracking.EVAL_EXPERIMENT)
+    rows, notes = [], []
+    for family in FAMILIES:
+        name = registry.registered_name(family)
+        try:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        except mlflow.exceptions.MlflowException:
+            notes.append(f"{family}: no version of {name} at alias '{alias}' (not trained or not registered)")
+            continue
+        run = latest_evaluation(client, exp.experiment_id, family, version) if exp is not None else None
+        if run is None:
+            notes.append(f"{family}: {name} v{version} ({alias}) has no finished evaluation run; "
+                         f"run `brainlatent evaluate --model {family}`")
+            continue
+        rows.append(_Row(family, version, run))
+    return rows, notes
+
+
+def _flat_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a JSON object as ``{"a.b": value}`` (booleans and strings are left out)."""
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_flat_numbers(value, f"{prefix}{key}."))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix.rstrip(".")] = float(obj)
+    return out
+
+
+def directions_columns(root: Path, family: str) -> dict[str, float]:
+    """Headline numbers of ``metrics/directions/<family>.json`` (if present) as ``directions.<key>``."""
+    path = root / "metrics" / "directions" / f"{family}.json"
+    if not path.is_file():
+        return {}
+    try:
+        values = _flat_numbers(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return {f"{DIRECTIONS_PREFIX}{k}": v for k, v in values.items()}
+
+
+def comparability_warnings(models: pd.DataFrame) -> list[str]:
+    """Why some rows of the table cannot be compared: ``models`` (rows = family) needs the columns
+    ``featurenet`` (extractor id), ``protocol`` (evaluation protocol hash) and ``has_samples`` (bool)."""
+    out = []
+    generative = models[models["has_samples"].astype(bool)]
+    if generative["featurenet"].nunique() > 1:
+        out.append("FID / KID / MMD of these rows come from different feature extractors and are NOT comparable: "
+                   + ", ".join(f"{f}: {v}" for f, v in generative["featurenet"].items())
+                   + " (re-run `brainlatent evaluate` for every family)")
+    if models["protocol"].nunique() > 1:
+        out.append("rows were evaluated under different protocols (split, sample count, data or settings): "
+                   + ", ".join(f"{f}: {v}" for f, v in models["protocol"].items()))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- figures
+def _load_logged_volumes(run_id: str, artifact_path: str, limit: int) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """Up to ``limit`` NIfTI volumes an evaluation run logged under ``artifact_path`` (sorted by name) and
+    their voxel size; None when the run has none."""
+    if not any(a.path.endswith(".nii.gz") for a in MlflowClient().list_artifacts(run_id, artifact_path)):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp))
+        files = sorted(local.glob("*.nii.gz"))[:limit]
+        images = [nib.load(f) for f in files]
+        vols = [np.asarray(img.get_fdata(dtype=np.float32)) for img in images]
+        zooms = np.asarray(images[0].header.get_zooms()[:3], float)
+    return vols, zooms
+
+
+def samples_figure(rows: list[_Row], n: int, path: Path) -> Path:
+    """Real scans, then each family's logged samples (reconstructions for the AE), side by side:
+    ``n`` rows of tri-planar mid slices per column group. Returns ``path`` (PNG)."""
+    groups: list[tuple[str, list[np.ndarray], np.ndarray]] = []
+    for row in rows:
+        reals = _load_logged_volumes(row.run.info.run_id, "volumes/reals", n)
+        if reals is not None:
+            groups.append(("real scans", *reals))
+            break
+    for row in rows:
+        for artifact, what in (("volumes/samples", "samples"), ("volumes/reconstructions", "reconstructions")):
+            got = _load_logged_volumes(row.run.info.run_id, artifact, n)
+            if got is not None:
+                groups.append((f"{row.family} v{row.version}: {what}", *got))
+                break
+    if not groups:
+        raise ValueError("report: the evaluation runs logged no volumes (volumes/samples, volumes/reconstructions)")
+    n_rows = max(len(g[1]) for g in groups)
+    panel = 1.3
+    fig = Figure(figsize=(3 * len(groups) * panel, n_rows * panel + 0.5), facecolor="black")
+    axes = fig.subplots(n_rows, 3 * len(groups), squeeze=False)
+    for g, (title, vols, voxel) in enumerate(groups):
+        for r in range(n_rows):
+            for p, (plane, axis, (h, v)) in enumerate(_PLANES):
+                ax = axes[r, 3 * g + p]
+                ax.set_axis_off()
+                if r < len(vols):
+                    vol = vols[r]
+                    image = np.take(vol, vol.shape[axis] // 2, axis=axis).T
+                    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", aspect=voxel[v] / voxel[h],
+                              interpolation="nearest")
+                if r == 0 and p == 1:
+                    ax.set_title(title, color="white", fontsize=8)
+    fig.suptitle("axial, coronal and sagittal mid slices (RAS; right on the right)", color="white", fontsize=8,
+                 y=0.005, va="bottom")
+    fig.tight_layout(pad=0.3, rect=(0, 0.04, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, facecolor=fig.get_facecolor(), dpi=100)
+    return path
+
+
+def _direction(key: str) -> str | None:
+    try:
+        return metric_direction(key)
+    except ValueError:
+        return None
+
+
+def metrics_figure(table: pd.DataFrame, path: Path) -> Path:
+    """One bar plot per headline metric present in ``table`` (rows = family). Returns ``path`` (PNG)."""
+    keys = [k for k in HEADLINE_METRICS if k in table.columns and table[k].notna().any()]
+    ncols = min(4, max(1, len(keys)))
+    nrows = max(1, math.ceil(len(keys) / ncols))
+    fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = matplotlib.colormaps["tab10"]
+    for ax, key in zip(axes, keys):
+        values = table[key].dropna()
+        ax.bar(values.index, values.to_numpy(), color=[colors(FAMILIES.index(f) % 10) for f in values.index])
+        better = {"min": "lower", "max": "higher"}[metric_direction(key)]
+        ax.set_title(f"{key} ({better} is better)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(keys):]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# -------------------------------------------------------------------------------------- table render
+def format_value(value: float) -> str:
+    """How a number is shown in Markdown / HTML: 6 significant digits (metrics.csv keeps every digit)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
+
+
+def _best(table: pd.DataFrame) -> dict[str, str]:
+    """Column -> family holding its best value (rankable columns with at least two values)."""
+    out = {}
+    for col in table.columns:
+        direction, values = _direction(col), table[col].dropna()
+        if direction and len(values) >= 2:
+            out[col] = values.idxmin() if direction == "min" else values.idxmax()
+    return out
+
+
+def _header(col: str) -> str:
+    direction = _direction(col)
+    return f"{col} {'↓' if direction == 'min' else '↑'}" if direction else col
+
+
+def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str]) -> str:
+    best = _best(table)
+    lines = ["# Model comparison", ""]
+    lines += [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
+    lines += ["## Metrics", "",
+              "Rows: families; columns: metrics (↓ lower is better, ↑ higher; best in bold). Values are the "
+              "evaluation runs' MLflow metrics at 6 significant digits (full precision: `metrics.csv`).", ""]
+    lines.append("| family | " + " | ".join(_header(c) for c in table.columns) + " |")
+    lines.append("|---|" + "---:|" * len(table.columns))
+    for family, row in table.iterrows():
+        cells = []
+        for col in table.columns:
+            text = format_value(row[col])
+            cells.append(f"**{text}**" if text and best.get(col) == family else text)
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    lines += ["", "## Models", "", "| family | " + " | ".join(models.columns) + " |",
+              "|---|" + "---|" * len(models.columns)]
+    for family, row in models.iterrows():
+        lines.append(f"| {family} | " + " | ".join(str(v) for v in row.to_numpy()) + " |")
+    lines += ["", "Reconstruction metrics (mse, psnr, ssim) of the GAN families come from latent inversion "
+              "(see the `reconstruction` tag of each evaluation run); PSNR is capped at 100 dB per volume.",
+              "", "![samples](samples.png)", "", "![metrics](metrics.png)", ""]
+    if notes:
+        lines += ["## Not included", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str],
+            figures: dict[str, Path]) -> str:
+    """A self-contained page (figures embedded as data URIs; each also links to its file next to it)."""
+    esc = html.escape
+    best = _best(table)
+    head = "".join(f"<th>{esc(_header(c))}</th>" for c in table.columns)
+    body = ""
+    for family, row in table.iterrows():
+        cells = "".join(
+            f"<td{' class=best' if best.get(c) == family else ''}>{esc(format_value(row[c]))}</td>"
+            for c in table.columns
+        )
+        body += f"<tr><th>{esc(str(family))}</th>{cells}</tr>\n"
+    mhead = "".join(f"<th>{esc(c)}</th>" for c in models.columns)
+    mbody = "".join(
+        f"<tr><th>{esc(str(f))}</th>" + "".join(f"<td>{esc(str(v))}</td>" for v in r.to_numpy()) + "</tr>\n"
+        for f, r in models.iterrows()
+    )
+    warn = "".join(f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in warnings)
+    note = ("<h2>Not included</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
+    figs = "".join(
+        f'<h2>{esc(title)}</h2><a href="{esc(p.name)}"><img src="{_data_uri(p)}" alt="{esc(title)}"></a>'
+        for title, p in figures.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>brainlatent: model comparison</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; }} td {{ text-align: right; }}
+td.best {{ font-weight: bold; background: #e8f5e9; }} .scroll {{ overflow-x: auto; }}
+.warn {{ color: #b71c1c; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Model comparison</h1>{warn}
+<p>Rows: families; columns: metrics (&darr; lower is better, &uarr; higher; best highlighted). Values are the
+evaluation runs' MLflow metrics at 6 significant digits (full precision: <a href="metrics.csv">metrics.csv</a>).
+Reconstruction metrics of the GAN families come from latent inversion; PSNR is capped at 100 dB per volume.</p>
+<div class=scroll><table><tr><th>family</th>{head}</tr>
+{body}</table></div>
+<h2>Models</h2><div class=scroll><table><tr><th>family</th>{mhead}</tr>
+{mbody}</table></div>
+{figs}{note}
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
+    """Build report/ from the evaluation runs of each family's ``evaluate.model_alias`` version and log it
+    to MLflow (DVC stage ``report``). ValueError when no family has an evaluated version."""
+    root = (root or tracking.project_root()).resolve()
+    tracking.configure(root)
+    alias = params.evaluate.model_alias
+    rows, notes = _evaluated_rows(alias)
+    if not rows:
+        raise ValueError(f"report: no family has an evaluated '{alias}' version; run `brainlatent evaluate` first\n  "
+                         + "\n  ".join(notes))
+    table = pd.DataFrame({r.family: dict(r.run.data.metrics) for r in rows}).T
+    headline = [k for k in HEADLINE_METRICS if k in table.columns]
+    table = table[headline + sorted(set(table.columns) - set(headline))]
+    directions = pd.DataFrame({r.family: directions_columns(root, r.family) for r in rows}).T
+    if not directions.empty:
+        table = table.join(directions[sorted(directions.columns)])
+    table.index.name = "family"
+    models = pd.DataFrame({
+        r.family: {
+            "model_version": r.version,
+            "evaluation_run": r.run.info.run_id,
+            "trained_run": r.run.data.tags.get("evaluated_run_id", ""),
+            "reconstruction": r.run.data.tags.get("reconstruction", ""),
+            "featurenet": r.run.data.tags.get("featurenet.id", ""),
+            "protocol": r.run.data.tags.get("eval_protocol", ""),
+            "has_samples": any(k == "fid" for k in r.run.data.metrics),
+        }
+        for r in rows
+    }).T
+    models.index.name = "family"
+    warnings = comparability_warnings(models)
+    for w in warnings:
+        log.warning("report: %s", w)
+
+    out_dir = root / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "metrics.csv")  # repr of each float: round-trips exactly
+    figures = {
+        "Samples (tri-planar mid slices)": samples_figure(rows, params.train.n_samples, out_dir / "samples.png"),
+        "Headline metrics": metrics_figure(table, out_dir / "metrics.png"),
+    }
+    shown_models = models.drop(columns=["has_samples"])
+    (out_dir / "metrics.md").write_text(to_markdown(table, shown_models, notes, warnings))
+    (out_dir / "index.html").write_text(to_html(table, shown_models, notes, warnings, figures))
+
+    exp_id = tracking.experiment_id(tracking.REPORT_EXPERIMENT, root)
+    lineage = tracking.lineage_tags(params.data.processed_dir, root)
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"report-{alias}",
+                          tags={"stage": "report", "model_alias": alias, **lineage}) as run:
+        mlflow.log_param("families", ",".join(r.family for r in rows))
+        mlflow.set_tags({f"eval_run.{r.family}": r.run.info.run_id for r in rows})
+        mlflow.set_tags({f"model_version.{r.family}": r.version for r in rows})
+        mlflow.log_metrics({
+            f"{family}.{key}": float(value)
+            for family, row in table.iterrows() for key, value in row.items() if pd.notna(value)
+        })
+        mlflow.log_artifacts(str(out_dir), artifact_path="report")
+    return ReportOutcome(run.info.run_id, out_dir, table, shown_models, warnings, tracking.run_url(run))

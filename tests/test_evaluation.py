@@ -1,0 +1,182 @@
+"""The `featurenet` and `evaluate@<family>` stages on a real temporary MLflow store (tiny models and data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_params_dict
+from mlflow.tracking import MlflowClient
+
+from brainlatent import registry
+from brainlatent.config import params_from_dict
+from brainlatent.data.dataset import ProcessedData
+from brainlatent.evaluation import (
+    FEATURENET_MODEL,
+    PSNR_CAP_DB,
+    evaluate_family,
+    load_feature_extractor,
+    reconstruction_metrics,
+    train_featurenet,
+)
+from brainlatent.models.featurenet import (
+    FeatureNet,
+    MedicalNetFeatures,
+    encode_age_group,
+    encode_sex,
+    evaluate_featurenet,
+    load_medicalnet,
+    medicalnet_resnet,
+)
+from brainlatent.train.runner import train_family
+
+SMALL_NET = {"channels": [4, 8, 16], "feature_dim": 16, "epochs": 2, "batch_size": 4}
+SMALL_EVAL = {"n_samples": 8, "ms_ssim_pairs": 10, "kid_subset_size": 8, "inversion_steps": 5}
+
+
+def _params(**sections):
+    return params_from_dict(tiny_params_dict(featurenet={**SMALL_NET, **sections.pop("featurenet", {})},
+                                             evaluate={**SMALL_EVAL, **sections.pop("evaluate", {})}, **sections))
+
+
+@pytest.fixture
+def params(tiny_processed):
+    return _params()
+
+
+def _with_eval(params, **changes):
+    return dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, **changes))
+
+
+# ----------------------------------------------------------------------------------------- featurenet
+def test_featurenet_stage_trains_registers_and_loads_back(project, params):
+    out = train_featurenet(params, project)
+    assert out.backbone == "featurenet" and out.model_version == "1" and out.champion
+
+    client = MlflowClient()
+    run = client.get_run(out.run_id)
+    assert run.data.tags["model"] == "featurenet" and run.data.params["featurenet.feature_dim"] == "16"
+    assert [m.step for m in client.get_metric_history(out.run_id, "epoch_val_loss")] == [1, 2]
+    assert run.data.metrics["val_sex_auc"] == out.metrics["val_sex_auc"]
+    on_disk = json.loads((project / "metrics" / "featurenet.json").read_text())
+    assert on_disk == {"backbone": "featurenet", **out.metrics}
+    mv = client.get_model_version_by_alias(FEATURENET_MODEL, "champion")
+    assert str(mv.version) == "1" and mv.run_id == out.run_id
+
+    net = load_feature_extractor(params, project)
+    assert isinstance(net, FeatureNet) and not net.training
+    data = ProcessedData.open(project / "data" / "processed")
+    x = data.load_split("val")
+    assert net.features(x).shape == (len(x), 16)
+    # The registered weights are the kept ones: they reproduce the logged held-out metrics exactly.
+    rows = data.subjects.iloc[data.split_indices("val")]
+    again = evaluate_featurenet(net, x, encode_sex(rows["sex"].tolist()), encode_age_group(rows["age_group"].tolist()))
+    assert {f"val_{k}": v for k, v in again.items()} == {k: v for k, v in out.metrics.items() if k != "best_epoch"}
+
+    other_shape = dataclasses.replace(params, data=dataclasses.replace(params.data, shape=(16, 16, 8)))
+    with pytest.raises(ValueError, match="re-run `brainlatent featurenet`"):
+        load_feature_extractor(other_shape, project)
+
+
+def test_medicalnet_backbone_records_the_file_and_loads_it(project, tiny_processed, tmp_path):
+    weights = tmp_path / "resnet_10_23dataset.pth"
+    state = medicalnet_resnet(10).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, weights)  # MedicalNet's layout
+    params = _params(featurenet={"backbone": "medicalnet", "medicalnet_path": str(weights)})
+
+    out = train_featurenet(params, project)
+    assert out.backbone == "medicalnet" and out.model_version is None
+    assert json.loads((project / "metrics" / "featurenet.json").read_text()) == {
+        "backbone": "medicalnet", "medicalnet_depth": 10, "feature_dim": 512}
+    run = MlflowClient().get_run(out.run_id)
+    assert run.data.tags["backbone"] == "medicalnet" and len(run.data.tags["medicalnet.sha256"]) == 64
+    assert not MlflowClient().search_registered_models(f"name = '{FEATURENET_MODEL}'")
+
+    net = load_feature_extractor(params, project)
+    assert isinstance(net, MedicalNetFeatures)
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net.features(x), load_medicalnet(weights).features(x))
+    assert net.features(x).shape == (2, 512)
+
+    missing = _params(featurenet={"backbone": "medicalnet", "medicalnet_path": "nowhere.pth"})
+    with pytest.raises(ValueError, match="featurenet.medicalnet_path"):
+        train_featurenet(missing, project)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_ae_logs_metrics_writes_json_and_tags_the_version(project, params):
+    train_featurenet(params, project)
+    trained = train_family("ae", params, root=project)
+    out = evaluate_family("ae", params, project)
+    assert out.model_version == "1" and not out.champion_changed and out.champion_version == "1"
+    assert set(out.metrics) == {"mse", "psnr", "ssim"}  # the AE does not sample
+
+    # Recomputed independently from the registered model: encode/decode of the whole test split.
+    model = registry.load_model("models:/brainlatent-ae/1").model
+    reals = ProcessedData.open(project / "data" / "processed").load_split("test")
+    with torch.no_grad():
+        expected = reconstruction_metrics(model.decode(model.encode(reals)), reals)
+    assert out.metrics == pytest.approx(expected, rel=1e-6)
+
+    client = MlflowClient()
+    run = client.get_run(out.run_id)
+    assert run.data.metrics == out.metrics
+    tags = run.data.tags
+    assert tags["model"] == "ae" and tags["model_version"] == "1" and tags["model_uri"] == "models:/brainlatent-ae/1"
+    assert tags["evaluated_run_id"] == trained.run_id and tags["featurenet.id"] == f"models:/{FEATURENET_MODEL}/1"
+    assert json.loads((project / "metrics" / "evaluate" / "ae.json").read_text()) == {**out.metrics, "model_version": 1}
+    mv = client.get_model_version("brainlatent-ae", "1")
+    assert {k: float(mv.tags[f"eval.{k}"]) for k in out.metrics} == out.metrics
+    assert mv.tags["eval.run_id"] == out.run_id
+    arts = [a.path for a in client.list_artifacts(out.run_id, "volumes/reconstructions")]
+    assert any(a.endswith("montage.png") for a in arts) and any(a.endswith(".nii.gz") for a in arts)
+
+
+def test_psnr_of_an_exact_reconstruction_is_capped():
+    x = torch.rand(2, 1, 16, 16, 16)
+    assert reconstruction_metrics(x, x)["psnr"] == PSNR_CAP_DB
+
+
+def test_gan_evaluation_and_its_champion_rule(project, params):
+    train_featurenet(params, project)
+    train_family("gan", params, root=project)
+    train_family("gan", dataclasses.replace(params, seed=1), root=project)
+    client, name = MlflowClient(), "brainlatent-gan"
+    client.set_registered_model_alias(name, "champion", "1")  # as if val_proxy had chosen version 1
+    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)  # noqa: E731
+
+    # v2 evaluated first: v1 has no FID under this protocol, so the FID rule hands the alias to v2.
+    out2 = evaluate_family("gan", _with_eval(params, model_alias="candidate"), project)
+    assert out2.model_version == "2" and out2.champion_changed and champion() == "2"
+    for key in ("fid", "kid_mean", "mmd_rbf", "ms_ssim_diversity_gap", "anat_w1_norm_mean", "frac_male_abs_diff",
+                "age_group_tv", "mse", "psnr", "ssim"):
+        assert math.isfinite(out2.metrics[key]), key
+    assert MlflowClient().get_run(out2.run_id).data.tags["reconstruction"] == "inversion (5 steps)"
+    assert any(a.path.endswith("montage.png") for a in client.list_artifacts(out2.run_id, "volumes/samples"))
+
+    # v1 evaluated under the same protocol: the lower FID wins (a tie keeps the champion).
+    client.set_registered_model_alias(name, "first", "1")
+    out1 = evaluate_family("gan", _with_eval(params, model_alias="first"), project)
+    winner = "1" if out1.metrics["fid"] < out2.metrics["fid"] else "2"
+    assert champion() == winner and out1.champion_changed == (winner == "1")
+    assert client.get_model_version(name, winner).tags["champion_rule"] == "fid min (evaluate)"
+
+    # Re-evaluating the loser is deterministic and keeps the champion.
+    loser_alias = "candidate" if winner == "1" else "first"
+    again = evaluate_family("gan", _with_eval(params, model_alias=loser_alias), project)
+    assert again.metrics == (out2 if winner == "1" else out1).metrics
+    assert not again.champion_changed and champion() == winner
+
+    # FIDs from another protocol (here: fewer samples) are never compared with the old ones.
+    other = evaluate_family("gan", _with_eval(params, model_alias=loser_alias, n_samples=6), project)
+    assert other.champion_changed and champion() == other.model_version
+
+
+def test_unrankable_gan_champion_metric_fails_before_any_work(project, params):
+    with pytest.raises(ValueError, match="evaluate.gan_champion_metric"):
+        evaluate_family("gan", _with_eval(params, gan_champion_metric="kid_std"), project)
+    assert not (project / "mlflow.db").exists()

@@ -1,0 +1,94 @@
+"""The `report` stage: its numbers are exactly the evaluation runs' MLflow metrics (real temporary store)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import tiny_params_dict
+from mlflow.tracking import MlflowClient
+
+from brainlatent.config import params_from_dict
+from brainlatent.evaluation import evaluate_family, train_featurenet
+from brainlatent.report import build_report, comparability_warnings, format_value
+from brainlatent.train.runner import train_family
+
+
+@pytest.fixture
+def params(tiny_processed):
+    return params_from_dict(tiny_params_dict(
+        featurenet={"channels": [4, 8, 16], "feature_dim": 16, "epochs": 2, "batch_size": 4},
+        evaluate={"n_samples": 8, "ms_ssim_pairs": 10, "kid_subset_size": 8, "inversion_steps": 5},
+    ))
+
+
+def _markdown_metrics(text: str) -> dict[str, dict[str, str]]:
+    """{family: {metric: cell}} from the first Markdown table of the report (arrows and bold stripped)."""
+    lines = [line for line in text.split("## Models")[0].splitlines() if line.startswith("|")]
+    header = [h.strip().split(" ")[0] for h in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def test_report_numbers_are_what_mlflow_holds(project, params):
+    train_featurenet(params, project)
+    train_family("ae", params, root=project)
+    train_family("gan", params, root=project)
+    evaluate_family("ae", params, project)
+    latest_ae = evaluate_family("ae", params, project)  # the report must use the latest evaluation
+    gan = evaluate_family("gan", params, project)
+    (project / "metrics" / "directions").mkdir(parents=True)
+    (project / "metrics" / "directions" / "gan.json").write_text(json.dumps({"sex": {"auc": 0.75}, "note": "x"}))
+
+    out = build_report(params, project)
+    assert list(out.table.index) == ["ae", "gan"] and out.warnings == []
+    assert out.models.loc["ae", "evaluation_run"] == latest_ae.run_id
+    assert out.models.loc["gan", "evaluation_run"] == gan.run_id
+
+    client = MlflowClient()
+    md = _markdown_metrics((out.out_dir / "metrics.md").read_text())
+    csv = pd.read_csv(out.out_dir / "metrics.csv", index_col="family")
+    report_run = client.get_run(out.run_id)
+    for family in ("ae", "gan"):
+        held = client.get_run(out.models.loc[family, "evaluation_run"]).data.metrics
+        row = out.table.loc[family]
+        shown = {k: v for k, v in row.items() if pd.notna(v) and not k.startswith("directions.")}
+        assert shown == held  # every metric of the run, exactly, and nothing else
+        assert {k: float(csv.loc[family, k]) for k in held} == held
+        assert {k: md[family][k] for k in held} == {k: format_value(v) for k, v in held.items()}
+        assert {k: report_run.data.metrics[f"{family}.{k}"] for k in held} == held
+    assert "fid" in md["gan"] and md["ae"]["fid"] == ""
+    assert out.table.loc["gan", "directions.sex.auc"] == 0.75 and pd.isna(out.table.loc["ae", "directions.sex.auc"])
+
+    for name in ("index.html", "metrics.md", "metrics.csv", "samples.png", "metrics.png"):
+        assert (out.out_dir / name).is_file(), name
+    page = (out.out_dir / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 2  # self-contained
+    assert f"<td>{latest_ae.run_id}</td>" in page
+    logged = {a.path for a in client.list_artifacts(out.run_id, "report")}
+    assert {"report/index.html", "report/samples.png", "report/metrics.md"} <= logged
+    assert "vae: no version of brainlatent-vae" in (out.out_dir / "metrics.md").read_text()
+
+
+def test_report_without_evaluations_says_what_to_run(project, params):
+    with pytest.raises(ValueError, match="run `brainlatent evaluate`"):
+        build_report(params, project)
+    assert mlflow.get_experiment_by_name("brainlatent-report") is None
+
+
+def test_rows_from_different_feature_extractors_are_flagged():
+    models = pd.DataFrame(
+        {"featurenet": ["models:/brainlatent-featurenet/1", "models:/brainlatent-featurenet/1",
+                        "models:/brainlatent-featurenet/2"],
+         "protocol": ["a", "a", "b"], "has_samples": [False, True, True]},
+        index=["ae", "vae", "gan"],
+    )
+    warnings = comparability_warnings(models)
+    assert len(warnings) == 2 and "NOT comparable" in warnings[0] and "gan: b" in warnings[1]
+    same = models.assign(featurenet="models:/brainlatent-featurenet/1", protocol="a")
+    assert comparability_warnings(same) == []
