@@ -1,7 +1,8 @@
 """MLflow pyfunc wrapper for registered brainlatent models ("models from code": nothing is pickled).
 
 ``mlflow.pyfunc.load_model("models:/brainlatent-vae@champion").predict(volumes)`` returns latents
-``(B, latent_dim)`` for volumes ``(B, 1, X, Y, Z)`` (or ``(B, X, Y, Z)``) in [0, 1]. Inside the project prefer
+``(B, latent_dim)`` for volumes ``(B, 1, X, Y, Z)`` (or ``(B, X, Y, Z)``) in [0, 1]; for
+``brainlatent-featurenet`` it returns the FID features. Inside the project prefer
 :func:`brainlatent.registry.load_model`, which gives the full model (encode, decode, sample).
 """
 
@@ -21,7 +22,13 @@ class BrainLatentPyfunc(PythonModel):
 
         with open(context.artifacts["config"]) as fh:
             meta = json.load(fh)
-        self.model = build_model(meta["family"], meta["config"])
+        if meta["family"] == "featurenet":  # not a LatentModel: predict returns its features
+            from brainlatent.models.featurenet import FeatureNet
+
+            self.model = FeatureNet(**meta["config"])
+            self.model.encode = self.model.features
+        else:
+            self.model = build_model(meta["family"], meta["config"])
         self.model.load_state_dict(load_weights(context.artifacts["weights"]))
         self.model.eval()
         self._torch = torch
