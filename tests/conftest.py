@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -103,7 +104,7 @@ def write_processed(root: Path, n: int = 24, shape=TINY_SHAPE, seed: int = 0) ->
     np.save(out / "volumes.npy", np.stack(vols).astype(np.float16))
     pd.DataFrame(rows).to_csv(out / "subjects.csv", index=False)
     grid.save(out / "grid.json")
-    (out / "qc.json").write_text('{"n_accepted": %d, "n_rejected": 0, "rejected": []}' % n)
+    (out / "qc.json").write_text(json.dumps({"counts": {"accepted": n, "rejected": 0}, "rejected": []}))
     assert set(pd.DataFrame(rows).age_group) <= set(AGE_GROUPS)
     return out
 

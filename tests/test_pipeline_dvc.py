@@ -55,7 +55,7 @@ def test_dvc_repro_prepare_on_tiny_config(dvc_repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert {"synthesize", "prepare"} <= set(lock["stages"])
     qc = json.loads((processed / "qc.json").read_text())
-    assert qc["n_accepted"] == 16
+    assert qc["counts"]["accepted"] == 16 and qc["rejected"] == []
 
     # Nothing changed: DVC must not re-run anything.
     status = _run([sys.executable, "-m", "dvc", "status", "prepare"], repo, env).stdout
