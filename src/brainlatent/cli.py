@@ -41,11 +41,16 @@ def _load(params_path: Path, overrides: list[str] | None) -> Params:
 
 def _run(fn):
     """Turn user mistakes (ValueError and friends) into one clear line and exit code 2, not a traceback."""
+    import time
+
+    start = time.perf_counter()
     try:
-        return fn()
+        result = fn()
     except (ConfigError, ValueError, FileNotFoundError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    typer.echo(f"done in {time.perf_counter() - start:.1f} s")
+    return result
 
 
 @app.callback()

@@ -181,7 +181,9 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"model {uri!r}: weights do not match its config.json ({err})") from None
-    model.to(device).eval()
+    # channels_last_3d weights make every conv run channels-last (also for NCDHW inputs): on CPU the NCDHW
+    # backward of narrow conv3d layers, which inversion uses, is up to ~15x slower (BENCHMARKS.md).
+    model.to(device).to(memory_format=torch.channels_last_3d).eval()
     return LoadedModel(model, mv.name, mv.version, mv.run_id, meta["config"], dict(mv.tags))
 
 

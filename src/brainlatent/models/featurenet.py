@@ -246,7 +246,9 @@ def fit_featurenet(
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
+        # channels_last_3d: NCDHW conv3d backward with 8 channels is ~15x slower on CPU (BENCHMARKS.md).
         model = FeatureNet(tuple(x_train.shape[2:]), channels, feature_dim, dropout).to(dev)
+        model = model.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         history: list[dict[str, float]] = []

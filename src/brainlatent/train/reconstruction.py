@@ -6,6 +6,7 @@ import torch
 
 from brainlatent.metrics.reconstruction import reconstruction_per_volume
 from brainlatent.models.base import build_model
+from brainlatent.train.device import adam
 from brainlatent.train.loop import Task
 
 
@@ -18,7 +19,7 @@ class ReconstructionTask(Task):
         self.model = build_model(family, {**cfg.model_kwargs(), "volume_shape": list(volume_shape)}).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adam(self.model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.opt, T_max=cfg.epochs, eta_min=cfg.lr * cfg.lr_min_ratio
         )

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,13 @@ def train_family(
 
     task = make_task(family, params, data.grid.shape, device)
     exp_id = tracking.experiment_id(tracking.TRAIN_EXPERIMENT, root)
+    launched = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run` (MLproject): log into that run
     if ckpt is not None:
         run = mlflow.start_run(run_id=ckpt["run_id"], log_system_metrics=params.train.system_metrics)
+    elif launched:
+        run = mlflow.start_run(run_id=launched, log_system_metrics=params.train.system_metrics)
+        mlflow.set_tags({"model": family, "stage": "train", **lineage})
+        mlflow.log_params(flat)
     else:
         name = f"{family}-z{task.model.latent_dim}-e{cfg.epochs}-{time.strftime('%Y%m%d-%H%M%S')}"
         run = mlflow.start_run(

@@ -1,0 +1,87 @@
+"""Training throughput per family: volumes/s and achieved FLOP/s as a fraction of the machine's matmul peak.
+
+FLOPs of one training step are counted by torch's FlopCounterMode (convolutions and matmuls, forward and
+backward); the peak is a dense fp32 matmul measured in the same process, so the ratio is like for like.
+
+    python benchmarks/bench_training.py                        # default shape, all families
+    python benchmarks/bench_training.py --shape 64 80 64 --families ae vae
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from brainlatent.config import load_params
+from brainlatent.train.runner import make_task
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Dense fp32 matmul FLOP/s (best of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def step_flops(task, x, epoch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        task.train_step(x, epoch, 0)
+    return counter.get_total_flops()
+
+
+def bench(family: str, params, shape, batch: int, steps: int, channels_last: bool, bf16: bool) -> dict:
+    p = dataclasses.replace(params, train=dataclasses.replace(params.train, channels_last=channels_last, bf16=bf16))
+    torch.manual_seed(0)
+    task = make_task(family, p, shape, torch.device("cpu"))
+    epoch = 10_000 if family == "stylegan" else 0  # StyleGAN: time the final resolution level
+    task.steps_per_epoch = 1
+    task.on_epoch_start(epoch)
+    x = task.prepare_batch(torch.rand(batch, 1, *shape))
+    flops = step_flops(task, x, epoch)
+    task.train_step(x, epoch, 1)  # warm-up
+    t = time.perf_counter()
+    for i in range(steps):
+        task.train_step(x, epoch, i)
+    dt = (time.perf_counter() - t) / steps
+    return {"family": family, "shape": "x".join(map(str, shape)), "batch": batch, "s_per_step": dt,
+            "volumes_per_s": batch / dt, "gflop_per_step": flops / 1e9, "gflops": flops / dt / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shape", type=int, nargs=3, default=None, help="volume shape (default: data.shape)")
+    ap.add_argument("--families", nargs="+", default=["ae", "vae", "gan", "stylegan"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--compare-layouts", action="store_true", help="also time NCDHW fp32 and channels_last+bf16")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    shape = tuple(args.shape or params.data.shape)
+    peak = matmul_peak()
+    print(f"# {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    layouts = [(True, False)] + ([(False, False), (True, True)] if args.compare_layouts else [])
+    print("| family | shape | layout | batch | s/step | volumes/s | GFLOP/step | GFLOP/s | % of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fam in args.families:
+        for cl, bf in layouts:
+            r = bench(fam, params, shape, args.batch, args.steps, cl, bf)
+            layout = ("channels_last" if cl else "NCDHW") + (" + bf16" if bf else " fp32")
+            print(f"| {fam} | {r['shape']} | {layout} | {r['batch']} | {r['s_per_step']:.3f} | "
+                  f"{r['volumes_per_s']:.1f} | {r['gflop_per_step']:.1f} | {r['gflops']:.1f} | "
+                  f"{100 * r['gflops'] * 1e9 / peak:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
