@@ -14,7 +14,7 @@ def test_gan_trains_registers_and_samples_by_alias(tiny_processed, tiny_params):
     assert out.finished and out.champion
     client = MlflowClient()
     run = client.get_run(out.run_id)
-    for key in ("train_d_loss", "train_g_loss", "train_d_gp", "val_proxy"):
+    for key in ("train_d_loss", "train_g_loss", "train_d_r1", "val_proxy"):
         assert key in run.data.metrics, key
     arts = [a.path for a in client.list_artifacts(out.run_id, "volumes/epoch_002/samples")]
     assert any(a.endswith("montage.png") for a in arts)

@@ -196,6 +196,7 @@ class GANConfig(_FamilyConfig):
     loss: Literal["wgan-gp", "ns-r1"] = "wgan-gp"
     gp_weight: NonNegFloat = 10.0
     r1_gamma: NonNegFloat = 10.0
+    r1_every: PositiveInt = 4  # lazy R1: the penalty (x r1_every) every r1_every discriminator steps
     n_critic: PositiveInt = 2  # discriminator steps per generator step
     ema_decay: Fraction = 0.99
     epochs: PositiveInt = 40
@@ -228,6 +229,7 @@ class StyleGANConfig(_FamilyConfig):
     loss: Literal["wgan-gp", "ns-r1"] = "ns-r1"
     gp_weight: NonNegFloat = 10.0
     r1_gamma: NonNegFloat = 1.0
+    r1_every: PositiveInt = 4  # lazy R1 (StyleGAN2): the penalty (x r1_every) every r1_every D steps
     n_critic: PositiveInt = 1
     mixing_prob: Fraction = 0.9
     w_avg_beta: Fraction = 0.995

@@ -1,7 +1,9 @@
 """Training tasks for the adversarial families: DCGAN-style GAN and StyleGAN v1 (progressive growing).
 
 Both use Adam with beta1 = 0 (as in ProGAN/StyleGAN), one discriminator step per batch and a generator
-step every ``n_critic`` batches, a generator EMA for everything that is logged or registered, and the
+step every ``n_critic`` batches, a generator EMA for everything that is logged or registered, lazy R1 for
+the non-saturating loss (the penalty, scaled by ``r1_every``, only every ``r1_every`` discriminator steps:
+StyleGAN2's lazy regularisation; the double backward is the most expensive part of a D step), and the
 same validation proxy until the evaluation stage supplies FID: ``val_proxy`` = unbiased RBF-MMD^2 (median
 heuristic) between EMA samples and the validation volumes, both average-pooled 2x per axis (a cheap,
 seed-fixed distribution distance in voxel space; lower is better).
@@ -22,6 +24,11 @@ PROXY_SEED = 1234
 
 def _pooled(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool3d(x.float(), kernel_size=2, ceil_mode=True).flatten(1)
+
+
+def lazy_r1_gamma(cfg, step: int) -> float:
+    """R1 weight for this discriminator step: ``r1_gamma * r1_every`` every ``r1_every`` steps, else 0."""
+    return cfg.r1_gamma * cfg.r1_every if step % cfg.r1_every == 0 else 0.0
 
 
 class _AdversarialTask(Task):
@@ -78,7 +85,7 @@ class GANTask(_AdversarialTask):
         if cfg.loss == "wgan-gp":
             d = G.wgan_gp_d_loss(m.discriminator, x, fake, gp_weight=cfg.gp_weight)
         else:
-            d = G.ns_d_loss(m.discriminator, x, fake, r1_gamma=cfg.r1_gamma)
+            d = G.ns_d_loss(m.discriminator, x, fake, r1_gamma=lazy_r1_gamma(cfg, step))
         d["loss"].backward()
         self.opt_d.step()
         out = {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
@@ -137,7 +144,7 @@ class StyleGANTask(_AdversarialTask):
             fake = G(z, level, alpha, mixing_prob=cfg.mixing_prob)
         self.opt_d.zero_grad(set_to_none=True)
         d = S.discriminator_loss(
-            D, real, fake, level, alpha, loss=cfg.loss, r1_gamma=cfg.r1_gamma, gp_weight=cfg.gp_weight
+            D, real, fake, level, alpha, loss=cfg.loss, r1_gamma=lazy_r1_gamma(cfg, step), gp_weight=cfg.gp_weight
         )
         d["loss"].backward()
         self.opt_d.step()
