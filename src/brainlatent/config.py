@@ -152,7 +152,7 @@ class AEConfig(_FamilyConfig):
     max_channels: PositiveInt = 64
     min_bottleneck: PositiveInt = 4
     norm: Literal["group", "layer", "none"] = "group"
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 20
     batch_size: PositiveInt = 4
     lr: PositiveFloat = 2e-3
     weight_decay: NonNegFloat = 0.0
@@ -170,9 +170,9 @@ class VAEConfig(_FamilyConfig):
     min_bottleneck: PositiveInt = 4
     norm: Literal["group", "layer", "none"] = "group"
     beta: NonNegFloat = 1.0
-    kl_warmup_epochs: NonNegFloat = 4.0  # KL weight ramps linearly from 0 to beta over this many epochs
+    kl_warmup_epochs: NonNegFloat = 8.0  # KL weight ramps linearly from 0 to beta over this many epochs
     recon_sigma: PositiveFloat = 0.1  # Gaussian likelihood SD in normalised intensity units
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 20
     batch_size: PositiveInt = 4
     lr: PositiveFloat = 2e-3
     weight_decay: NonNegFloat = 0.0
@@ -199,7 +199,7 @@ class GANConfig(_FamilyConfig):
     r1_every: PositiveInt = 4  # lazy R1: the penalty (x r1_every) every r1_every discriminator steps
     n_critic: PositiveInt = 1  # discriminator steps per generator step
     ema_decay: Fraction = 0.99
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 12
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 1e-3
     lr_d: PositiveFloat = 1e-3
@@ -234,9 +234,9 @@ class StyleGANConfig(_FamilyConfig):
     mixing_prob: Fraction = 0.9
     w_avg_beta: Fraction = 0.995
     ema_decay: Fraction = 0.99
-    epochs_per_level: PositiveInt = 2  # progressive growing: epochs at each resolution level
+    epochs_per_level: PositiveInt = 4  # progressive growing: epochs at each resolution level
     fade_fraction: Fraction = 0.5  # share of a new level's epochs spent fading it in
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 16
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 1e-3
     lr_d: PositiveFloat = 1e-3
@@ -312,7 +312,7 @@ class DirectionsConfig:
 
     model_alias: str = "champion"
     latent_space: Literal["w", "w+"] = "w"  # StyleGAN inversion space (W+ probes are per-layer concatenations)
-    inversion_steps: PositiveInt = 50  # GAN families: latents of real scans by inversion
+    inversion_steps: PositiveInt = 40  # GAN families: latents of real scans by inversion
     # Probe regularisation: a fixed C keeps `make repro` fast; null selects C by nested CV (research runs).
     probe_C: PositiveFloat | None = 0.1
     n_splits: Annotated[int, Field(ge=2)] = 5
