@@ -23,6 +23,7 @@ from the cohort mean, whatever the latent space's units. Never raw coefficients 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class Direction:
             "positive": self.positive,
             "step_sd": float(self.step_sd),
             "center": float(self.center),
-            "logit_per_sd": float(self.logit_per_sd),
+            "logit_per_sd": None if math.isnan(self.logit_per_sd) else float(self.logit_per_sd),  # strict JSON
             "metadata": _jsonable(self.metadata),
             "vector": self.vector.tolist(),
         }

@@ -1,0 +1,480 @@
+"""`brainlatent directions --model <family>` (DVC stage ``directions@<family>``): the latent-direction
+experiment for one registered model version, end to end.
+
+1. **Encode** every subject of the processed cohort with ``models:/brainlatent-<family>@<model_alias>``
+   (:class:`~brainlatent.directions.apply.LatentCodec`; GAN families by inversion).
+2. **Probe** sex, age_old and age_group (and sex at fixed brain volume) with repeated CV on the *train*
+   split, then score once on the held-out val + test subjects (the headline numbers); PCA-of-voxels and
+   brain-volume baselines under the same protocol (``run_probe_suite``).
+3. **Directions** from the fitted latent probes, saved as JSON with the model version they belong to.
+4. **Traverse** held-out subjects along every direction and decode: strips, GIFs, 4D NIfTIs, group-mean
+   difference and paired-t maps.
+5. **Effects** along each traversal: brain / ventricle / cortical-GM / sex-region volumes and the probe
+   re-applied to re-encoded volumes, each with its monotonicity.
+6. **Ground truth** (synthetic cohort): difference maps against the planted effect maps; sign and
+   monotonicity of the ventricle change along the age directions.
+7. **Outputs**: ``directions/<family>/`` (DVC), ``metrics/directions/<family>.json`` (flat headline
+   numbers), one MLflow run in ``brainlatent-directions``, headline tags on the model version.
+
+Cost: for GAN families every encoding is an inversion (``directions.inversion_steps`` Adam steps). The
+cohort is inverted in batches; re-encoding the traversals would cost one inversion per traversed volume
+(subjects x steps x directions), so GAN families re-encode the strip subjects only (at least two; tag
+``reencode_subjects``). Details: docs/directions_method.md, "The directions stage".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_curve
+
+from brainlatent import registry, tracking
+from brainlatent.anatomy import atlas_on_grid, load_effect_map, measure_volumes
+from brainlatent.config import Params, to_flat_dict
+from brainlatent.data.dataset import ProcessedData
+from brainlatent.grid import Grid
+from brainlatent.inversion import psnr
+
+from .apply import LatentCodec
+from .direction import Direction
+from .effects import TraversalEffects, traversal_effects
+from .evaluation import ProbeResult, check_labels
+from .groundtruth import PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation
+from .probes import ProbeSettings, decision_scores
+from .suite import ProbeSuite, run_probe_suite
+from .targets import TARGETS, brain_volume, target_labels
+from .traversal import DifferenceMap, group_difference_map, symmetric_steps, traverse
+
+log = logging.getLogger(__name__)
+
+# Planted effect maps that `prepare` puts in data/processed/ground_truth/ (data/synthetic.py writes them).
+GROUND_TRUTH_MAPS: dict[str, str] = {
+    "age": "age_effect.nii.gz",
+    "sex": "sex_effect.nii.gz",
+    "sex_local": "sex_local_effect.nii.gz",
+}
+AGE_DIRECTIONS = ("age_group", "age_old")
+ROC_TARGETS = ("sex", "age_old")
+ENCODE_BATCH = 32
+DECODE_BATCH = 16
+MIN_REENCODE_SUBJECTS = 2
+# Headline numbers also written as model-version tags ``directions.<key>`` (a registry look-up shows them).
+VERSION_TAG_KEYS = (
+    "sex_auc", "sex_size_controlled_auc", "age_old_auc", "age_group_spearman", "sex_brain_volume_auc",
+    "age_map_r", "sex_map_r", "sex_local_map_r_raw", "sex_local_map_r_size_controlled",
+    "age_ventricle_monotonicity", "encode_psnr_db",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DirectionsOutcome:
+    family: str
+    run_id: str
+    model_version: str
+    metrics: dict[str, float]  # the headline numbers of metrics/directions/<family>.json
+    out_dir: Path  # directions/<family>
+    run_url: str
+
+
+@dataclass(frozen=True)
+class DirectionStudy:
+    """One direction's traversals and what was measured along them."""
+
+    direction: Direction
+    traversals: np.ndarray  # (S, K, X, Y, Z) float32
+    difference: DifferenceMap  # last step minus first step
+    effects: TraversalEffects
+
+
+def probe_settings(params: Params) -> ProbeSettings:
+    """``params.directions`` as the probes' settings (seeded with the project seed)."""
+    c = params.directions
+    return ProbeSettings(n_splits=c.n_splits, n_repeats=c.n_repeats, C=c.probe_C, n_bootstrap=c.n_bootstrap,
+                         n_permutations=c.n_permutations, pca_components=c.pca_components, seed=params.seed)
+
+
+# ------------------------------------------------------------------------------------------- cohort
+def feasible_targets(subjects: pd.DataFrame, n_splits: int) -> tuple[list[str], dict[str, str]]:
+    """Targets whose train-split labels can fill ``n_splits`` stratified folds, and why the others cannot.
+
+    A small cohort may lack an age group's worth of subjects; that probe is skipped (and tagged), not fatal.
+    """
+    ok, skipped = [], {}
+    for name, target in TARGETS.items():
+        try:
+            check_labels(target_labels(subjects, name), target.task, n_splits, what=f"{name} labels (train split)")
+        except ValueError as err:
+            skipped[name] = str(err)
+        else:
+            ok.append(name)
+    return ok, skipped
+
+
+def traversal_rows(heldout: np.ndarray, n_total: int, n: int, seed: int) -> np.ndarray:
+    """Row indices of the subjects to traverse: ``n`` seeded held-out subjects (all subjects if < 2 held out)."""
+    pool = heldout if len(heldout) >= 2 else np.arange(n_total)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False))
+
+
+def encoding_psnr(codec: LatentCodec, latents: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+    """``(N,)`` PSNR (dB, peak 1) of ``decode(latents)`` against ``volumes (N, X, Y, Z)``: how much of each
+    scan its latent holds (for GANs: how good the inversion is)."""
+    recon = codec.decode_latents(latents, DECODE_BATCH)
+    target = np.asarray(volumes, np.float32)
+    return psnr(torch.from_numpy(recon), torch.from_numpy(target), data_range=1.0).numpy()
+
+
+# --------------------------------------------------------------------------------------- traversals
+def _merge_effects(measured: TraversalEffects, reencoded: TraversalEffects) -> TraversalEffects:
+    keys = ["subject", "step_index", "step_sd"]
+    per_step = measured.per_step.merge(reencoded.per_step, on=keys, how="left")  # NaN: subject not re-encoded
+    return TraversalEffects(per_step=per_step, summary=pd.concat([measured.summary, reencoded.summary]))
+
+
+def study_direction(
+    direction: Direction,
+    probe,
+    latents: np.ndarray,
+    subjects: pd.DataFrame,
+    steps: np.ndarray,
+    codec: LatentCodec,
+    measure,
+    n_reencode: int,
+) -> DirectionStudy:
+    """Traverse ``latents (S, D)`` of ``subjects`` along ``direction``; measure; re-encode the first ``n_reencode``."""
+    traversals = traverse(latents, direction, steps, codec.decode, batch_size=DECODE_BATCH, device=codec.device)
+    ids = subjects["subject_id"].astype(str).tolist()
+    measured = traversal_effects(traversals, steps, measure=measure, subject_ids=ids)
+    covariates = brain_volume(subjects) if direction.metadata.get("features") == "latent_size_controlled" else None
+    reencoded = traversal_effects(
+        traversals[:n_reencode], steps, encode=codec.encode, probe=probe,
+        probe_covariates=None if covariates is None else covariates[:n_reencode],
+        subject_ids=ids[:n_reencode], batch_size=ENCODE_BATCH, device=codec.device,
+    )
+    return DirectionStudy(direction, traversals, group_difference_map(traversals), _merge_effects(measured, reencoded))
+
+
+def _save_nifti_4d(volumes: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """``(K, X, Y, Z)`` -> one 4D NIfTI ``(X, Y, Z, K)`` (step on the 4th axis): one file per traversal."""
+    img = nib.Nifti1Image(np.moveaxis(np.asarray(volumes, np.float32), 0, -1), affine)
+    img.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path
+
+
+def write_study(out: Path, name: str, study: DirectionStudy, ids: list[str], steps: np.ndarray, grid: Grid,
+                n_strip: int) -> None:
+    """Maps (NIfTI + PNG), strips, GIFs and 4D traversal NIfTIs of one direction under ``out``."""
+    from brainlatent.viz.traversal import save_difference_map, save_traversal_gif, save_traversal_strip
+
+    for kind, img in study.difference.to_nifti(grid).items():
+        (out / "maps").mkdir(parents=True, exist_ok=True)
+        nib.save(img, out / "maps" / f"{name}_{kind}.nii.gz")
+    positive = study.direction.positive
+    background = study.traversals[:, int(np.argmin(np.abs(steps)))].mean(0)
+    span = f"{steps[-1]:+.1f} vs {steps[0]:+.1f} SD, {study.difference.n_subjects} held-out subjects"
+    save_difference_map(study.difference.mean_difference, out / "figures" / f"{name}_difference.png",
+                        background=background, title=f"{name}: mean difference ({span}; + = {positive})",
+                        voxel_mm=grid.voxel_mm)
+    save_difference_map(study.difference.t_statistic, out / "figures" / f"{name}_tmap.png", background=background,
+                        title=f"{name}: paired t ({span})", label="paired t", voxel_mm=grid.voxel_mm)
+    for s in range(min(n_strip, len(ids))):
+        title = f"{name} (+ = {positive}), subject {ids[s]}"
+        _save_nifti_4d(study.traversals[s], grid.affine, out / "traversals" / f"{name}_{ids[s]}.nii.gz")
+        save_traversal_strip(study.traversals[s], steps, out / "figures" / f"{name}_{ids[s]}_strip.png",
+                             title=title, voxel_mm=grid.voxel_mm)
+        save_traversal_gif(study.traversals[s], steps, out / "figures" / f"{name}_{ids[s]}.gif", title=name,
+                           voxel_mm=grid.voxel_mm)
+
+
+# ------------------------------------------------------------------------------------- ground truth
+def ground_truth_checks(gt_dir: Path | None, grid: Grid, studies: dict[str, DirectionStudy]) -> dict[str, float]:
+    """``gt.<direction>.<map>_map_r`` for every direction x planted map (inside the template brain mask),
+    the planted-sign checks along the age directions, and the size-control comparison on the local sex map.
+    Empty when there is no ground truth (real cohorts)."""
+    if gt_dir is None:
+        return {}
+    maps = {}
+    for key, fname in GROUND_TRUTH_MAPS.items():
+        if (gt_dir / fname).is_file():
+            maps[key] = load_effect_map(gt_dir / fname, grid)
+        else:
+            log.warning("ground truth: %s not found; %s map checks skipped", gt_dir / fname, key)
+    mask = atlas_on_grid(grid).brain > 0.5
+    out: dict[str, float] = {}
+    for name, study in studies.items():
+        for key, planted in maps.items():
+            try:
+                out[f"gt.{name}.{key}_map_r"] = map_correlation(study.difference.mean_difference, planted, mask)
+            except ValueError as err:  # a constant map: the decoder ignores this direction
+                log.warning("ground truth: %s vs planted %s map: %s", name, key, err)
+                out[f"gt.{name}.{key}_map_r"] = math.nan
+        if name in AGE_DIRECTIONS:
+            checks = ground_truth_metrics(summary=study.effects.summary, expected_signs=PLANTED_AGE_SIGNS)
+            out.update({f"gt.{name}.{k}": v for k, v in checks.items()})
+    raw, controlled = out.get("gt.sex.sex_local_map_r"), out.get("gt.sex_size_controlled.sex_local_map_r")
+    if raw is not None and controlled is not None:
+        # The issue's claim, measured: size control recovers the planted local sex effect better.
+        out["gt.sex_local.size_controlled_minus_raw_r"] = controlled - raw
+        out["gt.sex_local.size_controlled_better"] = float(controlled > raw)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def _probe_metric(results: dict[tuple[str, str], ProbeResult], target: str, features: str, metric: str,
+                  split: str) -> dict[str, float]:
+    r = results.get((target, features))
+    if r is None:
+        return {}
+    est = (r.heldout if split == "heldout" and r.heldout else r.cv).get(metric)
+    return {} if est is None else {"": est.value, "_low": est.low, "_high": est.high}
+
+
+def headline_metrics(suite: ProbeSuite, studies: dict[str, DirectionStudy], gt: dict[str, float],
+                     split: str) -> dict[str, float]:
+    """The flat headline numbers (held-out probe scores when there is a held-out set, else CV)."""
+    results = {(r.target, r.features): r for r in suite.results}
+    out: dict[str, float] = {}
+
+    def put(prefix: str, values: dict[str, float]) -> None:
+        out.update({f"{prefix}{suffix}": v for suffix, v in values.items()})
+
+    for target in TARGETS:
+        put(f"{target}_auc", _probe_metric(results, target, "latent", "auc", split))
+        cv = _probe_metric(results, target, "latent", "auc", "cv")
+        if cv:
+            out[f"{target}_cv_auc"] = cv[""]
+            out[f"{target}_p_value"] = results[(target, "latent")].p_value
+        for baseline in ("pca_voxels", "brain_volume"):
+            value = _probe_metric(results, target, baseline, "auc", split)
+            if value:
+                out[f"{target}_{baseline}_auc"] = value[""]
+    put("sex_size_controlled_auc", _probe_metric(results, "sex", "latent_size_controlled", "auc", split))
+    put("age_group_spearman", _probe_metric(results, "age_group", "latent", "spearman", split))
+
+    for name, study in studies.items():
+        summary = study.effects.summary
+        out[f"{name}_probe_monotonicity"] = float(summary.loc["probe_output", "mean_spearman"])
+        out[f"{name}_brain_volume_relative_change"] = float(summary.loc["brain_volume_mm3", "relative_change"])
+        if name in AGE_DIRECTIONS:
+            out[f"{name}_ventricle_monotonicity"] = float(summary.loc["ventricle_volume_mm3", "mean_spearman"])
+            out[f"{name}_ventricle_relative_change"] = float(summary.loc["ventricle_volume_mm3", "relative_change"])
+    if "age_group_ventricle_monotonicity" in out:
+        out["age_ventricle_monotonicity"] = out["age_group_ventricle_monotonicity"]
+
+    for key, source in (("age_map_r", "gt.age_group.age_map_r"), ("age_old_map_r", "gt.age_old.age_map_r"),
+                        ("sex_map_r", "gt.sex.sex_map_r"), ("sex_local_map_r_raw", "gt.sex.sex_local_map_r"),
+                        ("sex_local_map_r_size_controlled", "gt.sex_size_controlled.sex_local_map_r"),
+                        ("sex_local_size_controlled_better", "gt.sex_local.size_controlled_better"),
+                        ("age_ventricle_sign_correct", "gt.age_group.ventricle_volume_mm3.sign_correct")):
+        if source in gt:
+            out[key] = gt[source]
+    return out
+
+
+def roc_table(suite: ProbeSuite, latents: np.ndarray, subjects: pd.DataFrame, split: str) -> pd.DataFrame:
+    """ROC points (fpr, tpr, target) of the sex and age_old latent probes on ``split`` subjects.
+
+    ``split == "heldout"``: probes fitted on the train split scoring ``latents``/``subjects`` (held out);
+    ``"cv"``: the first repeat's out-of-fold scores of the fitting subjects (no held-out set).
+    """
+    frames = []
+    results = {(r.target, r.features): r for r in suite.results}
+    for target in ROC_TARGETS:
+        key = f"{target}.latent"
+        if key not in suite.probes:
+            continue
+        y = target_labels(subjects, target)
+        scores = (decision_scores(suite.probes[key], latents) if split == "heldout"
+                  else results[(target, "latent")].oof_scores[0])
+        if len(np.unique(y)) < 2:
+            log.warning("ROC of %s: the %s subjects hold one class only; skipped", target, split)
+            continue
+        fpr, tpr, _ = roc_curve(y, scores)
+        frames.append(pd.DataFrame({"fpr": fpr, "tpr": tpr, "target": target}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["fpr", "tpr", "target"])
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# -------------------------------------------------------------------------------------------- stage
+def run_directions(family: str, params: Params, root: Path | None = None) -> DirectionsOutcome:
+    """Run the latent-direction experiment for ``models:/brainlatent-<family>@<directions.model_alias>``.
+
+    See the module docstring for the steps and outputs. Raises ValueError naming the problem for an unknown
+    family, a missing model / alias, missing processed data, or a model trained on another volume shape.
+    """
+    from brainlatent.train.device import resolve_device, seed_everything
+
+    t_start = time.perf_counter()
+    root = (root or tracking.project_root()).resolve()
+    cfg = params.directions
+    params.family(family)  # ConfigError naming an unknown family before any work
+    tracking.configure(root)
+    device = resolve_device(params.device)
+    seed_everything(params.seed)
+    uri = f"models:/{registry.registered_name(family)}@{cfg.model_alias}"
+    loaded = registry.load_model(uri, device)
+    data = ProcessedData.open(root / params.data.processed_dir)
+    if tuple(loaded.model.volume_shape) != tuple(data.grid.shape):
+        raise ValueError(f"{uri} was trained on volumes of shape {tuple(loaded.model.volume_shape)}, but "
+                         f"{data.root} holds {tuple(data.grid.shape)}: retrain it on the current data")
+    codec = LatentCodec.for_model(loaded.model, cfg.latent_space, cfg.inversion_steps)
+    settings = probe_settings(params)
+
+    fit_rows = data.split_indices("train")
+    heldout_rows = np.concatenate([data.split_indices("val"), data.split_indices("test")])
+    heldout_rows.sort()
+    split = "heldout" if len(heldout_rows) else "cv"
+    if not len(heldout_rows):
+        log.warning("%s: no val/test subjects; headline numbers are cross-validated only", data.root)
+    subjects = data.subjects
+    targets, skipped = feasible_targets(subjects.iloc[fit_rows], settings.n_splits)
+    for name, why in skipped.items():
+        log.warning("directions: probe %r skipped: %s", name, why)
+
+    out = root / "directions" / family
+    if out.exists():
+        shutil.rmtree(out)  # our own output folder: no stale directions of a previous run survive
+    out.mkdir(parents=True)
+    lineage = tracking.lineage_tags(params.data.processed_dir, root)
+    trav_rows = traversal_rows(heldout_rows, len(subjects), cfg.n_traversal_subjects, params.seed)
+    n_strip = min(cfg.n_strip_subjects, len(trav_rows))
+    n_reencode = len(trav_rows) if not codec.inverts else min(len(trav_rows), max(MIN_REENCODE_SUBJECTS, n_strip))
+    tags = {
+        "model": family, "stage": "directions", "model_name": loaded.name, "model_version": str(loaded.version),
+        "model_alias": cfg.model_alias, "model_uri": uri, "model_run_id": loaded.run_id,
+        "latent_space": codec.latent_space, "headline_split": split, "reencode_subjects": str(n_reencode),
+        "skipped_targets": ",".join(skipped) or "none", **lineage,
+    }
+    exp_id = tracking.experiment_id(tracking.DIRECTIONS_EXPERIMENT, root)
+    run_name = f"{family}-v{loaded.version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
+    try:
+        mlflow.log_params({**to_flat_dict(cfg, "directions."), "seed": params.seed, "device": str(device),
+                           "data.shape": list(data.grid.shape), "latent_dim": codec.dim,
+                           "n_fit": len(fit_rows), "n_heldout": len(heldout_rows)})
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        latents = codec.encode_volumes(data.volumes, ENCODE_BATCH)  # (N, D), every subject
+        timings["encode_s"] = time.perf_counter() - t0
+        # On the traversed subjects only: a decoder pass over the whole cohort would cost as much as the
+        # traversals themselves on a CPU.
+        encode_psnr = encoding_psnr(codec, latents[trav_rows], data.volumes[trav_rows])
+
+        t0 = time.perf_counter()
+        volumes = np.asarray(data.volumes, np.float32)  # (N, X, Y, Z): the PCA-of-voxels baseline
+        has_test = split == "heldout"
+        suite = run_probe_suite(
+            latents[fit_rows], subjects.iloc[fit_rows], settings, volumes=volumes[fit_rows],
+            test_latents=latents[heldout_rows] if has_test else None,
+            test_subjects=subjects.iloc[heldout_rows] if has_test else None,
+            test_volumes=volumes[heldout_rows] if has_test else None,
+            targets=tuple(targets), size_control_targets=("sex",) if "sex" in targets else (),
+        )
+        timings["probes_s"] = time.perf_counter() - t0
+        results = {(r.target, r.features): r for r in suite.results}
+        model_meta = {"family": family, "model_name": loaded.name, "model_version": str(loaded.version),
+                      "model_run_id": loaded.run_id, "latent_space": codec.latent_space, "latent_dim": codec.dim,
+                      "inversion_steps": codec.inversion_steps if codec.inverts else None}
+        for name, d in list(suite.directions.items()):
+            heldout = results[(d.metadata["target"], d.metadata["features"])].heldout or {}
+            extra = {"heldout_auc": heldout["auc"].value} if "auc" in heldout else {}
+            suite.directions[name] = replace(d, metadata={**d.metadata, **model_meta, **extra})
+        suite.save_directions(out / "directions")
+
+        t0 = time.perf_counter()
+        steps = symmetric_steps(cfg.max_step_sd, cfg.n_steps)
+        trav_subjects = subjects.iloc[trav_rows].reset_index(drop=True)
+        ids = trav_subjects["subject_id"].astype(str).tolist()
+        measure = functools.partial(measure_volumes, grid=data.grid,
+                                    percentiles=tuple(float(p) for p in params.data.intensity_percentiles))
+        studies: dict[str, DirectionStudy] = {}
+        for name, direction in suite.directions.items():
+            probe = suite.probes[f"{direction.metadata['target']}.{direction.metadata['features']}"]
+            studies[name] = study_direction(direction, probe, latents[trav_rows], trav_subjects, steps, codec,
+                                            measure, n_reencode)
+            write_study(out, name, studies[name], ids, steps, data.grid, n_strip)
+        timings["traversals_s"] = time.perf_counter() - t0
+
+        gt = ground_truth_checks(data.ground_truth_dir, data.grid, studies)
+        headline = headline_metrics(suite, studies, gt, split)
+        headline.update({"encode_psnr_db": float(np.mean(encode_psnr)), "n_fit": float(len(fit_rows)),
+                         "n_heldout": float(len(heldout_rows)), "n_traversal_subjects": float(len(trav_rows))})
+        timings["total_s"] = time.perf_counter() - t_start
+        headline.update({f"time_{k}": v for k, v in timings.items()})
+
+        _write_tables(out, suite, studies, latents[heldout_rows] if has_test else latents[fit_rows],
+                      subjects.iloc[heldout_rows] if has_test else subjects.iloc[fit_rows], split)
+        detailed = {**suite.flat_metrics(), **gt, "encode_psnr_db_min": float(np.min(encode_psnr)),
+                    "encode_psnr_db_max": float(np.max(encode_psnr))}
+        for name, study in studies.items():
+            detailed.update(study.effects.flat_metrics(f"effects.{name}"))
+        headline = _finite(headline)
+        _write_json(root / "metrics" / "directions" / f"{family}.json", headline)
+        mlflow.log_metrics({**_finite(detailed), **headline})
+        mlflow.log_artifacts(str(out))
+        _tag_version(loaded, headline, run.info.run_id, split)
+        log.info("directions %s v%s: %s (%.0f s)", family, loaded.version,
+                 ", ".join(f"{k}={headline[k]:.3f}" for k in VERSION_TAG_KEYS if k in headline), timings["total_s"])
+        mlflow.end_run()
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    return DirectionsOutcome(family, run.info.run_id, str(loaded.version), headline, out, tracking.run_url(run))
+
+
+def _write_tables(out: Path, suite: ProbeSuite, studies: dict[str, DirectionStudy], roc_latents: np.ndarray,
+                  roc_subjects: pd.DataFrame, split: str) -> None:
+    """probes.csv, roc.csv (plot), effects.csv (plot: mean per step), effects_per_subject.csv, effects_summary.csv."""
+    suite.table().to_csv(out / "probes.csv", index=False)
+    roc_table(suite, roc_latents, roc_subjects, split).to_csv(out / "roc.csv", index=False)
+    per_subject, means, summaries = [], [], []
+    for name, study in studies.items():
+        table = study.effects.per_step.assign(direction=name)
+        per_subject.append(table)
+        quantities = list(study.effects.summary.index)
+        long = table.melt(id_vars=["subject", "step_index", "step_sd", "direction"], value_vars=quantities,
+                          var_name="quantity")
+        mean = long.groupby(["step_sd", "quantity"], sort=True)["value"].mean().reset_index()
+        means.append(mean.rename(columns={"step_sd": "step"}).assign(direction=name))
+        summaries.append(study.effects.summary.reset_index().assign(direction=name))
+    if studies:
+        pd.concat(means)[["step", "quantity", "direction", "value"]].to_csv(out / "effects.csv", index=False)
+        pd.concat(per_subject).to_csv(out / "effects_per_subject.csv", index=False)
+        pd.concat(summaries).to_csv(out / "effects_summary.csv", index=False)
+    else:
+        pd.DataFrame(columns=["step", "quantity", "direction", "value"]).to_csv(out / "effects.csv", index=False)
+
+
+def _tag_version(loaded: registry.LoadedModel, headline: dict[str, float], run_id: str, split: str) -> None:
+    """Headline numbers as ``directions.<key>`` tags on the model version (shown by a registry look-up)."""
+    client = MlflowClient()
+    tags = {f"directions.{k}": f"{headline[k]:.4g}" for k in VERSION_TAG_KEYS if k in headline}
+    tags.update({"directions.run_id": run_id, "directions.headline_split": split})
+    for key, value in tags.items():
+        client.set_model_version_tag(loaded.name, loaded.version, key, value)

@@ -1,0 +1,257 @@
+"""The `directions@model` stage and `traverse_scan` end to end: tiny trained models, a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_params_dict, write_processed
+from mlflow.tracking import MlflowClient
+
+from brainlatent import registry
+from brainlatent.anatomy import atlas_on_grid, load_template
+from brainlatent.config import params_from_dict
+from brainlatent.data.cohort import AGE_GROUPS
+from brainlatent.directions import Direction, map_correlation
+from brainlatent.directions.apply import LatentCodec, traverse_scan
+from brainlatent.directions.experiment import GROUND_TRUTH_MAPS, feasible_targets, run_directions, traversal_rows
+from brainlatent.grid import Grid
+from brainlatent.models.stylegan import StyleGAN
+from brainlatent.train.runner import train_family
+
+# Tiny protocol: 2-fold CV, few bootstrap resamples and permutations, 4 traversed subjects x 3 steps.
+FAST = dict(n_splits=2, n_repeats=1, n_bootstrap=50, n_permutations=3, pca_components=4, inversion_steps=4,
+            n_traversal_subjects=4, n_strip_subjects=1, n_steps=3, max_step_sd=2.0)
+DIRECTION_NAMES = {"sex", "age_old", "age_group", "sex_size_controlled"}
+GROUP_AGE = {"22-25": 24.0, "26-30": 28.0, "31-35": 33.0, "36+": 36.5}
+
+
+def _cohort(project) -> None:
+    """The shared tiny cohort, with age groups dealt out evenly within each split so every probe can be
+    fitted with 2 folds (random ages leave the small 36+ group empty in a 12-subject train split)."""
+    out = write_processed(project)
+    subjects = pd.read_csv(out / "subjects.csv", dtype={"subject_id": str})
+    for split in ("train", "val", "test"):
+        rows = np.flatnonzero(subjects["split"] == split)
+        subjects.loc[rows, "age_group"] = [AGE_GROUPS[k % 4] for k in range(len(rows))]
+    subjects["age"] = subjects["age_group"].map(GROUP_AGE)
+    subjects.to_csv(out / "subjects.csv", index=False)
+
+
+@pytest.fixture
+def params(project):
+    _cohort(project)
+    return params_from_dict(tiny_params_dict(directions=FAST))
+
+
+@pytest.fixture
+def ae(project, params):
+    train_family("ae", params, root=project)
+    return params
+
+
+def _direction_files(project, family: str) -> set[str]:
+    return {p.stem for p in (project / "directions" / family / "directions").glob("*.json")}
+
+
+def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
+    outcome = run_directions("ae", ae, root=project)
+    out = project / "directions" / "ae"
+    assert outcome.out_dir == out and outcome.model_version == "1"
+
+    # DVC outputs: flat headline metrics, plot data, tables, directions, maps, figures.
+    headline = json.loads((project / "metrics" / "directions" / "ae.json").read_text())
+    assert headline == pytest.approx(outcome.metrics)
+    for key in ("sex_auc", "sex_auc_low", "sex_auc_high", "sex_cv_auc", "sex_p_value", "age_old_auc",
+                "age_group_spearman", "sex_size_controlled_auc", "sex_pca_voxels_auc", "sex_brain_volume_auc",
+                "sex_probe_monotonicity", "encode_psnr_db", "time_total_s"):
+        assert key in headline, key
+    assert all(not isinstance(v, (dict, list)) for v in headline.values())  # flat
+    assert headline["sex_auc_low"] <= headline["sex_auc"] <= headline["sex_auc_high"]
+    assert headline["n_fit"] == 12 and headline["n_heldout"] == 12
+    assert not any(k.endswith("_map_r") for k in headline)  # no ground truth in this cohort
+    assert _direction_files(project, "ae") == DIRECTION_NAMES
+    sex = Direction.load(out / "directions" / "sex.json")
+    assert sex.metadata["model_version"] == "1" and sex.metadata["latent_dim"] == sex.dim == 8
+
+    roc = pd.read_csv(out / "roc.csv")
+    assert list(roc.columns) == ["fpr", "tpr", "target"] and set(roc["target"]) == {"sex", "age_old"}
+    assert roc.groupby("target")["tpr"].max().eq(1.0).all()
+    effects = pd.read_csv(out / "effects.csv")
+    assert list(effects.columns) == ["step", "quantity", "direction", "value"]
+    assert set(effects["direction"]) == DIRECTION_NAMES
+    assert {"ventricle_volume_mm3", "brain_volume_mm3", "probe_output"} <= set(effects["quantity"])
+    summary = pd.read_csv(out / "effects_summary.csv")
+    assert len(summary) == 5 * len(DIRECTION_NAMES) and {"mean_spearman", "change_per_sd"} <= set(summary.columns)
+    assert sorted(effects["step"].unique()) == [-2.0, 0.0, 2.0]
+    probes = pd.read_csv(out / "probes.csv")
+    assert {"pca_voxels", "brain_volume", "latent", "latent_size_controlled"} == set(probes["features"])
+    mean_diff = nib.load(out / "maps" / "age_group_mean_difference.nii.gz")
+    np.testing.assert_allclose(mean_diff.affine, Grid.load(project / "data/processed/grid.json").affine)
+    traversal = nib.load(next((out / "traversals").glob("sex_*.nii.gz")))
+    assert traversal.shape == (16, 16, 16, 3)
+    assert len(list((out / "figures").glob("*_strip.png"))) == 4 and len(list((out / "figures").glob("*.gif"))) == 4
+
+    # MLflow: one run tagged with the model version, metrics and artifacts; headline tags on the version.
+    run = mlflow.get_run(outcome.run_id)
+    assert run.data.tags["model"] == "ae" and run.data.tags["model_version"] == "1"
+    assert run.data.tags["model_name"] == "brainlatent-ae" and run.data.tags["model_alias"] == "champion"
+    assert run.data.metrics["sex_auc"] == pytest.approx(headline["sex_auc"])
+    assert "sex.latent.heldout_auc_low" in run.data.metrics and "sex.pca_voxels.heldout_auc" in run.data.metrics
+    artifacts = {f.path for f in MlflowClient().list_artifacts(outcome.run_id)}
+    assert {"directions", "maps", "figures", "traversals", "probes.csv", "roc.csv", "effects.csv"} <= artifacts
+    version = MlflowClient().get_model_version("brainlatent-ae", "1")
+    assert float(version.tags["directions.sex_auc"]) == pytest.approx(headline["sex_auc"], rel=1e-3)
+    assert version.tags["directions.run_id"] == outcome.run_id
+
+
+def _write_ground_truth(project, planted: dict[str, np.ndarray]) -> None:
+    """A fake data/processed/ground_truth: known maps already on the grid effect maps are compared on."""
+    gt = project / "data" / "processed" / "ground_truth"
+    gt.mkdir(exist_ok=True)
+    grid = Grid.load(project / "data" / "processed" / "grid.json")
+    target = grid.centered_at(load_template().center_mm)  # load_effect_map returns such a map unchanged
+    for key, data in planted.items():
+        nib.save(nib.Nifti1Image(np.asarray(data, np.float32), target.affine), gt / GROUND_TRUTH_MAPS[key])
+
+
+def test_ground_truth_checks_recover_a_planted_map(project, ae):
+    """Plant each direction's own difference map: the stage must find r = 1 (a deterministic rerun) and
+    compare the size-controlled and raw sex directions on the planted local sex map."""
+    first = run_directions("ae", ae, root=project)
+    maps = project / "directions" / "ae" / "maps"
+    age_map = nib.load(maps / "age_group_mean_difference.nii.gz").get_fdata()
+    local_map = nib.load(maps / "sex_size_controlled_mean_difference.nii.gz").get_fdata()
+    grid = Grid.load(project / "data" / "processed" / "grid.json")
+    mask = atlas_on_grid(grid).brain > 0.5
+    rng = np.random.default_rng(0)
+    sex_map = rng.normal(size=age_map.shape)
+    _write_ground_truth(project, {"age": age_map, "sex": sex_map, "sex_local": local_map})
+
+    second = run_directions("ae", ae, root=project)
+    m = second.metrics
+    assert m["age_map_r"] == pytest.approx(1.0, abs=1e-4)
+    assert m["sex_local_map_r_size_controlled"] == pytest.approx(1.0, abs=1e-4)
+    raw_sex = nib.load(maps / "sex_mean_difference.nii.gz").get_fdata()
+    assert m["sex_local_map_r_raw"] == pytest.approx(map_correlation(raw_sex, local_map, mask), abs=1e-4)
+    assert m["sex_map_r"] == pytest.approx(map_correlation(raw_sex, sex_map, mask), abs=1e-4)
+    better = m["sex_local_map_r_size_controlled"] > m["sex_local_map_r_raw"]
+    assert m["sex_local_size_controlled_better"] == float(better)
+    assert m["age_ventricle_sign_correct"] in (0.0, 1.0)
+    assert second.metrics["sex_auc"] == pytest.approx(first.metrics["sex_auc"])  # deterministic
+    run = mlflow.get_run(second.run_id)
+    assert "gt.age_old.ventricle_volume_mm3.change_per_sd" in run.data.metrics
+    version = MlflowClient().get_model_version("brainlatent-ae", "1")
+    assert float(version.tags["directions.age_map_r"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_gan_stage_inverts_the_cohort_and_reencodes_a_subset(project, params):
+    train_family("gan", params, root=project)
+    outcome = run_directions("gan", params, root=project)
+    run = mlflow.get_run(outcome.run_id)
+    assert run.data.tags["latent_space"] == "z" and run.data.tags["reencode_subjects"] == "2"
+    assert _direction_files(project, "gan") == DIRECTION_NAMES
+    per_subject = pd.read_csv(project / "directions" / "gan" / "effects_per_subject.csv")
+    reencoded = per_subject.dropna(subset=["probe_output"])
+    assert reencoded["subject"].nunique() == 2 and per_subject["subject"].nunique() == 4
+    assert (project / "metrics" / "directions" / "gan.json").is_file()
+    assert "time_encode_s" in outcome.metrics
+
+
+def test_targets_that_cannot_fill_the_folds_are_skipped_with_the_reason():
+    groups = ["22-25"] * 4 + ["26-30"] * 4 + ["31-35"] * 3 + ["36+"]  # one 36+ subject
+    subjects = pd.DataFrame({"sex": ["F", "M"] * 6, "age_group": groups})
+    ok, skipped = feasible_targets(subjects, n_splits=2)
+    assert ok == ["sex", "age_old"] and set(skipped) == {"age_group"}
+    assert "class 3 has 1 subjects, fewer than the 2 CV folds" in skipped["age_group"]
+    rows = traversal_rows(np.arange(10, 20), 20, 4, seed=0)
+    assert len(rows) == 4 and set(rows) <= set(range(10, 20)) and np.array_equal(rows, np.sort(rows))
+    assert np.array_equal(rows, traversal_rows(np.arange(10, 20), 20, 4, seed=0))
+    assert len(traversal_rows(np.array([3]), 20, 4, seed=0)) == 4  # < 2 held out: any subject
+
+
+def test_stylegan_w_plus_codec_flattens_and_restores_layers():
+    model = StyleGAN(volume_shape=(8, 8, 8), z_dim=4, w_dim=4, n_mapping=1, n_levels=2, base_channels=4,
+                     max_channels=4).eval()
+    codec = LatentCodec.for_model(model, "w+", inversion_steps=2)
+    assert codec.dim == model.n_layers * 4 and codec.latent_space == "w+"
+    x = torch.rand(3, 1, 8, 8, 8)
+    with torch.inference_mode():  # as effects.apply_batched calls it: inversion must still work
+        z = codec.encode(x)
+    assert z.shape == (3, codec.dim)
+    w_plus = z.reshape(3, model.n_layers, 4)
+    torch.testing.assert_close(codec.decode(z), model.decode(w_plus))
+    assert LatentCodec.for_model(model, "w", 2).dim == 4
+    with pytest.raises(ValueError, match=f"expected latents \\(B, {codec.dim}\\)"):
+        codec.decode(torch.zeros(2, 4))
+
+
+# ------------------------------------------------------------------------------------------ traverse_scan
+def _scan(project, tmp_path, index: int = 3):
+    """A user's scan: a tiny-cohort volume with a 0 background, saved with the grid affine."""
+    volume = np.load(project / "data" / "processed" / "volumes.npy")[index].astype(np.float32)
+    volume *= volume > 0.05
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, Grid.load(project / "data" / "processed" / "grid.json").affine), path)
+    return path
+
+
+def test_traverse_scan_writes_a_nifti_per_step_and_a_strip(project, ae, tmp_path):
+    run_directions("ae", ae, root=project)
+    out = tmp_path / "out"
+    written = traverse_scan("models:/brainlatent-ae@champion", _scan(project, tmp_path), "age", [-2, 0, 1, 2],
+                            out, ae, root=project)
+    steps = sorted(out.glob("age_group_step*.nii.gz"))
+    assert len(steps) == 4 and set(steps) <= set(written)
+    img = nib.load(steps[0])
+    assert img.shape == (16, 16, 16) and (out / "age_group_strip.png").is_file()
+    info = json.loads((out / "traversal.json").read_text())
+    assert info["direction"] == "age_group" and info["model_version"] == "1" and np.isfinite(info["scan_position_sd"])
+    # Step 0 is the plain reconstruction of the preprocessed scan.
+    recon = nib.load(out / "age_group_step01_+0.00sd.nii.gz").get_fdata()
+    model = registry.load_model("models:/brainlatent-ae/1").model
+    x = torch.from_numpy(nib.load(out / "input.nii.gz").get_fdata().astype(np.float32))[None, None]
+    with torch.no_grad():
+        np.testing.assert_allclose(recon, model.decode(model.encode(x))[0, 0].numpy(), atol=1e-5)
+    assert not np.allclose(nib.load(steps[-1]).get_fdata(), recon)  # moving changes the brain
+
+    # Without the local files the directions come from the version's MLflow run.
+    for f in (project / "directions" / "ae" / "directions").glob("*.json"):
+        f.unlink()
+    again = traverse_scan("models:/brainlatent-ae/1", _scan(project, tmp_path), "sex", [1.0], tmp_path / "o2",
+                          ae, root=project)
+    assert any(p.name.startswith("sex_step00") for p in again)
+
+
+def test_traverse_scan_errors_name_the_thing(project, ae, tmp_path):
+    scan = _scan(project, tmp_path)
+    uri = "models:/brainlatent-ae@champion"
+    with pytest.raises(ValueError, match="no directions fitted"):
+        traverse_scan(uri, scan, "sex", [1.0], tmp_path / "o", ae, root=project)
+    run_directions("ae", ae, root=project)
+    with pytest.raises(ValueError, match=r"unknown direction 'height'.*available: \['age_group', 'age_old', 'sex'"):
+        traverse_scan(uri, scan, "height", [1.0], tmp_path / "o", ae, root=project)
+    wrong = Direction("sex", np.eye(5)[0], step_sd=1.0, center=0.0, positive="male", logit_per_sd=1.0,
+                      metadata={"model_name": "brainlatent-ae", "model_version": "7"}).save(tmp_path / "w.json")
+    with pytest.raises(ValueError, match="has 5 dimensions.*8 dimensions.*another model version"):
+        traverse_scan(uri, scan, str(wrong), [1.0], tmp_path / "o", ae, root=project)
+    four_d = tmp_path / "4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16, 2), np.float32), np.eye(4)), four_d)
+    with pytest.raises(ValueError, match="4d.nii.gz: cannot preprocess.*4D image"):
+        traverse_scan(uri, four_d, "sex", [1.0], tmp_path / "o", ae, root=project)
+    with pytest.raises(ValueError, match="no registered model named 'brainlatent-nope'"):
+        traverse_scan("models:/brainlatent-nope@champion", scan, "sex", [1.0], tmp_path / "o", ae, root=project)
+    with pytest.raises(ValueError, match="alias 'gold' is not set"):
+        traverse_scan("models:/brainlatent-ae@gold", scan, "sex", [1.0], tmp_path / "o", ae, root=project)
+    with pytest.raises(ValueError, match="steps: expected one or more finite numbers"):
+        traverse_scan(uri, scan, "sex", [], tmp_path / "o", ae, root=project)
+
+    # A second version has no directions of its own: the local files (version 1) are not silently reused.
+    train_family("ae", ae, root=project)
+    with pytest.raises(ValueError, match="fitted for brainlatent-ae version 1, not brainlatent-ae version 2"):
+        traverse_scan("models:/brainlatent-ae/2", scan, "sex", [1.0], tmp_path / "o", ae, root=project)
