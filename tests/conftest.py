@@ -112,3 +112,18 @@ def write_processed(root: Path, n: int = 24, shape=TINY_SHAPE, seed: int = 0) ->
 @pytest.fixture
 def tiny_processed(project) -> Path:
     return write_processed(project)
+
+
+def blobs(n: int, shape: tuple[int, int, int], seed: int):
+    """(n, 1, *shape) soft ellipsoids in [0, 1] with random centres and radii: structured, learnable data."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij")
+    vols = []
+    for _ in range(n):
+        centre = (torch.rand(3, generator=g) - 0.5) * 0.4
+        radius = 0.5 + 0.3 * torch.rand(3, generator=g)
+        d2 = sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radius))
+        vols.append(torch.sigmoid((1 - d2) * 8))
+    return torch.stack(vols)[:, None]

@@ -12,32 +12,12 @@ from brainlatent.models.autoencoder import Autoencoder
 from brainlatent.models.base import MODEL_FAMILIES, build_model, load_model, model_checkpoint
 from brainlatent.models.layers import Decoder3d, Encoder3d, as_shape3, stage_shapes
 from brainlatent.models.vae import LOGVAR_MAX, VAE, gaussian_kl, kl_warmup_weight
+from conftest import blobs
 
 SHAPES = [(16, 16, 16), (16, 20, 16), (32, 40, 32)]
 TINY = dict(latent_dim=8, base_channels=4, max_channels=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning across busy cores slows these tiny
-    models by an order of magnitude (measured 8 s vs 105 s for the GAN run under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def blobs(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-    """(n, 1, *shape) soft ellipsoids in [0, 1] with random centres and radii: structured, learnable data."""
-    g = torch.Generator().manual_seed(seed)
-    axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij")
-    vols = []
-    for _ in range(n):
-        centre = (torch.rand(3, generator=g) - 0.5) * 0.4
-        radius = 0.5 + 0.3 * torch.rand(3, generator=g)
-        d2 = sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radius))
-        vols.append(torch.sigmoid((1 - d2) * 8))
-    return torch.stack(vols)[:, None]
 
 
 def tiny(cls, shape=(16, 16, 16), seed: int = 0, **kw):

@@ -25,15 +25,6 @@ from conftest import tiny_params_dict, write_processed
 GOOD_LR, FLAT_LR, NAN_LR = 2e-3, 1e-9, 1e30  # learns / barely moves (worse than the median) / loss becomes NaN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Other test files and engineers share two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _params(project, **tune):
     """Tiny params with ``tune`` overrides, also written to the project's params.yaml (for worker processes)."""
     raw = tiny_params_dict(tune={"families": ["ae"], "epochs": 2, "pruner": "none", **tune})
