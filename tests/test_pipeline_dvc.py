@@ -1,62 +1,235 @@
-"""End to end: the real dvc.yaml in a temporary git repository, run with the real DVC on a tiny configuration."""
+"""End to end, the way a user runs the project: the real dvc.yaml in a fresh git + DVC repository, `dvc repro`
+once on a tiny configuration, then everything a user looks at afterwards: `dvc status` / `dvc metrics show`,
+the registry, the report, the notebooks, the MLflow UI in a real (headless) browser, and `mlflow run`.
+
+One module-scoped pipeline run feeds every test (it is the expensive part: a few minutes on 2 cores). Tests
+run in file order; `test_mlflow_run_train_entry_point` comes last because it trains a new vae version, which
+rewrites train@vae's outputs (as `brainlatent train` does) and so leaves the DVC pipeline out of date.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
-
 from conftest import REPO, tiny_params_dict
+from e2e_utils import (
+    dvc,
+    find_or_install_chromium,
+    free_port,
+    make_project,
+    render_dom,
+    run,
+    screenshot,
+    stop_process_group,
+    wait_healthy,
+)
+from mlflow.tracking import MlflowClient
+
+from brainlatent import registry, tracking
+from brainlatent.config import FAMILIES
 
 pytestmark = pytest.mark.slow
 
+NOTEBOOKS = ("01_data.ipynb", "02_compare_runs.ipynb", "03_latent_directions.ipynb")
+ARTIFACTS = REPO / "test-artifacts"  # kept after the run (screenshots); gitignored
 
-def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+# tests/conftest.tiny_params_dict() made cheaper still: every stage runs, each on the least work that still
+# exercises it (20 subjects split 14/3/3; 14 training subjects fill 3 stratified folds per probe).
+E2E_OVERRIDES = {
+    "synth": {"n_subjects": 20},
+    "tune": {"n_trials": 2, "epochs": 1,
+             "space": {**tiny_params_dict()["tune"]["space"],
+                       "ae": {"lr": {"low": 5.0e-4, "high": 5.0e-3, "log": True},
+                              "latent_dim": {"choices": [8, 16]}}}},
+    "featurenet": {"epochs": 2, "channels": [4, 8, 16], "feature_dim": 16, "batch_size": 4},
+    "evaluate": {"n_samples": 16, "inversion_steps": 10, "kid_subset_size": 8, "ms_ssim_pairs": 10},
+    "directions": {"inversion_steps": 10, "n_permutations": 10, "n_bootstrap": 100, "n_splits": 3, "n_repeats": 1,
+                   "pca_components": 5, "n_steps": 3, "n_traversal_subjects": 2, "n_strip_subjects": 1},
+}
+STAGES = {"synthesize", "prepare", "featurenet", "report"} | {
+    f"{stage}@{fam}" for stage in ("tune", "train", "evaluate", "directions") for fam in FAMILIES
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """(repo, env, stdout of the first `dvc repro`) after one full pipeline run on the e2e configuration."""
+    repo, env = make_project(tmp_path_factory.mktemp("e2e") / "repo", tiny_params_dict(**E2E_OVERRIDES))
+    out = dvc(["repro"], repo, env, timeout=1500)
+    return repo, env, out
 
 
 @pytest.fixture
-def dvc_repo(tmp_path) -> tuple[Path, dict]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "BRAINLATENT_ROOT": str(repo),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    _run(["git", "init", "-q"], repo, env)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "init"], repo, env)
-    return repo, env
+def store(pipeline):
+    """The pipeline's MLflow store, for in-process queries; the previous tracking URI is restored afterwards."""
+    repo = pipeline[0]
+    previous = mlflow.get_tracking_uri()
+    tracking.configure(repo)
+    yield repo
+    mlflow.set_tracking_uri(previous)
+    mlflow.set_registry_uri(previous)
 
 
-def test_dvc_repro_prepare_on_tiny_config(dvc_repo):
-    repo, env = dvc_repo
-    _run([sys.executable, "-m", "dvc", "repro", "prepare"], repo, env)
-    processed = repo / "data" / "processed"
-    for name in ("volumes.npy", "subjects.csv", "grid.json", "qc.json", "qc_montage.png"):
-        assert (processed / name).is_file(), name
+# ------------------------------------------------------------------------------------------ DVC
+def test_every_stage_ran_and_is_locked(pipeline):
+    repo, _, out = pipeline
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert {"synthesize", "prepare"} <= set(lock["stages"])
-    qc = json.loads((processed / "qc.json").read_text())
-    assert qc["counts"]["accepted"] == 16 and qc["rejected"] == []
+    assert set(lock["stages"]) == STAGES
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out, stage
 
-    # Nothing changed: DVC must not re-run anything.
-    status = _run([sys.executable, "-m", "dvc", "status", "prepare"], repo, env).stdout
-    assert "changed" not in status
+
+def test_dvc_status_clean_after_repro(pipeline):
+    repo, env, _ = pipeline
+    status = json.loads(dvc(["status", "--json"], repo, env))
+    assert status == {}, f"dvc status after repro: {status}"
+
+
+def test_dvc_metrics_show_every_family(pipeline):
+    repo, env, _ = pipeline
+    shown = json.loads(dvc(["metrics", "show", "--json"], repo, env))
+    files = {path: entry.get("data", {}) for ws in shown.values() for path, entry in ws["data"].items()}
+    for kind in ("train", "evaluate", "directions"):
+        for fam in FAMILIES:
+            path = f"metrics/{kind}/{fam}.json"
+            assert path in files and files[path], f"{path} missing or empty in `dvc metrics show`"
+    assert "val_mse" in files["metrics/train/vae.json"]
+    assert "sex_auc" in files["metrics/directions/ae.json"]
+
+
+def test_report_written(pipeline):
+    repo = pipeline[0]
+    md = (repo / "report" / "metrics.md").read_text()
+    for fam in FAMILIES:
+        assert f"| {fam} |" in md
+    for name in ("metrics.csv", "samples.png", "index.html"):
+        assert (repo / "report" / name).is_file(), name
+
+
+def test_second_repro_runs_nothing(pipeline):
+    repo, env, _ = pipeline
+    out = dvc(["repro"], repo, env)
+    assert "Running stage" not in out, out
+    assert "up to date" in out.lower() or "didn't change" in out, out
+
+
+# ----------------------------------------------------------------------------------- registry
+def test_champions_registered_and_loadable(store):
+    client = MlflowClient()
+    for fam in FAMILIES:
+        name = registry.registered_name(fam)
+        assert "champion" in client.get_registered_model(name).aliases, name
+        loaded = registry.load_model(f"models:/{name}@champion")
+        assert loaded.model.family == fam and loaded.name == name
+        assert not loaded.model.training  # load_model hands back eval mode
+
+
+# ---------------------------------------------------------------------------------- notebooks
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes(pipeline, name, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    repo, env, _ = pipeline
+    for key in ("BRAINLATENT_ROOT", "PATH", "MPLBACKEND"):  # the kernel inherits this process's environment
+        monkeypatch.setenv(key, env[key])
+    path = repo / "notebooks" / name
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} is saved with outputs"
+    # "python3" resolves to this interpreter: jupyter_client swaps the spec's bare `python` for sys.executable.
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                                     resources={"metadata": {"path": str(repo)}})
+    client.execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, f"{name} drew no figure"
+
+
+# --------------------------------------------------------------------------------- MLflow UI
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path, why = find_or_install_chromium()
+    if path is None:
+        pytest.skip(f"MLflow UI browser test needs Chromium: {why}")
+    return path
+
+
+@pytest.fixture
+def ui_server(pipeline):
+    """`brainlatent ui` on a free port of 127.0.0.1, serving the pipeline's store."""
+    repo, env, _ = pipeline
+    port = free_port()
+    log = (repo / "ui-server.log").open("w")
+    cli = Path(sys.executable).parent / "brainlatent"  # the console script a user types
+    proc = subprocess.Popen([str(cli), "ui", "--port", str(port)], cwd=repo, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{base}/health", proc)
+        yield base
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+def test_mlflow_ui_shows_runs_and_models(pipeline, store, ui_server, chromium, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    exp = mlflow.get_experiment_by_name(tracking.TRAIN_EXPERIMENT)
+    runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'train'", output_format="list")
+    run_names = {r.info.run_name for r in runs}
+    assert {n.split("-")[0] for n in run_names} == set(FAMILIES)
+
+    # MLflow 3 opens an experiment on its GenAI overview; the "Training runs" tab is /runs.
+    url = f"{ui_server}/#/experiments/{exp.experiment_id}/runs"
+    dom = render_dom(chromium, url, tmp_path / "profile")
+    missing = sorted(n for n in run_names if n not in dom)
+    assert not missing, f"training runs not rendered on {url}: {missing}"
+    png = screenshot(chromium, url, tmp_path / "ui_experiment.png", tmp_path / "profile")
+    shutil.copy(png, ARTIFACTS / "ui_experiment.png")
+
+    models_url = f"{ui_server}/#/models"
+    dom = render_dom(chromium, models_url, tmp_path / "profile")
+    for fam in FAMILIES:
+        assert registry.registered_name(fam) in dom, f"{registry.registered_name(fam)} not rendered on {models_url}"
+    png = screenshot(chromium, models_url, tmp_path / "ui_models.png", tmp_path / "profile")
+    shutil.copy(png, ARTIFACTS / "ui_models.png")
+
+    # Each model's page lists its versions with their aliases: the champion must be shown there.
+    for fam in FAMILIES:
+        model_url = f"{ui_server}/#/models/{registry.registered_name(fam)}"
+        dom = render_dom(chromium, model_url, tmp_path / "profile")
+        assert 'title="champion"' in dom, f"alias 'champion' not rendered on {model_url}"
+    png = screenshot(chromium, model_url, tmp_path / "ui_model.png", tmp_path / "profile")
+    shutil.copy(png, ARTIFACTS / f"ui_model_{fam}.png")
+
+
+# -------------------------------------------------------------------------------- mlflow run
+def test_mlflow_run_train_entry_point(pipeline, store):
+    """MLproject's train entry point, offline (--env-manager local), into the pipeline's own store."""
+    repo, env, _ = pipeline
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(tracking.TRAIN_EXPERIMENT)
+    before = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    versions_before = {v.version for v in client.search_model_versions("name='brainlatent-vae'")}
+
+    env = {**env, "MLFLOW_TRACKING_URI": tracking.tracking_uri(repo)}
+    run([sys.executable, "-m", "mlflow", "run", ".", "-e", "train", "-P", "model=vae", "--env-manager", "local",
+         "--experiment-name", tracking.TRAIN_EXPERIMENT], repo, env, timeout=600)
+
+    new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in before]
+    assert len(new) == 1, f"expected one new run in {tracking.TRAIN_EXPERIMENT}, got {len(new)}"
+    launched = new[0]
+    assert launched.info.status == "FINISHED"
+    assert launched.data.tags["model"] == "vae"
+    assert launched.data.tags.get("mlflow.project.entryPoint") == "train"
+    assert "val_mse" in launched.data.metrics
+    versions = client.search_model_versions("name='brainlatent-vae'")
+    added = [v for v in versions if v.version not in versions_before]
+    assert len(added) == 1 and added[0].run_id == launched.info.run_id

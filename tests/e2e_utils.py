@@ -1,0 +1,159 @@
+"""Helpers for the end-to-end test (test_pipeline_dvc.py): a throw-away project repository, subprocesses with
+the pipeline's environment, a local MLflow UI server and a headless Chromium to look at it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# What a user's checkout holds that the pipeline, `mlflow run` and the notebooks read.
+PROJECT_FILES = ("dvc.yaml", "MLproject", "python_env.yaml", ".gitignore")
+PROJECT_DIRS = ("src", "notebooks")
+CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def pipeline_env(repo: Path) -> dict[str, str]:
+    """The environment `make repro` gives DVC: the venv's bin first (DVC stages call `brainlatent`), the project
+    root, no analytics, git identity for commits, and no MLFLOW_TRACKING_URI (the project's own SQLite store)."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "BRAINLATENT_ROOT": str(repo),
+        "MPLBACKEND": "Agg",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
+        # Stages run one after another on a small CI machine: one thread each avoids oversubscription.
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``cmd``; fail the test with the tail of its output when it exits non-zero."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"`{' '.join(map(str, cmd))}` exited {proc.returncode}:\n--- stdout\n{proc.stdout[-4000:]}\n"
+        f"--- stderr\n{proc.stderr[-6000:]}"
+    )
+    return proc
+
+
+def make_project(dest: Path, params: dict) -> tuple[Path, dict[str, str]]:
+    """A fresh git + DVC repository at ``dest`` holding this checkout's pipeline files and ``params``."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        shutil.copy(REPO / name, dest / name)
+    for name in PROJECT_DIRS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".ipynb_checkpoints"))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = pipeline_env(dest)
+    run(["git", "init", "-q"], dest, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "init"], dest, env)
+    return dest, env
+
+
+def dvc(args: list[str], repo: Path, env: dict[str, str], timeout: float = 900) -> str:
+    return run([sys.executable, "-m", "dvc", *args], repo, env, timeout).stdout
+
+
+# --------------------------------------------------------------------------------------- UI server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll ``url`` until HTTP 200; fail early with the server's log if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"UI server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and every worker it forked (its own group)."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------------------- browser
+def find_or_install_chromium() -> tuple[str | None, str]:
+    """A headless-capable Chromium: on PATH, else Debian's package installed with apt-get when running as root.
+    Returns (path or None, why not)."""
+    for name in CHROMIUM_CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path, ""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None, "no chromium on PATH, and installing it needs apt-get as root"
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+        try:
+            proc = subprocess.run(cmd, env=apt_env, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return None, f"`{' '.join(cmd)}` failed: {err}"
+        if proc.returncode != 0:
+            return None, f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+    path = shutil.which("chromium")
+    return (path, "") if path else (None, "apt-get installed chromium but it is not on PATH")
+
+
+def chromium_cmd(chromium: str, profile: Path, budget_ms: int = 15000) -> list[str]:
+    """Headless flags that keep Chromium offline (no sync, updates, field trials) and reproducible."""
+    return [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1400,900",
+        f"--virtual-time-budget={budget_ms}",
+    ]
+
+
+def render_dom(chromium: str, url: str, profile: Path, budget_ms: int = 15000) -> str:
+    """The DOM after the page's scripts ran (``--dump-dom``)."""
+    proc = subprocess.run([*chromium_cmd(chromium, profile, budget_ms), "--dump-dom", url],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"chromium --dump-dom {url} exited {proc.returncode}: {proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def screenshot(chromium: str, url: str, png: Path, profile: Path, budget_ms: int = 15000) -> Path:
+    proc = subprocess.run([*chromium_cmd(chromium, profile, budget_ms), f"--screenshot={png}", url],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and png.is_file(), (
+        f"chromium --screenshot {url} exited {proc.returncode}: {proc.stderr[-3000:]}"
+    )
+    return png
