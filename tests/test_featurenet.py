@@ -121,9 +121,12 @@ def test_save_and_load_roundtrip(tmp_path, trained):
     model, _ = trained
     save_featurenet(model, tmp_path / "featurenet.pt")
     loaded = load_featurenet(tmp_path / "featurenet.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
     x, _, _ = ellipsoids(3, 6)
     with torch.no_grad():
-        assert torch.equal(loaded.features(x), model.features(x))
+        # Same weights; the memory layout (not saved) may pick another conv kernel: equal to float rounding.
+        torch.testing.assert_close(loaded.features(x), model.features(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not found"):
         load_featurenet(tmp_path / "missing.pt")
 
