@@ -37,3 +37,23 @@ def test_stylegan_grows_progressively_and_logs_mixing_and_truncation(tiny_proces
     model = registry.load_model("models:/brainlatent-stylegan@champion").model
     w = model.mapping(torch.randn(2, model.z_dim))
     assert model.decode(w).shape == (2, 1, 16, 16, 16)
+
+
+import dataclasses
+
+import pytest
+
+from brainlatent.train.runner import make_task
+
+
+@pytest.mark.parametrize("family", ["ae", "vae", "gan", "stylegan"])
+def test_bf16_autocast_training_steps_are_finite(family, tiny_params):
+    """train.bf16: every family's step (R1 step included) runs under bf16 autocast on CPU with finite losses."""
+    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, bf16=True))
+    task = make_task(family, params, (16, 16, 16), torch.device("cpu"))
+    task.steps_per_epoch = 4
+    task.on_epoch_start(0)
+    x = task.prepare_batch(torch.rand(4, 1, 16, 16, 16))
+    for step in range(2):
+        losses = task.train_step(x, 0, step)
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values()), losses

@@ -82,10 +82,11 @@ class GANTask(_AdversarialTask):
         with self.autocast():
             fake = m.generator(z)
         self.opt_d.zero_grad(set_to_none=True)
-        if cfg.loss == "wgan-gp":
-            d = G.wgan_gp_d_loss(m.discriminator, x, fake, gp_weight=cfg.gp_weight)
-        else:
-            d = G.ns_d_loss(m.discriminator, x, fake, r1_gamma=lazy_r1_gamma(cfg, step))
+        with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
+            if cfg.loss == "wgan-gp":
+                d = G.wgan_gp_d_loss(m.discriminator, x, fake, gp_weight=cfg.gp_weight)
+            else:
+                d = G.ns_d_loss(m.discriminator, x, fake, r1_gamma=lazy_r1_gamma(cfg, step))
         d["loss"].backward()
         self.opt_d.step()
         out = {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
@@ -143,9 +144,11 @@ class StyleGANTask(_AdversarialTask):
         with self.autocast():
             fake = G(z, level, alpha, mixing_prob=cfg.mixing_prob)
         self.opt_d.zero_grad(set_to_none=True)
-        d = S.discriminator_loss(
-            D, real, fake, level, alpha, loss=cfg.loss, r1_gamma=lazy_r1_gamma(cfg, step), gp_weight=cfg.gp_weight
-        )
+        with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
+            d = S.discriminator_loss(
+                D, real, fake, level, alpha, loss=cfg.loss, r1_gamma=lazy_r1_gamma(cfg, step),
+                gp_weight=cfg.gp_weight,
+            )
         d["loss"].backward()
         self.opt_d.step()
         out = {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
