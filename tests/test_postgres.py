@@ -22,11 +22,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from brainlatent import tracking
-from brainlatent.tuning import STORAGE_ENV, redact
+from brainlatent.tuning import STORAGE_ENV, open_storage, redact
 
 from conftest import tiny_params_dict, write_processed
 from e2e_utils import free_port, pipeline_env, run, stop_process_group, wait_healthy
-from postgres_utils import find_or_install_postgres, start_postgres, stop_and_remove
+from postgres_utils import DRIVER, ROLE, find_or_install_postgres, start_postgres, stop_and_remove
 
 CLI = str(Path(sys.executable).parent / "brainlatent")  # the console script a user types
 
@@ -174,3 +174,19 @@ def test_tuning_workers_share_one_postgres_study_without_leaking_the_password(po
     assert not [p.name for p in texts if postgres.password in p.read_text()]
     for project in projects:
         _no_local_store(project)
+
+
+def test_storage_url_without_password_reads_libpq_password_file(postgres, tmp_path, monkeypatch):
+    """The docs' alternative to a password in the URL: libpq's password file (~/.pgpass or $PGPASSFILE)."""
+    postgres.create_database("optuna_pgpass")
+    url = f"{DRIVER}://{ROLE}@127.0.0.1:{postgres.port}/optuna_pgpass"
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "missing"))
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    with pytest.raises(ValueError, match=rf"Optuna storage {re.escape(url)} .* cannot be opened"):
+        open_storage(url)
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{postgres.port}:optuna_pgpass:{ROLE}:{postgres.password}\n")
+    pgpass.chmod(0o600)  # libpq ignores a password file that others can read
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    optuna.create_study(study_name="pgpass", storage=open_storage(url))
+    assert postgres.query("optuna_pgpass", "SELECT study_name FROM studies") == [("pgpass",)]
