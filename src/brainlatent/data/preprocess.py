@@ -118,8 +118,11 @@ def read_brain(path: str | Path) -> Brain:
     except Exception as err:  # noqa: BLE001 - any decoding failure (gzip, header, truncation) is a bad file
         raise BadInputError(f"corrupt or unreadable NIfTI ({type(err).__name__}: {err})") from None
 
-    # One float32 sum detects NaN/Inf cheaply; the exact count is only computed for the error message.
-    if not np.isfinite(data.sum()):
+    # One float32 sum detects NaN/Inf cheaply; the exact count is only computed for the error message (and
+    # tells a sum that merely overflowed, from huge finite voxels, apart: no warning for that).
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = data.sum()
+    if not np.isfinite(total):
         n_bad = int(np.count_nonzero(~np.isfinite(data)))
         if n_bad:
             raise BadInputError(f"{n_bad} NaN/Inf voxel(s)")
@@ -160,14 +163,12 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid) -> np.nda
     src_voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     # Largest integer block of source voxels not wider than a target voxel (1 = upsampling, no filter).
     factors = np.maximum(1, np.floor(grid.voxel_mm / src_voxel + 1e-3)).astype(int)
-    blocks = data
-    # Slowest-varying memory axis first: whole slabs add up fast and shrink the array for the other axes.
-    for axis in np.argsort([-abs(st) for st in data.strides], kind="stable"):
-        f = factors[axis]
-        if f > 1:
-            # Sums over [i, i+f); the last, partial block sums fewer voxels: dividing every block by f below
-            # treats the missing ones as background 0, which keeps the geometry exact without padding.
-            blocks = np.add.reduceat(blocks, np.arange(0, blocks.shape[axis], f), axis=axis)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        blocks = _block_sums(data, factors)
+    if factors.prod() > 1 and not np.isfinite(blocks).all():
+        # float32 sums of finite voxels near float32's maximum overflow (inf, or NaN where they meet a huge
+        # negative background); redo them in float64, which only such pathological images pay for.
+        blocks = _block_sums(data, factors, np.float64)
     if factors.prod() > 1:
         blocks = blocks / np.float32(factors.prod())
     # Block j's centre sits at source voxel j*f + (f-1)/2.
@@ -183,10 +184,26 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid) -> np.nda
         offset=target_to_block[:3, 3],
         output_shape=grid.shape,
         order=1,
-        mode="constant",
+        # "grid-constant", not "constant": scipy's "constant" returns cval for any sample past the outermost
+        # voxel centre instead of interpolating towards it, so a brain touching the array edge lost its last
+        # half voxel and a 1e-7 mm change of the affine could flip an edge sample from ~0.4 to 0.
+        mode="grid-constant",
         cval=0.0,
         prefilter=False,
     ).astype(np.float32, copy=False)
+
+
+def _block_sums(data: np.ndarray, factors: np.ndarray, dtype=None) -> np.ndarray:
+    """Sums of ``factors``-sized blocks of ``data`` (no sums along axes whose factor is 1)."""
+    blocks = data
+    # Slowest-varying memory axis first: whole slabs add up fast and shrink the array for the other axes.
+    for axis in np.argsort([-abs(st) for st in data.strides], kind="stable"):
+        f = factors[axis]
+        if f > 1:
+            # Sums over [i, i+f); the last, partial block sums fewer voxels: dividing every block by f below
+            # treats the missing ones as background 0, which keeps the geometry exact without padding.
+            blocks = np.add.reduceat(blocks, np.arange(0, blocks.shape[axis], f), axis=axis, dtype=dtype)
+    return blocks
 
 
 def intensity_range(brain: Brain, percentiles: tuple[float, float]) -> tuple[float, float]:
