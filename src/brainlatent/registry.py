@@ -174,25 +174,47 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
     for f in (weights, cfg_path):
         if not f.is_file():
             raise ValueError(f"model {uri!r} (version {mv.version}): artifact {f.name} is missing")
-    meta = json.loads(cfg_path.read_text())
-    state = load_weights(weights, device)
-    model = build_model(meta["family"], meta["config"])
+    what = f"model {uri!r} (version {mv.version})"
+    meta = _read_model_config(cfg_path, what)
+    try:
+        state = load_weights(weights, device)
+        model = build_model(meta["family"], meta["config"])
+    except ValueError as err:  # say which registered model the bad file or config belongs to
+        raise ValueError(f"{what}: {err}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"model {uri!r}: weights do not match its config.json ({err})") from None
+        raise ValueError(f"{what}: weights do not match its config.json ({err})") from None
     # channels_last_3d weights make every conv run channels-last (also for NCDHW inputs): on CPU the NCDHW
     # backward of narrow conv3d layers, which inversion uses, is up to ~15x slower (BENCHMARKS.md).
     model.to(device).to(memory_format=torch.channels_last_3d).eval()
     return LoadedModel(model, mv.name, mv.version, mv.run_id, meta["config"], dict(mv.tags))
 
 
+def _read_model_config(path: Path, what: str) -> dict[str, Any]:
+    """A version's config.json: ``{"format_version", "family", "config"}``, checked before anything is built."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what}: {path.name} is not valid JSON ({err})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("family"), str) and isinstance(meta.get("config"), dict)):
+        raise ValueError(f"{what}: {path.name} must hold an object with 'family' (a string) and 'config' (an "
+                         f"object), got {str(meta)[:200]}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{what}: {path.name} has format_version {meta.get('format_version')!r}; this brainlatent "
+                         f"reads format {FORMAT_VERSION}")
+    return meta
+
+
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a state_dict with ``weights_only=True``: a pickle that would run code is refused, not executed."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise ValueError(f"{path}: not a valid weights file, or it contains objects other than tensors ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict (names -> tensors), got a {type(state).__name__}")
+    return state
 
 
 def describe_registry() -> str:

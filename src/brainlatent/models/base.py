@@ -118,12 +118,17 @@ def get_family(family: str) -> type[LatentModel]:
 def build_model(family: str, config: Mapping[str, Any]) -> LatentModel:
     """Instantiate ``family`` from its ``config_dict()`` (e.g. read back from a JSON checkpoint)."""
     cls = get_family(family)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{family} model config: expected a mapping of constructor arguments, got {config!r}")
     params = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(config) - set(params) - {"self"})
     if unknown:
         expected = [p for p in params if p != "self"]
         raise ValueError(f"{family} model config: unknown key(s) {unknown}; expected some of {expected}")
-    return cls(**dict(config))
+    try:
+        return cls(**dict(config))
+    except TypeError as err:  # a value of the wrong type (read from a file), e.g. latent_dim "8"
+        raise ValueError(f"{family} model config {dict(config)}: {err}") from None
 
 
 def model_checkpoint(model: LatentModel) -> dict[str, Any]:
@@ -137,8 +142,15 @@ def load_model(checkpoint: Mapping[str, Any], map_location: str | torch.device |
     if missing:
         raise ValueError(f"model checkpoint: missing key(s) {missing}; expected family, config, state_dict")
     model = build_model(checkpoint["family"], checkpoint["config"])
+    if not isinstance(checkpoint["state_dict"], Mapping):
+        got = type(checkpoint["state_dict"]).__name__
+        raise ValueError(f"model checkpoint: state_dict must map names to tensors, got a {got}")
     state = {k: v.to(map_location) if map_location is not None else v for k, v in checkpoint["state_dict"].items()}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing / unexpected keys, size mismatches: torch lists them all
+        family = checkpoint["family"]
+        raise ValueError(f"model checkpoint: the {family} weights do not match its config ({err})") from None
     if map_location is not None:
         model.to(map_location)
     return model.eval()

@@ -35,11 +35,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint written by :func:`save_atomic`; a corrupt file or one holding code is a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (truncated zip), EOFError...
-        raise ValueError(f"checkpoint {path} is corrupt or not a brainlatent checkpoint: {err}") from None
+        why = f"{type(err).__name__}: {err}"
+        raise ValueError(f"checkpoint {path} is corrupt or not a brainlatent checkpoint ({why})") from None
+    if not isinstance(ckpt, dict):  # e.g. a bare tensor or number saved with torch.save
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__!r}, not a brainlatent training checkpoint")
     missing = {"model", "epoch", "config", "family"} - set(ckpt)
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}: not a brainlatent training checkpoint")
