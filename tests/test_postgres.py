@@ -22,7 +22,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from brainlatent import tracking
-from brainlatent.tuning import STORAGE_ENV, open_storage, redact
+from brainlatent.tracking import redact_url as redact
+from brainlatent.tuning import STORAGE_ENV, open_storage
 
 from conftest import tiny_params_dict, write_processed
 from e2e_utils import free_port, pipeline_env, run, stop_process_group, wait_healthy

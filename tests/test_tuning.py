@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from brainlatent import tracking
 from brainlatent.config import params_from_dict
-from brainlatent.tuning import FINISHED, apply_tuned, parse_space, redact, tune_family
+from brainlatent.tracking import redact_url
+from brainlatent.tuning import FINISHED, apply_tuned, parse_space, tune_family
 
 from conftest import tiny_params_dict, write_processed
 
@@ -91,8 +92,10 @@ def test_parse_space_kinds(tiny_params):
     assert {k: s.kind for k, s in specs.items()} == {"lr": "float", "kl_warmup_epochs": "int", "norm": "categorical"}
 
 
-def test_storage_password_is_redacted():
-    assert redact("postgresql://tuner:s3cret@db.example:5432/optuna") == "postgresql://tuner:***@db.example:5432/optuna"
+def test_database_and_server_passwords_are_redacted():
+    assert redact_url("postgresql://tuner:s3cret@db.example:5432/optuna") == "postgresql://tuner:***@db.example:5432/optuna"
+    assert redact_url("http://alice:s3cret@mlflow.example:5000") == "http://alice:***@mlflow.example:5000"
+    assert redact_url("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"  # nothing to hide: unchanged
 
 
 # ------------------------------------------------------------------------------------------- studies

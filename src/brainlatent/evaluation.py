@@ -239,7 +239,7 @@ def resolve_feature_extractor(
     if mv is None:
         raise ValueError(
             f"no registered feature net: {FEATURENET_MODEL} has no 'champion' or 'candidate' version in "
-            f"{mlflow.get_tracking_uri()}; run `brainlatent featurenet` first"
+            f"{tracking.redact_url(mlflow.get_tracking_uri())}; run `brainlatent featurenet` first"
         )
     with tempfile.TemporaryDirectory() as tmp:
         art = Path(mlflow.artifacts.download_artifacts(f"models:/{FEATURENET_MODEL}/{mv.version}", dst_path=tmp))

@@ -53,6 +53,25 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password masked (``postgresql+psycopg2://user:***@host/db``): safe for logs, tags, errors.
+
+    Database URLs (tracking store, Optuna storage) may carry a password from the environment; it must never
+    reach a param, a tag or a message. URLs without credentials (``sqlite:///...``, ``http://host``) are unchanged.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if "@" not in url:
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # not a database URL (e.g. http://user:pw@host): mask by hand
+        head, _, tail = url.rpartition("@")
+        scheme, sep, creds = head.partition("://")
+        return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{tail}" if sep else "<URL with credentials>"
+
+
 def _is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
@@ -64,10 +83,10 @@ def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
             if resp.status != 200:
-                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {resp.status} on /health")
+                raise TrackingError(f"MLflow tracking server {redact_url(uri)} answered HTTP {resp.status} on /health")
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} (from MLFLOW_TRACKING_URI) is unreachable: {err}. "
+            f"MLflow tracking server {redact_url(uri)} (from MLFLOW_TRACKING_URI) is unreachable: {err}. "
             "Start it, or unset MLFLOW_TRACKING_URI to use the project's local SQLite store."
         ) from None
 

@@ -176,17 +176,6 @@ def storage_url(tune: TuneConfig, root: Path) -> str:
     return os.environ.get(STORAGE_ENV) or tune.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
 
 
-def redact(url: str) -> str:
-    """The storage URL with any password masked: safe for logs, tags and params."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return "<unparseable storage URL>"
-
-
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats, so trials of a worker that died (kill -9, lost machine) become FAIL.
 
@@ -194,14 +183,27 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     short transactions, and a 60 s busy timeout replaces SQLite's default 5 s so that workers queue on the lock
     instead of failing. Across machines use a server database (PostgreSQL, MySQL); see docs/tuning.md.
     """
+    from sqlalchemy.exc import IntegrityError
+
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    try:
+
+    def connect() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and stable in practice
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180)
+
+    try:
+        try:
+            return connect()
+        except IntegrityError:
+            # Workers on several machines creating the schema of a fresh PostgreSQL database at the same moment
+            # collide on a unique index (measured: 3 of 4 workers, 3 times out of 3); once the winner commits
+            # the schema exists, so one retry opens it.
+            time.sleep(1.0)
+            return connect()
     except Exception as err:  # sqlalchemy raises many types (bad driver, bad URL, refused connection)
         raise ValueError(
-            f"Optuna storage {redact(url)} (tune.storage or ${STORAGE_ENV}) cannot be opened: "
+            f"Optuna storage {tracking.redact_url(url)} (tune.storage or ${STORAGE_ENV}) cannot be opened: "
             f"{type(err).__name__}: {err}"
         ) from None
 
@@ -585,7 +587,7 @@ def tune_family(family: str, params: Params, *, root: Path | None = None) -> Tun
 
     tracking.configure(root)  # fail fast on an unreachable MLflow server
     url = storage_url(tune, root)
-    storage_txt = redact(url)
+    storage_txt = tracking.redact_url(url)
     data = ProcessedData.open(root / params.data.processed_dir)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
     raw_space = {k: tune.space[family][k] for k in specs}
