@@ -104,8 +104,26 @@ def train(
     stop_after_epoch: Annotated[
         Optional[int], typer.Option(help="Checkpoint and stop after this epoch (resume later with --resume).")
     ] = None,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            envvar="BRAINLATENT_NPROC_PER_NODE", min=1,
+            help="Train with this many processes on this node (one per GPU) by starting torchrun; the batch "
+            "size stays the global one. Ignored inside torchrun.",
+        ),
+    ] = 1,
 ) -> None:
-    """Train one model family, log it to MLflow and register it (DVC stage `train@<family>`)."""
+    """Train one model family, log it to MLflow and register it (DVC stage `train@<family>`).
+
+    Multi-GPU / multi-node: run it under torchrun (`torchrun --nproc-per-node 4 -m brainlatent.cli train ...`),
+    or set BRAINLATENT_NPROC_PER_NODE for a single node (it works through `dvc repro` too)."""
+    from brainlatent.train import distributed
+
+    if nproc_per_node > 1 and not distributed.launched():
+        raise typer.Exit(_torchrun_train(nproc_per_node, model, params, set_, resume, stop_after_epoch))
+    rank0 = distributed.env_rank() == 0
+    if not rank0:  # one log, one progress bar, one summary: rank 0's
+        logging.getLogger("brainlatent").setLevel(logging.WARNING)
 
     def go():
         from brainlatent.train.runner import train_family
@@ -114,6 +132,9 @@ def train(
 
         p = apply_tuned(_load(params, set_), model)
         out = train_family(model, p, resume=resume, stop_after_epoch=stop_after_epoch)
+        distributed.cleanup()
+        if not rank0:
+            return
         state = "finished" if out.finished else "stopped (resumable)"
         typer.echo(f"{model}: {state}; MLflow run {out.run_id}\n  {out.run_url}")
         if out.model_version:
@@ -123,6 +144,24 @@ def train(
         typer.echo("  " + "  ".join(f"{k}={out.metrics[k]:.4g}" for k in keys))
 
     _run(go)
+
+
+def _torchrun_train(nproc: int, model, params, set_, resume, stop_after_epoch) -> int:
+    """Run this same train command under torchrun with ``nproc`` processes on this node; its exit code."""
+    import subprocess
+    import sys
+
+    args = ["train", "--model", model, "--params", str(params), "--resume" if resume else "--no-resume"]
+    for item in set_ or []:
+        args += ["--set", item]
+    if stop_after_epoch is not None:
+        args += ["--stop-after-epoch", str(stop_after_epoch)]
+    if logging.getLogger().level == logging.DEBUG:
+        args.insert(0, "--verbose")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "brainlatent.cli", *args]
+    typer.echo(f"starting {nproc} training processes: {' '.join(cmd[1:])}")
+    return subprocess.call(cmd)
 
 
 @app.command()

@@ -5,14 +5,20 @@ owns everything else, so resume and determinism are written once:
 
 * batches come from a seeded ``torch.Generator`` whose state is checkpointed with the global torch RNG,
   so 2 epochs straight and 1 + resume + 1 give bit-identical weights on CPU;
-* a checkpoint is written atomically after every epoch; a non-finite loss stops the run *before* the
-  optimiser step, so the last checkpoint on disk is the last good state.
+* a checkpoint is written atomically after every epoch; a non-finite loss stops the run before the
+  epoch's checkpoint, so the last checkpoint on disk is the last good state;
+* under torchrun (``train/distributed.py``) every rank draws the same batches and trains on its slice of
+  each; losses are averaged over the ranks every step (so a NaN on one rank stops all of them at the same
+  step) and rank 0 alone validates and writes the checkpoint, which is the same for 1 or N processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from brainlatent.train import distributed
 from brainlatent.train.checkpoint import load_checkpoint, save_atomic
 from brainlatent.train.device import autocast, to_memory_format
 
@@ -30,6 +37,45 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived under :func:`deferred_sigterm`; raised at the loop's next step boundary (status 143)."""
+
+    def __init__(self, epochs_done: int):
+        super().__init__(128 + signal.SIGTERM)
+        self.epochs_done = epochs_done
+
+
+class _Flag:
+    """Set from a signal handler: a plain attribute (an Event's lock could deadlock a handler)."""
+
+    received = False
+
+
+_sigterm = _Flag()
+
+
+@contextlib.contextmanager
+def deferred_sigterm():
+    """Within: SIGTERM (Slurm preemption, torchrun stopping a failed job) only sets a flag, and
+    :func:`run_loop` raises :class:`Terminated` at its next step boundary, so the caller can close its MLflow
+    run as KILLED. Raising straight from the handler could interrupt an MLflow write halfway and leave the
+    SQLite store locked. SIGKILL cannot be caught: a resume reopens such a run all the same."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _sigterm.received = False
+
+    def handler(signum, frame):
+        _sigterm.received = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _sigterm.received = False
 
 
 class Task(ABC):
@@ -78,6 +124,13 @@ class Task(ABC):
     def model_for_registry(self) -> torch.nn.Module:
         return self.model
 
+    def distribute(self) -> None:
+        """Called once under torchrun, before training: make every optimiser step use gradients averaged
+        over the ranks. This default all-reduces them just before each step (it works with the double
+        backward of R1 / gradient penalty); a task whose step is one plain backward can use DDP instead."""
+        for opt in self.optimizers().values():
+            distributed.average_grads_before_step(opt)
+
 
 @dataclass
 class LoopConfig:
@@ -99,24 +152,41 @@ class LoopResult:
     resumed_from: int | None
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def _batches(n: int, batch_size: int, generator: torch.Generator, world: int = 1) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     # Drop a last batch of one volume: norm layers and minibatch-std need at least two.
     chunks = list(order.split(batch_size))
     if len(chunks) > 1 and len(chunks[-1]) < 2:
         chunks.pop()
+    # With N processes a ragged last batch that does not split into N equal slices is dropped too:
+    # averaging the ranks' gradients is the global batch's gradient only for equal slices.
+    if world > 1 and chunks and len(chunks[-1]) % world:
+        chunks.pop()
+    if not chunks:
+        raise ValueError(f"training split has {n} volumes: too few for one batch split over {world} processes")
     return chunks
 
 
-def resumable_checkpoint(path: Path, identity: dict[str, Any], epochs: int) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this exact configuration and data and is unfinished."""
+def _remove_stale_temporaries(checkpoint: Path) -> None:
+    """A kill while a checkpoint was being written leaves its temporary file (never the checkpoint itself,
+    which is only ever replaced by an atomic rename); nothing reads those files, so drop them."""
+    if checkpoint.parent.is_dir():
+        for tmp in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def resumable_checkpoint(
+    path: Path, identity: dict[str, Any], epochs: int, *, include_finished: bool = False
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to this exact configuration and data and is unfinished
+    (or, with ``include_finished``, has all ``epochs``: a run killed while registering its model)."""
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
     if ckpt.get("identity") != identity:
         log.info("checkpoint %s is for another configuration or data; starting fresh", path)
         return None
-    if ckpt["epoch"] >= epochs:
+    if ckpt["epoch"] > epochs or (ckpt["epoch"] == epochs and not include_finished):
         return None
     return ckpt
 
@@ -133,10 +203,14 @@ def run_loop(
 ) -> LoopResult:
     """Train ``task`` on ``train`` (N, 1, X, Y, Z) for ``cfg.epochs`` epochs, validating on ``val``.
 
-    ``on_epoch_end(epoch, metrics, log_artifacts)`` is where the caller logs to MLflow (0-based epoch).
+    ``on_epoch_end(epoch, metrics, log_artifacts)`` is where the caller logs to MLflow (0-based epoch); under
+    torchrun it, validation and the checkpoint run on rank 0 only, and ``resume_from`` must be given on
+    every rank (the runner broadcasts it).
     """
     if len(train) < 2:
         raise ValueError(f"training split has {len(train)} volume(s); at least 2 are needed")
+    world, rank0 = distributed.world_size(), distributed.is_rank0()
+    distributed.check_global_batch(cfg.batch_size, "batch_size")
     gen = torch.Generator().manual_seed(cfg.seed)
     optimizers, schedulers = task.optimizers(), task.schedulers()
     start, history = 0, []
@@ -150,59 +224,82 @@ def run_loop(
         gen.set_state(resume_from["rng"]["batches"])
         torch.set_rng_state(resume_from["rng"]["torch"])
         start, history = int(resume_from["epoch"]), list(resume_from.get("history", []))
-        log.info("resuming from epoch %d (%s)", start, cfg.checkpoint)
+        if rank0:
+            log.info("resuming from epoch %d (%s)", start, cfg.checkpoint)
+    if rank0:
+        _remove_stale_temporaries(cfg.checkpoint)
+    if world > 1:
+        distributed.broadcast_state(task.model)  # identical start on every rank, whatever happened before
+        task.distribute()
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         task.model.train()
-        batches = _batches(len(train), cfg.batch_size, gen)
+        batches = _batches(len(train), cfg.batch_size, gen, world)
         task.steps_per_epoch = len(batches)  # lets schedules (fade-in alpha) advance per step
         sched_values = task.on_epoch_start(epoch)
         sums: dict[str, float] = {}
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", mininterval=1.0)
+        bar = tqdm(
+            batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", mininterval=1.0,
+            disable=not rank0,
+        )
         for step, idx in enumerate(bar):
-            losses = task.train_step(task.prepare_batch(train[idx]), epoch, step)
-            for k, v in losses.items():
-                value = float(v)
+            with distributed.rank_rng(cfg.seed, epoch, step, task.device):
+                losses = task.train_step(task.prepare_batch(train[distributed.shard(idx)]), epoch, step)
+            keys = list(losses)
+            values = distributed.mean_across_ranks([float(losses[k]) for k in keys])
+            for k, value in zip(keys, values):
                 if not math.isfinite(value):
+                    where = f" (mean over {world} processes)" if world > 1 else ""
                     raise NonFiniteLossError(
-                        f"{k} became {value} at epoch {epoch + 1}, step {step + 1}; stopping. The last good "
-                        f"checkpoint (end of epoch {epoch}) is kept at {cfg.checkpoint}. Lower the learning "
+                        f"{k} became {value}{where} at epoch {epoch + 1}, step {step + 1}; stopping. The last "
+                        f"good checkpoint (end of epoch {epoch}) is kept at {cfg.checkpoint}. Lower the learning "
                         "rate or disable bf16."
                     )
                 sums[k] = sums.get(k, 0.0) + value
-            bar.set_postfix(loss=f"{float(losses['loss']):.4g}")
+            bar.set_postfix(loss=f"{values[keys.index('loss')]:.4g}")
+            if _sigterm.received:
+                raise Terminated(epoch)
         for sch in schedulers.values():
             sch.step()
         task.model.eval()
+        if world > 1:
+            # Buffers updated from each rank's own slice (StyleGAN's w_avg) follow rank 0, which the
+            # checkpoint records; then every rank must hold exactly rank 0's state.
+            distributed.broadcast_state(task.model, buffers_only=True)
+            distributed.assert_in_sync(task.model, f"after epoch {epoch + 1}")
         metrics = {f"train_{k}": v / max(len(batches), 1) for k, v in sums.items()}
-        metrics.update(task.validate(val))
+        if rank0:
+            metrics.update(task.validate(val))
         metrics.update(sched_values)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, **metrics})
-        log.info(
-            "epoch %d/%d %s", epoch + 1, cfg.epochs,
-            " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("lr")),
-        )
-        save_atomic(
-            {
-                "family": getattr(task.model, "family", type(task.model).__name__),
-                "model": task.model.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                "extra": task.extra_state(),
-                "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()},
-                "epoch": epoch + 1,
-                "history": history,
-                "identity": cfg.identity,
-                "config": cfg.identity.get("config", {}),
-                **(checkpoint_extra or {}),
-            },
-            cfg.checkpoint,
-        )
         last = epoch + 1 == cfg.epochs
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics, last or (epoch + 1) % max(cfg.artifact_every, 1) == 0)
+        if rank0:
+            log.info(
+                "epoch %d/%d %s", epoch + 1, cfg.epochs,
+                " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("lr")),
+            )
+            save_atomic(
+                {
+                    "family": getattr(task.model, "family", type(task.model).__name__),
+                    "model": task.model.state_dict(),
+                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                    "extra": task.extra_state(),
+                    "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()},
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "identity": cfg.identity,
+                    "config": cfg.identity.get("config", {}),
+                    **(checkpoint_extra or {}),
+                },
+                cfg.checkpoint,
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics, last or (epoch + 1) % max(cfg.artifact_every, 1) == 0)
+        if _sigterm.received and not last:
+            raise Terminated(epoch + 1)
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and not last:
             return LoopResult(epoch + 1, False, history, start if resume_from else None)
     return LoopResult(cfg.epochs, True, history, start if resume_from else None)

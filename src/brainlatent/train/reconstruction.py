@@ -6,12 +6,15 @@ import torch
 
 from brainlatent.metrics.reconstruction import reconstruction_per_volume
 from brainlatent.models.base import build_model
+from brainlatent.train import distributed
 from brainlatent.train.device import adam
 from brainlatent.train.loop import Task
 
 
 class ReconstructionTask(Task):
     """AE and VAE: Adam(W) with cosine decay; validation reports MSE / PSNR / SSIM (and the ELBO terms)."""
+
+    _ddp_loss = None  # model.loss through DistributedDataParallel, under torchrun only
 
     def __init__(self, family: str, cfg, volume_shape, device, bf16=False, channels_last=False):
         super().__init__(device, bf16, channels_last)
@@ -40,10 +43,15 @@ class ReconstructionTask(Task):
             out["kl_weight"] = self.model.beta * self.kl_weight
         return out
 
+    def distribute(self):
+        # One plain backward per step: DDP averages the gradients, overlapping the all-reduce with it.
+        self._ddp_loss = distributed.ddp_loss(self.model, self.device)
+
     def _loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = self._ddp_loss or self.model.loss
         if self.family == "vae":
-            return self.model.loss(x, kl_weight=self.kl_weight)
-        return self.model.loss(x)
+            return loss(x, kl_weight=self.kl_weight)
+        return loss(x)
 
     def train_step(self, x, epoch, step):
         self.opt.zero_grad(set_to_none=True)

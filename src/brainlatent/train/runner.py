@@ -1,7 +1,9 @@
 """`brainlatent train --model <family>`: data + MLflow run + loop + registry, for any family.
 
 One MLflow run per training (experiment ``brainlatent-train``, tag ``model=<family>``). ``resume=True`` picks
-up an unfinished checkpoint of the *same* configuration and data and continues in the same MLflow run.
+up an unfinished checkpoint of the *same* configuration and data and continues in the same MLflow run, also
+after a SIGKILL (the run, left RUNNING, is reopened; epochs checkpointed but not yet logged are logged).
+Under torchrun only rank 0 touches MLflow, the checkpoint and the outputs.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from brainlatent import registry, tracking
 from brainlatent.config import Params, to_flat_dict
 from brainlatent.data.dataset import ProcessedData
+from brainlatent.train import distributed
 from brainlatent.train.device import resolve_device, seed_everything
-from brainlatent.train.loop import LoopConfig, Task, resumable_checkpoint, run_loop
+from brainlatent.train.loop import LoopConfig, Task, Terminated, deferred_sigterm, resumable_checkpoint, run_loop
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,28 @@ def _write_outputs(root: Path, family: str, metrics: dict[str, float], history: 
         w.writerows(history)
 
 
+def _log_missing_epochs(run_id: str, history: list[dict]) -> None:
+    """A kill between writing an epoch's checkpoint and logging its metrics leaves that epoch unlogged:
+    log it on resume, so the run has each epoch exactly once."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch_seconds")}
+    for row in history:
+        if row["epoch"] not in logged:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+
+def _checkpoint_to_resume(path: Path, identity: dict[str, Any], epochs: int) -> dict[str, Any] | None:
+    """An unfinished checkpoint of this configuration and data, or a complete one whose MLflow run never
+    finished (killed while registering the model): then only the finishing steps are left to do."""
+    ckpt = resumable_checkpoint(path, identity, epochs, include_finished=True)
+    if ckpt is None or ckpt["epoch"] < epochs:
+        return ckpt
+    try:
+        status = mlflow.MlflowClient().get_run(ckpt["run_id"]).info.status
+    except (KeyError, mlflow.exceptions.MlflowException):
+        return None
+    return None if status == "FINISHED" else ckpt
+
+
 def train_family(
     family: str,
     params: Params,
@@ -82,27 +107,55 @@ def train_family(
     root: Path | None = None,
     register: bool = True,
 ) -> TrainOutcome:
+    """Train ``family``. Under torchrun (see ``train/distributed.py``) every rank calls this; rank 0 alone
+    uses MLflow, the checkpoint, the registry and the DVC outputs, and the others return its run id."""
     root = (root or tracking.project_root()).resolve()
     cfg = params.family(family)
-    tracking.configure(root)  # fail fast on an unreachable server, before any expensive work
-    device = resolve_device(params.device)
+    device = distributed.init(resolve_device(params.device))
+    rank0 = distributed.is_rank0()
+    distributed.check_global_batch(cfg.batch_size, f"{family}.batch_size")
+    if rank0:
+        tracking.configure(root)  # fail fast on an unreachable server, before any expensive work
     seed_everything(params.seed)
     data = ProcessedData.open(root / params.data.processed_dir)
     train_x, val_x = data.load_split("train"), data.load_split("val")
     if len(val_x) == 0:
         raise ValueError(f"{data.root}: the validation split is empty; increase data.split_fractions[1]")
 
+    ckpt_path = root / params.train.checkpoint_dir / family / "last.pt"
+    task = make_task(family, params, data.grid.shape, device)
+    if not rank0:
+        ckpt, run_id = distributed.broadcast_object(None)
+        result = run_loop(
+            task, train_x, val_x,
+            LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=params.seed, checkpoint=ckpt_path,
+                       stop_after_epoch=stop_after_epoch),
+            resume_from=ckpt,
+        )
+        distributed.barrier()  # rank 0 registers the model and writes the outputs meanwhile
+        return TrainOutcome(family, run_id, result.finished, {}, None, False, result.resumed_from, "")
+    with deferred_sigterm():
+        return _train_rank0(
+            family, params, task, data, train_x, val_x, ckpt_path, root, device, resume, stop_after_epoch,
+            register,
+        )
+
+
+def _train_rank0(
+    family, params, task, data, train_x, val_x, ckpt_path, root, device, resume, stop_after_epoch, register
+) -> TrainOutcome:
+    cfg = params.family(family)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
     flat = run_params(family, params)
     identity = {"config": flat, "data": lineage["data.content_sha256"]}
-    ckpt_path = root / params.train.checkpoint_dir / family / "last.pt"
-    ckpt = resumable_checkpoint(ckpt_path, identity, cfg.epochs) if resume else None
+    ckpt = _checkpoint_to_resume(ckpt_path, identity, cfg.epochs) if resume else None
 
-    task = make_task(family, params, data.grid.shape, device)
     exp_id = tracking.experiment_id(tracking.TRAIN_EXPERIMENT, root)
     launched = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run` (MLproject): log into that run
     if ckpt is not None:
+        # A run killed by SIGKILL is still RUNNING in the store: start_run reopens it all the same.
         run = mlflow.start_run(run_id=ckpt["run_id"], log_system_metrics=params.train.system_metrics)
+        _log_missing_epochs(run.info.run_id, ckpt.get("history", []))
     elif launched:
         run = mlflow.start_run(run_id=launched, log_system_metrics=params.train.system_metrics)
         mlflow.set_tags({"model": family, "stage": "train", **lineage})
@@ -115,6 +168,8 @@ def train_family(
         )
         mlflow.log_params(flat)
         mlflow.set_tag("device", str(device))
+    # Not a param: the process count does not change what is trained, and checkpoints move between counts.
+    mlflow.set_tag("world_size", str(distributed.world_size()))
     fixed = val_x[: params.train.n_fixed]
     affine = data.grid.affine
 
@@ -128,6 +183,7 @@ def train_family(
                 tracking.log_volumes(v[:, 0].numpy(), affine, f"volumes/epoch_{epoch + 1:03d}/{kind}", names)
 
     try:
+        distributed.broadcast_object((ckpt, run.info.run_id))
         result = run_loop(
             task, train_x, val_x,
             LoopConfig(
@@ -150,9 +206,14 @@ def train_family(
         else:
             mlflow.set_tag("state", f"stopped after epoch {result.epochs_done}; resume with --resume")
             mlflow.end_run(status="KILLED")
+    except Terminated as err:
+        mlflow.set_tag("state", f"terminated by SIGTERM after epoch {err.epochs_done}; resume with --resume")
+        mlflow.end_run(status="KILLED")
+        raise
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
+    distributed.barrier()
     return TrainOutcome(
         family, run.info.run_id, result.finished, final, version, champion, result.resumed_from,
         tracking.run_url(run),
