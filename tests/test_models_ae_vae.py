@@ -57,10 +57,11 @@ def test_volume_smaller_than_bottleneck_is_a_value_error():
 
 
 # ----------------------------------------------------------------------------------- shared interface
+@pytest.mark.parametrize("arch", ["conv", "dense"])
 @pytest.mark.parametrize("cls", [Autoencoder, VAE])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_encode_decode_shapes_and_range(cls, shape):
-    model = tiny(cls, shape)
+def test_encode_decode_shapes_and_range(cls, shape, arch):
+    model = tiny(cls, shape, arch=arch, hidden=[16])
     # channels_last_3d input: the reshapes must not assume contiguity.
     x = torch.rand(3, 1, *shape).to(memory_format=torch.channels_last_3d)
     z = model.encode(x)
@@ -71,9 +72,11 @@ def test_encode_decode_shapes_and_range(cls, shape):
     assert model.volume_shape == shape and model.family in MODEL_FAMILIES
 
 
+@pytest.mark.parametrize("arch", ["conv", "dense"])
 @pytest.mark.parametrize("cls", [Autoencoder, VAE])
-def test_config_dict_rebuilds_identical_model(cls):
-    model = tiny(cls, (16, 20, 16), seed=1).eval()
+def test_config_dict_rebuilds_identical_model(cls, arch):
+    model = tiny(cls, (16, 20, 16), seed=1, arch=arch, hidden=[16]).eval()
+    model.set_template(blobs(3, (16, 20, 16), seed=2))  # the template travels in the state dict
     config = json.loads(json.dumps(model.config_dict()))  # what a JSON checkpoint gives back
     rebuilt = build_model(model.family, config)
     rebuilt.load_state_dict(model.state_dict())
@@ -109,11 +112,12 @@ def test_autoencoder_is_not_generative():
 
 
 # ------------------------------------------------------------------------------------------------ overfit
+@pytest.mark.parametrize("arch", ["conv", "dense"])
 @pytest.mark.parametrize("cls", [Autoencoder, VAE])
-def test_tiny_batch_overfits(cls):
+def test_tiny_batch_overfits(cls, arch):
     """Four volumes, 150 Adam steps: per-voxel MSE drops by far more than 20x (measured ~700-900x)."""
     x = blobs(4, (16, 16, 16), seed=0)
-    model = tiny(cls)
+    model = tiny(cls, arch=arch, hidden=[32])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     mses = []
     for _ in range(150):
@@ -124,6 +128,31 @@ def test_tiny_batch_overfits(cls):
         mses.append(float(out["recon"] if cls is Autoencoder else out["mse"]))
     assert all(torch.isfinite(torch.tensor(mses)))
     assert mses[-1] < mses[0] / 20
+
+
+def test_dense_model_predicts_the_deviation_from_its_template():
+    """At the template the dense decoder adds only its (bias) output; the encoder sees x - template."""
+    x = blobs(4, (16, 16, 16), seed=3)
+    model = tiny(Autoencoder, arch="dense", hidden=[])  # linear: decode(z) = template + W z + b
+    model.set_template(x)
+    torch.testing.assert_close(model.template, x.mean(0, keepdim=True))
+    with torch.no_grad():
+        for layer in model.decoder:
+            if isinstance(layer, torch.nn.Linear):
+                layer.bias.zero_()
+        z = torch.zeros(1, model.latent_dim)
+        torch.testing.assert_close(model.decode(z), x.mean(0, keepdim=True).clamp(0, 1))
+        # Encoding the template itself gives the encoder's bias alone (zero input after centring).
+        torch.testing.assert_close(model.encode(model.template), model.encoder[-1].bias[None])
+
+
+def test_bad_architecture_settings_are_value_errors():
+    with pytest.raises(ValueError, match="arch: expected 'conv' or 'dense', got 'mlp'"):
+        tiny(Autoencoder, arch="mlp")
+    with pytest.raises(ValueError, match="hidden: expected a list of positive integers"):
+        tiny(VAE, arch="dense", hidden=[0])
+    with pytest.raises(ValueError, match=r"\(B, 1, 16, 16, 16\)"):
+        tiny(Autoencoder, arch="dense").set_template(torch.rand(2, 1, 8, 16, 16))
 
 
 # -------------------------------------------------------------------------------------------------- VAE

@@ -48,6 +48,13 @@ def test_ae_run_is_logged_registered_and_loadable(tiny_processed, tiny_params, p
     z = loaded.model.encode(x)
     assert z.shape == (2, 8) and loaded.model.decode(z).shape == x.shape
     assert loaded.tags["git_commit"] == run.data.tags["git_commit"]
+    # The default dense model decodes around the mean training volume, saved with its weights.
+    from brainlatent.data.dataset import ProcessedData
+
+    data = ProcessedData.open(tiny_processed)
+    train_mean = data.load_split("train").mean(0, keepdim=True)
+    assert loaded.model.arch == "dense"
+    torch.testing.assert_close(loaded.model.template.cpu().contiguous(), train_mean.float(), rtol=0, atol=1e-6)
 
     assert (project / "metrics" / "train" / "ae.json").is_file()
     assert (project / "plots" / "train" / "ae.csv").read_text().startswith("epoch,")

@@ -139,15 +139,17 @@ class _FamilyConfig:
         return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MODEL_KEYS}
 
 
-_AE_MODEL_KEYS = ("latent_dim", "base_channels", "max_channels", "min_bottleneck", "norm")
+_AE_MODEL_KEYS = ("latent_dim", "arch", "hidden", "base_channels", "max_channels", "min_bottleneck", "norm")
 
 
 @dataclass(config=_STRICT)
 class AEConfig(_FamilyConfig):
-    """Vanilla 3D convolutional autoencoder (models/autoencoder.py)."""
+    """Vanilla 3D autoencoder (models/autoencoder.py): dense or convolutional."""
 
     MODEL_KEYS = _AE_MODEL_KEYS
     latent_dim: PositiveInt = 64
+    arch: Literal["conv", "dense"] = "dense"  # dense at the CPU-budget grid, conv at research scale (measured)
+    hidden: tuple[PositiveInt, ...] = (256,)  # dense: hidden widths; [] = linear
     base_channels: PositiveInt = 8
     max_channels: PositiveInt = 64
     min_bottleneck: PositiveInt = 4
@@ -165,6 +167,8 @@ class VAEConfig(_FamilyConfig):
 
     MODEL_KEYS = (*_AE_MODEL_KEYS, "beta", "kl_warmup_epochs", "recon_sigma")
     latent_dim: PositiveInt = 64
+    arch: Literal["conv", "dense"] = "dense"
+    hidden: tuple[PositiveInt, ...] = (256,)
     base_channels: PositiveInt = 8
     max_channels: PositiveInt = 64
     min_bottleneck: PositiveInt = 4

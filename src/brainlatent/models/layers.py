@@ -24,6 +24,7 @@ from torch import nn
 
 Shape3 = tuple[int, int, int]
 Norm = Literal["group", "layer", "none"]
+Arch = Literal["conv", "dense"]
 
 LEAKY_SLOPE = 0.2
 
@@ -209,3 +210,38 @@ class Decoder3d(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.out(self.stages(self.project(z)))
         return torch.sigmoid(x) if self.out_activation == "sigmoid" else x
+
+
+def _mlp(sizes: Sequence[int]) -> list[nn.Module]:
+    """Linear layers through ``sizes`` with LeakyReLU(0.2) between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
+    return layers
+
+
+class DenseEncoder(nn.Sequential):
+    """Fully connected encoder: (B, 1, X, Y, Z) -> flatten -> [Linear -> LeakyReLU] x len(hidden) -> Linear.
+
+    ``hidden=()`` is a linear encoder (with a linear decoder: PCA learned by gradient descent).
+    """
+
+    def __init__(self, volume_shape: Sequence[int], out_features: int, hidden: Sequence[int] = (256,)):
+        n_voxels = math.prod(as_shape3(volume_shape))
+        super().__init__(Rearrange("b c x y z -> b (c x y z)"), *_mlp([n_voxels, *hidden, out_features]))
+
+
+class DenseDecoder(nn.Sequential):
+    """Fully connected decoder: (B, in_features) -> [Linear -> LeakyReLU] x len(hidden) -> Linear -> (B, 1, X, Y, Z).
+
+    No output activation: the autoencoders add it to a template volume (see ``autoencoder.py``).
+    """
+
+    def __init__(self, volume_shape: Sequence[int], in_features: int, hidden: Sequence[int] = (256,)):
+        x, y, z = as_shape3(volume_shape)
+        super().__init__(
+            *_mlp([in_features, *reversed(tuple(hidden)), x * y * z]),
+            Rearrange("b (c x y z) -> b c x y z", c=1, x=x, y=y, z=z),
+        )

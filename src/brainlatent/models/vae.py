@@ -1,4 +1,4 @@
-"""3D convolutional variational autoencoder (Kingma & Welling, 2014) with beta and KL warm-up.
+"""3D variational autoencoder (Kingma & Welling, 2014) with beta and KL warm-up.
 
 Loss convention (per volume, then averaged over the batch), all in float32:
 
@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from brainlatent.models.base import LatentModel, register_family
-from brainlatent.models.layers import Decoder3d, Encoder3d, Norm, as_shape3
+from brainlatent.models.autoencoder import ReconstructionModel
+from brainlatent.models.base import register_family
+from brainlatent.models.layers import Arch, Norm
 
 # Log-variance is clamped so exp() neither overflows (bf16/fp16) nor collapses to 0 early in training.
 LOGVAR_MIN, LOGVAR_MAX = -10.0, 10.0
@@ -45,12 +46,12 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 @register_family
-class VAE(LatentModel):
-    """Encoder heads for mu and log-variance, reparameterised sampling, sigmoid decoder in [0, 1].
+class VAE(ReconstructionModel):
+    """Encoder heads for mu and log-variance, reparameterised sampling, decoder into [0, 1].
 
     Args:
-        latent_dim, volume_shape, base_channels, max_channels, min_bottleneck, norm: as in
-            :class:`~brainlatent.models.autoencoder.Autoencoder`.
+        latent_dim, volume_shape, arch, hidden, base_channels, max_channels, min_bottleneck, norm: as in
+            :class:`~brainlatent.models.autoencoder.ReconstructionModel`.
         beta: weight of the KL term (beta-VAE, Higgins et al., 2017).
         kl_warmup_epochs: epochs of the linear KL warm-up (0: none); see :meth:`kl_weight`.
         recon_sigma: observation noise standard deviation of the Gaussian likelihood (intensity units).
@@ -63,6 +64,8 @@ class VAE(LatentModel):
         self,
         latent_dim: int = 64,
         volume_shape: Sequence[int] = (32, 40, 32),
+        arch: Arch = "conv",
+        hidden: Sequence[int] = (256,),
         base_channels: int = 16,
         max_channels: int = 128,
         min_bottleneck: int = 4,
@@ -71,54 +74,29 @@ class VAE(LatentModel):
         kl_warmup_epochs: float = 0.0,
         recon_sigma: float = 0.1,
     ):
-        super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim: expected a positive integer, got {latent_dim}")
         if beta < 0:
             raise ValueError(f"beta: expected >= 0, got {beta}")
         if kl_warmup_epochs < 0:
             raise ValueError(f"kl_warmup_epochs: expected >= 0, got {kl_warmup_epochs}")
         if recon_sigma <= 0:
             raise ValueError(f"recon_sigma: expected > 0, got {recon_sigma}")
-        self.latent_dim = int(latent_dim)
-        self.volume_shape = as_shape3(volume_shape)
+        # The mu and log-variance heads are the two halves of the encoder's final linear layer.
+        super().__init__(latent_dim, volume_shape, arch, hidden, base_channels, max_channels, min_bottleneck, norm,
+                         encoder_outputs=2 * latent_dim)
         self.beta = float(beta)
         self.kl_warmup_epochs = float(kl_warmup_epochs)
         self.recon_sigma = float(recon_sigma)
-        self._config = dict(
-            latent_dim=self.latent_dim,
-            volume_shape=list(self.volume_shape),
-            base_channels=base_channels,
-            max_channels=max_channels,
-            min_bottleneck=min_bottleneck,
-            norm=norm,
-            beta=self.beta,
-            kl_warmup_epochs=self.kl_warmup_epochs,
-            recon_sigma=self.recon_sigma,
-        )
-        widths = dict(base_channels=base_channels, max_channels=max_channels, min_size=min_bottleneck, norm=norm)
-        # The mu and log-variance heads are the two halves of the encoder's final linear layer.
-        self.encoder = Encoder3d(self.volume_shape, 2 * self.latent_dim, **widths)
-        self.decoder = Decoder3d(self.volume_shape, self.latent_dim, out_activation="sigmoid", **widths)
-
-    def config_dict(self) -> dict[str, Any]:
-        return dict(self._config)
+        self._config.update(beta=self.beta, kl_warmup_epochs=self.kl_warmup_epochs, recon_sigma=self.recon_sigma)
 
     # -- inference ------------------------------------------------------------------------------------
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, X, Y, Z) -> mu (B, D), logvar (B, D) clamped to [LOGVAR_MIN, LOGVAR_MAX]."""
-        self.check_volumes(x)
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        mu, logvar = self.encoder_features(x).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean (B, latent_dim): deterministic, as latent directions need."""
         return self.posterior(x)[0]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent_dim) -> (B, 1, X, Y, Z) in [0, 1]."""
-        self.check_latents(z)
-        return self.decoder(z)
 
     @staticmethod
     def reparameterize(
@@ -132,9 +110,12 @@ class VAE(LatentModel):
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, 1, X, Y, Z) -> reconstruction from a posterior sample (B, 1, X, Y, Z), mu (B, D), logvar (B, D)."""
+        """(B, 1, X, Y, Z) -> reconstruction from a posterior sample (B, 1, X, Y, Z), mu (B, D), logvar (B, D).
+
+        The reconstruction is unclamped (what the likelihood sees); :meth:`decode` clamps to [0, 1].
+        """
         mu, logvar = self.posterior(x)
-        return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
+        return self.decode_unclamped(self.reparameterize(mu, logvar, generator)), mu, logvar
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` volumes (n, 1, X, Y, Z) decoded from the N(0, I) prior."""

@@ -99,6 +99,10 @@ class Task(ABC):
     def schedulers(self) -> dict[str, Any]:
         return {}
 
+    def fit_data(self, train: torch.Tensor) -> None:
+        """Data-dependent set-up from the training split before the first step (the dense autoencoders'
+        template). A resume then restores the same buffers from the checkpoint."""
+
     def on_epoch_start(self, epoch: int) -> dict[str, float]:
         """Per-epoch schedule (KL warm-up, progressive-growing level). Returns values worth logging."""
         return {}
@@ -212,6 +216,7 @@ def run_loop(
     world, rank0 = distributed.world_size(), distributed.is_rank0()
     distributed.check_global_batch(cfg.batch_size, "batch_size")
     gen = torch.Generator().manual_seed(cfg.seed)
+    task.fit_data(train)
     optimizers, schedulers = task.optimizers(), task.schedulers()
     start, history = 0, []
     if resume_from is not None:

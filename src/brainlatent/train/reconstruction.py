@@ -28,6 +28,10 @@ class ReconstructionTask(Task):
         )
         self.kl_weight = 1.0
 
+    def fit_data(self, train):
+        if self.model.arch == "dense":  # dense models predict the deviation from the mean training volume
+            self.model.set_template(train)
+
     def optimizers(self):
         return {"model": self.opt}
 
