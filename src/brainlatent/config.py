@@ -232,18 +232,18 @@ class StyleGANConfig(_FamilyConfig):
     inversion_lr: PositiveFloat = 0.05
     loss: Literal["wgan-gp", "ns-r1"] = "ns-r1"
     gp_weight: NonNegFloat = 10.0
-    r1_gamma: NonNegFloat = 1.0
+    r1_gamma: NonNegFloat = 10.0
     r1_every: PositiveInt = 4  # lazy R1 (StyleGAN2): the penalty (x r1_every) every r1_every D steps
     n_critic: PositiveInt = 1
     mixing_prob: Fraction = 0.9
     w_avg_beta: Fraction = 0.995
     ema_decay: Fraction = 0.99
-    epochs_per_level: PositiveInt = 4  # progressive growing: epochs at each resolution level
+    epochs_per_level: PositiveInt = 3  # progressive growing: epochs at each resolution level
     fade_fraction: Fraction = 0.5  # share of a new level's epochs spent fading it in
-    epochs: PositiveInt = 16
+    epochs: PositiveInt = 20
     batch_size: PositiveInt = 4
-    lr_g: PositiveFloat = 1e-3
-    lr_d: PositiveFloat = 1e-3
+    lr_g: PositiveFloat = 2e-3
+    lr_d: PositiveFloat = 2e-3
 
 
 FAMILY_CONFIGS: dict[str, type] = {"ae": AEConfig, "vae": VAEConfig, "gan": GANConfig, "stylegan": StyleGANConfig}

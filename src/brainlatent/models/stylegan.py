@@ -5,7 +5,7 @@ Follows the official v1 design (NVlabs/stylegan) with the equalized-LR conventio
 * mapping network: pixel norm of z, ``n_mapping`` equalized FC layers (LeakyReLU, lr multiplier 0.01);
 * synthesis network: a learned constant at the base shape (e.g. (4, 5, 4) for a (32, 40, 32) volume), then
   per resolution level two style layers ``[upsample -> conv -> blur] -> noise -> bias -> lrelu -> AdaIN``;
-  every level has a 1x1x1 ``to_volume`` ("toRGB");
+  every level has a 1x1x1 ``to_volume`` ("toRGB") followed by a sigmoid (volumes are in [0, 1]; see forward);
 * progressive growing: ``step`` (resolution level) and ``alpha`` (fade-in weight) are explicit forward
   arguments; at ``alpha < 1`` the output is ``lerp(upsample(to_volume[step-1](prev)), to_volume[step](cur),
   alpha)`` and the discriminator mirrors it with ``from_volume`` layers;
@@ -312,10 +312,15 @@ class SynthesisNetwork(nn.Module):
             prev = x
             for i in (2 * level, 2 * level + 1):
                 x = self.layers[i](x, ws[:, i], noise_mode, generator)
-        out = self.to_volume[step](x)
+        # Processed volumes live in [0, 1] (mean ~0.15, SD ~0.23), but the AdaIN-normalised features give a
+        # linear "toRGB" output of SD ~1.2 at initialisation: with a linear output the generator spent the whole
+        # CPU budget unlearning that scale and its samples stayed noise (measured, docs/architecture.md). A
+        # sigmoid after each to_volume (as in our DCGAN) keeps every output in range; the fade mixes the
+        # activated outputs, so alpha = 0 still reproduces the lower level exactly.
+        out = torch.sigmoid(self.to_volume[step](x))
         if step > 0 and alpha < 1.0:
             # lerp(a, b, 0) == a exactly, so alpha = 0 reproduces the lower level bit for bit.
-            out = fade(upsample(self.to_volume[step - 1](prev)), out, alpha)
+            out = fade(upsample(torch.sigmoid(self.to_volume[step - 1](prev))), out, alpha)
         return out
 
 
