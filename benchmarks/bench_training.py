@@ -5,6 +5,12 @@ backward); the peak is a dense fp32 matmul measured in the same process, so the 
 
     python benchmarks/bench_training.py                        # default shape, all families
     python benchmarks/bench_training.py --shape 64 80 64 --families ae vae
+    python benchmarks/bench_training.py --families ae vae --arch conv   # the research-scale architecture
+    python benchmarks/bench_training.py --families ae --data-path --optimizers
+
+``--data-path`` times what the loop does to get a batch (index the in-memory training split, move it to
+the device, channels-last) as a share of the step; ``--optimizers`` times the optimiser step alone, fused
+vs foreach Adam (the before/after of `train/device.py: adam`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ def bench(family: str, params, shape, batch: int, steps: int, channels_last: boo
     p = dataclasses.replace(params, train=dataclasses.replace(params.train, channels_last=channels_last, bf16=bf16))
     torch.manual_seed(0)
     task = make_task(family, p, shape, torch.device("cpu"))
+    return time_task(task, family, shape, batch, steps)
+
+
+def time_task(task, family: str, shape, batch: int, steps: int) -> dict:
     epoch = 10_000 if family == "stylegan" else 0  # StyleGAN: time the final resolution level
     task.steps_per_epoch = 1
     task.on_epoch_start(epoch)
@@ -58,6 +68,30 @@ def bench(family: str, params, shape, batch: int, steps: int, channels_last: boo
             "volumes_per_s": batch / dt, "gflop_per_step": flops / 1e9, "gflops": flops / dt / 1e9}
 
 
+def data_path_seconds(task, shape, batch: int, n_train: int = 112, repeats: int = 20) -> float:
+    """Seconds to produce one batch the way run_loop does: index the in-memory split, prepare_batch."""
+    train = torch.rand(n_train, 1, *shape)
+    gen = torch.Generator().manual_seed(0)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        idx = torch.randperm(n_train, generator=gen)[:batch]
+        task.prepare_batch(train[idx])
+    return (time.perf_counter() - t) / repeats
+
+
+def optimizer_step_seconds(task, fused: bool, repeats: int = 10) -> float:
+    """The optimiser step alone (gradients already in place), fused vs foreach Adam."""
+    params = [q for q in task.model.parameters() if q.requires_grad]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.Adam(params, lr=1e-4, fused=fused, foreach=None if fused else True)
+    opt.step()  # allocate state
+    t = time.perf_counter()
+    for _ in range(repeats):
+        opt.step()
+    return (time.perf_counter() - t) / repeats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -66,8 +100,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compare-layouts", action="store_true", help="also time NCDHW fp32 and channels_last+bf16")
+    ap.add_argument("--arch", choices=["conv", "dense"], default=None, help="ae/vae architecture (default: params)")
+    ap.add_argument("--data-path", action="store_true", help="time batch preparation as a share of the step")
+    ap.add_argument("--optimizers", action="store_true", help="time fused vs foreach Adam steps")
     args = ap.parse_args()
-    params = load_params(args.params)
+    overrides = {f"{f}.arch": args.arch for f in ("ae", "vae")} if args.arch else None
+    params = load_params(args.params, overrides)
     shape = tuple(args.shape or params.data.shape)
     peak = matmul_peak()
     print(f"# {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}; "
@@ -82,6 +120,18 @@ def main() -> None:
             print(f"| {fam} | {r['shape']} | {layout} | {r['batch']} | {r['s_per_step']:.3f} | "
                   f"{r['volumes_per_s']:.1f} | {r['gflop_per_step']:.1f} | {r['gflops']:.1f} | "
                   f"{100 * r['gflops'] * 1e9 / peak:.0f}% |", flush=True)
+        if args.data_path or args.optimizers:
+            torch.manual_seed(0)
+            task = make_task(fam, params, shape, torch.device("cpu"))
+            step = time_task(task, fam, shape, args.batch, args.steps)["s_per_step"]
+        if args.data_path:
+            data = data_path_seconds(task, shape, args.batch)
+            print(f"  {fam}: batch preparation {data * 1e3:.2f} ms = {100 * data / (data + step):.2f}% of a "
+                  f"{step * 1e3:.0f} ms step (target < 5%)", flush=True)
+        if args.optimizers:
+            fused, foreach = optimizer_step_seconds(task, True), optimizer_step_seconds(task, False)
+            print(f"  {fam}: Adam step fused {fused * 1e3:.2f} ms, foreach {foreach * 1e3:.2f} ms "
+                  f"({foreach / fused:.2f}x); step total {step * 1e3:.0f} ms", flush=True)
 
 
 if __name__ == "__main__":

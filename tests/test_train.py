@@ -36,6 +36,9 @@ def test_ae_run_is_logged_registered_and_loadable(tiny_processed, tiny_params, p
 
     arts = [a.path for a in client.list_artifacts(out.run_id, "volumes/epoch_002/reconstructions")]
     assert any(a.endswith(".nii.gz") for a in arts) and any(a.endswith("montage.png") for a in arts)
+    # The fixed inputs are logged once per run, not again at every artifact epoch.
+    assert any(a.path.endswith("inputs_00.nii.gz") for a in client.list_artifacts(out.run_id, "volumes/inputs"))
+    assert not client.list_artifacts(out.run_id, "volumes/epoch_002/inputs")
     local = mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="volumes/epoch_002/reconstructions")
     import nibabel as nib
 

@@ -20,6 +20,8 @@ rounded to the nearest group).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,6 +163,19 @@ def cross_validated_scores(
     return scores, chosen
 
 
+def _single_threaded_blas(func):
+    """Run ``func`` with one BLAS thread. Probe problems are small (~100s x ~100s): multi-threaded BLAS costs
+    more than it saves there and oversubscribes the cores when joblib runs folds / permutations in parallel."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_single_threaded_blas
 def evaluate_probe(
     probe: Pipeline,
     X: np.ndarray,
@@ -178,25 +193,6 @@ def evaluate_probe(
     ``X_test (M, F)`` / ``y_test (M,)``: a separate held-out set; the probe is then fitted on all of ``X``
     and scored once on it. Labels: binary 0/1 (1 = male / older); ordinal group index 0..G-1 (older higher).
     """
-    # Probe problems are small (~100s x ~100s): multi-threaded BLAS costs more than it saves there and
-    # oversubscribes the cores when joblib runs folds / permutations in parallel.
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _evaluate_probe(probe, X, y, task, settings, target=target, features=features,
-                               X_test=X_test, y_test=y_test)
-
-
-def _evaluate_probe(
-    probe: Pipeline,
-    X: np.ndarray,
-    y: np.ndarray,
-    task: Task,
-    settings: ProbeSettings,
-    *,
-    target: str = "",
-    features: str = "",
-    X_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
-) -> ProbeResult:
     y = check_labels(y, task, settings.n_splits, what=f"{target or 'probe'} labels")
     X = _check_features(X, len(y), what=f"{target or 'probe'} {features or 'features'}")
     n_classes = int(y.max()) + 1

@@ -83,6 +83,9 @@ class Task(ABC):
 
     model: torch.nn.Module
     steps_per_epoch: int = 1
+    # Reconstruction families: the runner logs the fixed validation volumes once per run (volumes/inputs),
+    # beside their reconstructions at every artifact epoch.
+    shows_inputs: bool = False
 
     def __init__(self, device: torch.device, bf16: bool = False, channels_last: bool = False):
         self.device, self.bf16, self.channels_last = device, bf16, channels_last

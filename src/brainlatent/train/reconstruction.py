@@ -14,6 +14,8 @@ from brainlatent.train.loop import Task
 class ReconstructionTask(Task):
     """AE and VAE: Adam(W) with cosine decay; validation reports MSE / PSNR / SSIM (and the ELBO terms)."""
 
+    shows_inputs = True
+
     _ddp_loss = None  # model.loss through DistributedDataParallel, under torchrun only
 
     def __init__(self, family: str, cfg, volume_shape, device, bf16=False, channels_last=False):
@@ -94,7 +96,7 @@ class ReconstructionTask(Task):
 
     @torch.no_grad()
     def artifacts(self, fixed, generator):
-        out = {"reconstructions": self.reconstruct(fixed), "inputs": fixed}
+        out = {"reconstructions": self.reconstruct(fixed)}
         if getattr(self.model, "generative", False):
             out["samples"] = self.model.sample(len(fixed), generator=generator).float().cpu()
         return out

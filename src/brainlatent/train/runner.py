@@ -172,6 +172,9 @@ def _train_rank0(
     mlflow.set_tag("world_size", str(distributed.world_size()))
     fixed = val_x[: params.train.n_fixed]
     affine = data.grid.affine
+    if ckpt is None and task.shows_inputs:  # unchanged across epochs: once per run, not per artifact epoch
+        names = [f"inputs_{i:02d}" for i in range(len(fixed))]
+        tracking.log_volumes(fixed[:, 0].numpy(), affine, "volumes/inputs", names)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], log_artifacts: bool) -> None:
         mlflow.log_metrics(metrics, step=epoch + 1)
