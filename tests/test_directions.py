@@ -30,10 +30,11 @@ def _anisotropic_cohort(n: int = 800, dim: int = 16, seed: int = 0):
     return z, y, v
 
 
-def test_raw_space_direction_recovers_the_planted_one():
+def test_raw_space_gradient_recovers_the_planted_filter():
+    """Backward model (the label is read off v . z): the probe's raw-space gradient is v."""
     z, y, v = _anisotropic_cohort()
     probe = make_probe("binary", "latent", SETTINGS).fit(z, y)
-    d = direction_from_probe(probe, z, name="sex", positive="male")
+    d = direction_from_probe(probe, z, name="sex", positive="male", kind="gradient")
     assert cosine(d.vector, v) >= 0.9  # positive: the +direction points to label 1
     # The standardised coefficients alone (the precedent's "raw coefficients") point elsewhere when
     # latent dimensions have different scales: dividing by the scale is what makes the direction right.
@@ -43,7 +44,22 @@ def test_raw_space_direction_recovers_the_planted_one():
 def test_nested_cv_direction_also_recovers_it():
     z, y, v = _anisotropic_cohort(seed=1)
     probe = make_probe("binary", "latent", ProbeSettings(inner_splits=3, Cs=(0.01, 0.1, 1.0, 10.0))).fit(z, y)
-    assert cosine(direction_from_probe(probe, z, "sex", "male").vector, v) >= 0.9
+    assert cosine(direction_from_probe(probe, z, "sex", "male", kind="gradient").vector, v) >= 0.9
+
+
+def test_pattern_recovers_a_planted_latent_effect():
+    """Forward model, what a traversal should reproduce: the label *shifts* the latents along a known unit
+    effect a (z = noise * scales + 1.5 * y * a), in anisotropic latent noise. The activation pattern aligns
+    with a; the raw gradient (~Cov^-1 a) does not."""
+    rng = np.random.default_rng(3)
+    n, dim = 800, 16
+    a = rng.normal(size=dim)
+    a /= np.linalg.norm(a)
+    y = rng.integers(0, 2, n)
+    z = rng.normal(size=(n, dim)) * np.geomspace(0.5, 4.0, dim) + 1.5 * y[:, None] * a
+    probe = make_probe("binary", "latent", SETTINGS).fit(z, y)
+    assert cosine(direction_from_probe(probe, z, "sex", "male", kind="pattern").vector, a) >= 0.9
+    assert cosine(direction_from_probe(probe, z, "sex", "male").vector, a) < 0.8
 
 
 def test_step_scale_is_the_sd_of_the_projection():
@@ -134,3 +150,21 @@ def test_pixel_baselines_have_no_latent_direction():
     assert isinstance(probe, Pipeline) and isinstance(probe[0], PCA)
     with pytest.raises(ValueError, match="not a latent-space transform"):
         raw_gradient(probe)
+
+
+def test_pattern_direction_ignores_a_collapsed_dimension_the_gradient_follows():
+    """A VAE-like latent: dim 0 carries the label with unit variance, dim 1 the same signal-to-noise at 1/100
+    the scale (a nearly collapsed dimension the decoder ignores). Standardised, both are equally useful, so
+    the raw gradient w / s is ~100x larger along dim 1; the activation pattern Cov(z) w follows dim 0."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    z = np.stack([y + rng.normal(0, 1, 400), 0.01 * (y + rng.normal(0, 1, 400))], axis=1)
+    probe = make_probe("binary", "latent", SETTINGS).fit(z, y)
+    e0 = np.array([1.0, 0.0])
+    pattern = direction_from_probe(probe, z, "sex", "male", kind="pattern")
+    gradient = direction_from_probe(probe, z, "sex", "male", kind="gradient")
+    assert cosine(pattern.vector, e0) >= 0.99
+    assert abs(cosine(gradient.vector, e0)) < 0.1
+    assert pattern.metadata["kind"] == "pattern" and pattern.logit_per_sd > 0  # the probe still rises along +a
+    with pytest.raises(ValueError, match="kind must be one of"):
+        direction_from_probe(probe, z, "sex", "male", kind="filter")

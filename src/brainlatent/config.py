@@ -324,6 +324,8 @@ class DirectionsConfig:
     n_bootstrap: PositiveInt = 500
     n_permutations: NonNegInt = 50
     pca_components: PositiveInt = 20
+    # Traversal direction from a probe: its gradient, or its activation pattern Cov(z) w (Haufe et al. 2014).
+    direction: Literal["gradient", "pattern"] = "gradient"
     max_step_sd: PositiveFloat = 2.0  # traversal grid: symmetric, in SDs of the latent projection
     n_steps: Annotated[int, Field(ge=3)] = 5
     n_traversal_subjects: PositiveInt = 8  # held-out subjects traversed (strips/GIFs for the first few)

@@ -104,7 +104,8 @@ def probe_settings(params: Params) -> ProbeSettings:
     """``params.directions`` as the probes' settings (seeded with the project seed)."""
     c = params.directions
     return ProbeSettings(n_splits=c.n_splits, n_repeats=c.n_repeats, C=c.probe_C, n_bootstrap=c.n_bootstrap,
-                         n_permutations=c.n_permutations, pca_components=c.pca_components, seed=params.seed)
+                         n_permutations=c.n_permutations, pca_components=c.pca_components, seed=params.seed,
+                        direction=c.direction)
 
 
 # ------------------------------------------------------------------------------------------- cohort

@@ -64,6 +64,7 @@ class ProbeSettings:
     max_iter: int = 5000
     n_jobs: int = 1  # joblib workers for cross-validation and permutations
     seed: int = 0
+    direction: str = "gradient"  # how a fitted probe becomes a direction: "gradient" | "pattern" (direction.py)
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> None:
@@ -77,6 +78,8 @@ class ProbeSettings:
                 bad(name, "a positive integer")
         if self.n_permutations < 0:
             bad("n_permutations", "an integer >= 0")
+        if self.direction not in ("pattern", "gradient"):
+            bad("direction", "'pattern' or 'gradient'")
         if self.C is not None and not self.C > 0:
             bad("C", "None (nested CV) or a positive float")
         if not self.Cs or min(self.Cs) <= 0:

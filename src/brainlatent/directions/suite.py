@@ -130,6 +130,7 @@ def run_probe_suite(
             suite.directions[name] = direction_from_probe(
                 fitted, latents, name=name, positive=target.positive,
                 covariates=brain_volume(subjects) if features == "latent_size_controlled" else None,
+                kind=settings.direction,
                 metadata={"target": target_name, "task": target.task, "features": features,
                           "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
                           "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
