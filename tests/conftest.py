@@ -50,7 +50,7 @@ def tiny_params_dict(**section_overrides) -> dict:
     raw["synth"].update(n_subjects=16, voxel_mm=6.0, workers=1)
     raw["train"].update(artifact_every=1, n_fixed=2, n_samples=2, system_metrics=False)
     for fam in ("ae", "vae"):
-        raw[fam].update(latent_dim=8, base_channels=4, max_channels=16, epochs=2, batch_size=4)
+        raw[fam].update(latent_dim=8, hidden=[32], base_channels=4, max_channels=16, epochs=2, batch_size=4)
     raw["gan"].update(latent_dim=8, g_base_channels=4, g_max_channels=16, d_base_channels=4, d_max_channels=16,
                       epochs=2, batch_size=4)
     raw["stylegan"].update(z_dim=8, w_dim=8, n_mapping=2, base_channels=4, max_channels=8, epochs=3,

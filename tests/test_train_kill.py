@@ -220,3 +220,29 @@ def test_sigterm_closes_the_run_as_killed_and_resume_continues_it(tiny_processed
 
     out = train_family("ae", params, resume=True, register=False)
     assert out.run_id == ckpt["run_id"] and out.finished and out.resumed_from == ckpt["epoch"]
+
+
+@pytest.mark.slow
+def test_two_training_processes_on_one_fresh_store_lose_no_run(tmp_path):
+    """`brainlatent train --model ae` and `--model vae` start at the same moment on a project with no MLflow
+    store yet: both create/find the schema and experiment, and both runs, metrics and versions are kept."""
+    root = _project(tmp_path / "project", train={"artifact_every": 100})
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "brainlatent.cli", "train", "--model", fam], cwd=root,
+                         env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for fam in ("ae", "vae")
+    ]
+    outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("brainlatent-train")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["model"] for r in runs) == ["ae", "vae"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mse")]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+    for fam in ("ae", "vae"):
+        assert str(client.get_model_version_by_alias(f"brainlatent-{fam}", "champion").version) == "1"
