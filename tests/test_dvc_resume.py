@@ -53,7 +53,8 @@ def test_killed_dvc_repro_resumes_training_from_its_checkpoint(tmp_path):
     assert final["epoch"] == EPOCHS
     assert final["history"][0]["epoch"] == 1 and len(final["history"]) == EPOCHS  # nothing trained twice
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)  # not the process-wide registry URI
     runs = client.search_runs([client.get_experiment_by_name("brainlatent-train").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, continued
     assert "up to date" in dvc(["status", "train@ae"], repo, env)  # DVC recorded the resumed stage as done

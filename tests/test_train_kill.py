@@ -236,7 +236,9 @@ def test_two_training_processes_on_one_fresh_store_lose_no_run(tmp_path):
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
 
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    # registry_uri explicitly: otherwise MLflow takes the process-wide one, which earlier tests may have set.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     exp = client.get_experiment_by_name("brainlatent-train")
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.data.tags["model"] for r in runs) == ["ae", "vae"]
@@ -244,5 +246,7 @@ def test_two_training_processes_on_one_fresh_store_lose_no_run(tmp_path):
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mse")]
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+    registered = {m.name for m in client.search_registered_models()}
+    assert registered >= {"brainlatent-ae", "brainlatent-vae"}, f"{registered}\n" + "\n".join(o[-2500:] for o in outputs)
     for fam in ("ae", "vae"):
         assert str(client.get_model_version_by_alias(f"brainlatent-{fam}", "champion").version) == "1"
