@@ -111,6 +111,21 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 
 # ----------------------------------------------------------------------------------------- browser
+def apt_install(package: str) -> str:
+    """Install Debian's ``package`` with apt-get (root only, as on CI). Returns "" on success, else why not."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"installing {package} needs apt-get as root"
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]):
+        try:
+            proc = subprocess.run(cmd, env=apt_env, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"`{' '.join(cmd)}` failed: {err}"
+        if proc.returncode != 0:
+            return f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+    return ""
+
+
 def find_or_install_chromium() -> tuple[str | None, str]:
     """A headless-capable Chromium: on PATH, else Debian's package installed with apt-get when running as root.
     Returns (path or None, why not)."""
@@ -118,16 +133,9 @@ def find_or_install_chromium() -> tuple[str | None, str]:
         path = shutil.which(name)
         if path:
             return path, ""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None, "no chromium on PATH, and installing it needs apt-get as root"
-    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
-        try:
-            proc = subprocess.run(cmd, env=apt_env, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            return None, f"`{' '.join(cmd)}` failed: {err}"
-        if proc.returncode != 0:
-            return None, f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+    why = apt_install("chromium")
+    if why:
+        return None, f"no chromium on PATH, and {why}"
     path = shutil.which("chromium")
     return (path, "") if path else (None, "apt-get installed chromium but it is not on PATH")
 

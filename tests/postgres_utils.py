@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e_utils import free_port
+from e2e_utils import apt_install, free_port
 
 # Debian keeps the server binaries out of PATH, one folder per major version.
 DEBIAN_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -47,17 +47,9 @@ def find_or_install_postgres() -> tuple[Path | None, str]:
     bindir = find_bindir()
     if bindir:
         return bindir, ""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None, "no PostgreSQL server binaries (initdb, pg_ctl), and installing them needs apt-get as root"
-    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]):
-        try:
-            proc = subprocess.run(cmd, env=apt_env, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            return None, f"`{' '.join(cmd)}` failed: {err}"
-        if proc.returncode != 0:
-            return None, f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+    why = apt_install("postgresql")
+    if why:
+        return None, f"no PostgreSQL server binaries (initdb, pg_ctl), and {why}"
     bindir = find_bindir()
     return (bindir, "") if bindir else (None, f"apt-get installed postgresql but no initdb under {DEBIAN_BIN_GLOB}")
 
