@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from brainlatent.directions import (
-    Direction, ProbeSettings, effect_agreement, ground_truth_metrics, group_difference_map, make_probe,
-    map_correlation, symmetric_steps, traversal_effects, traverse,
+    Direction, ProbeSettings, effect_agreement, effect_maps, ground_truth_metrics, group_difference_map,
+    make_probe, map_correlation, symmetric_steps, traversal_effects, traverse,
 )
 from brainlatent.grid import Grid
 from brainlatent.viz.traversal import save_difference_map, save_traversal_gif, save_traversal_strip
@@ -55,6 +55,36 @@ def ventricle_measure(volumes: np.ndarray, region: np.ndarray) -> pd.DataFrame:
     """A measure linear in the intensities: summed intensity of a region (stand-in for anatomy.measure_volumes)."""
     return pd.DataFrame({"ventricle_volume_mm3": volumes[:, region].sum(axis=1),
                          "constant": np.ones(len(volumes))})
+
+
+def test_effect_maps_separate_planted_effects_of_correlated_labels():
+    """Volumes = base + sex * local + size * global + age * age_map + noise, with sex and size correlated (as
+    in a cohort): each coefficient map is its own planted map, the one of sex free of the size effect."""
+    rng = np.random.default_rng(0)
+    n = 120
+    planted = {k: rng.normal(size=SHAPE) for k in ("sex", "size", "age")}
+    sex = rng.integers(0, 2, n).astype(float)
+    design = pd.DataFrame({"sex": sex, "size": 1.5 * sex + rng.normal(size=n), "age": rng.integers(0, 4, n)})
+    volumes = 0.5 + rng.normal(scale=0.05, size=(n, *SHAPE))
+    for k, m in planted.items():
+        volumes += design[k].to_numpy()[:, None, None, None] * 0.1 * m
+    maps = effect_maps(volumes, design)
+    assert set(maps) == {"sex", "size", "age"}
+    for k, m in planted.items():
+        assert maps[k].shape == SHAPE
+        assert map_correlation(maps[k], m) > 0.95
+    # Without size in the model, the sex map absorbs the size effect: why the benchmark controls for it.
+    assert map_correlation(effect_maps(volumes, design[["sex", "age"]])["sex"], planted["size"]) > 0.5
+
+
+def test_effect_maps_reject_bad_designs():
+    volumes = np.zeros((6, *SHAPE))
+    with pytest.raises(ValueError, match="N = 5 design rows"):
+        effect_maps(volumes, pd.DataFrame({"sex": [0, 1, 0, 1, 0]}))
+    with pytest.raises(ValueError, match="collinear"):
+        effect_maps(volumes, pd.DataFrame({"sex": [0, 1, 0, 1, 0, 1], "male": [0, 2, 0, 2, 0, 2]}))
+    with pytest.raises(ValueError, match="finite"):
+        effect_maps(volumes, pd.DataFrame({"sex": [0, 1, np.nan, 1, 0, 1]}))
 
 
 def test_difference_map_of_a_linear_decoder_is_its_image_of_the_direction():

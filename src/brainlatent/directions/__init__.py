@@ -15,7 +15,7 @@ Method and conventions: docs/directions_method.md.
 from .direction import Direction, cosine, direction_from_probe, raw_gradient
 from .effects import Monotonicity, TraversalEffects, monotonicity, traversal_effects
 from .evaluation import Estimate, ProbeResult, evaluate_probe
-from .groundtruth import PLANTED_AGE_SIGNS, effect_agreement, ground_truth_metrics, map_correlation
+from .groundtruth import PLANTED_AGE_SIGNS, effect_agreement, effect_maps, ground_truth_metrics, map_correlation
 from .probes import CovariateResidualizer, ProbeSettings, make_probe, probe_probability
 from .suite import ProbeSuite, run_probe_suite
 from .targets import TARGETS, Target, brain_volume, target_labels
@@ -24,7 +24,8 @@ from .traversal import DifferenceMap, decode_batched, group_difference_map, symm
 __all__ = [
     "TARGETS", "PLANTED_AGE_SIGNS", "CovariateResidualizer", "DifferenceMap", "Direction", "Estimate",
     "Monotonicity", "ProbeResult", "ProbeSettings", "ProbeSuite", "Target", "TraversalEffects",
-    "brain_volume", "cosine", "decode_batched", "direction_from_probe", "effect_agreement", "evaluate_probe",
+    "brain_volume", "cosine", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
+    "evaluate_probe",
     "ground_truth_metrics", "group_difference_map", "make_probe", "map_correlation",
     "monotonicity", "probe_probability", "raw_gradient", "run_probe_suite", "symmetric_steps", "target_labels",
     "traversal_effects", "traverse",

@@ -8,6 +8,10 @@ checks per direction:
                    optionally inside a brain mask (so the empty background does not inflate r)
   effect sign      along the age direction the ventricle volume must rise (planted growth > 0): the
                    measured change per SD must have the planted sign and rise monotonically
+
+``effect_maps`` is the ceiling for the first check: a voxel-wise linear model of a set of volumes (the scans,
+or a model's reconstructions of them) on the labels. A direction can only render what the model's
+reconstructions keep of an effect (docs/architecture.md, "How long to train the autoencoders").
 """
 
 from __future__ import annotations
@@ -31,6 +35,24 @@ def map_correlation(estimated: np.ndarray, planted: np.ndarray, mask: np.ndarray
     if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         raise ValueError("map_correlation: need >= 3 masked voxels and non-constant maps")
     return float(pearsonr(a, b).statistic)
+
+
+def effect_maps(volumes: np.ndarray, design: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Voxel-wise least-squares coefficient maps of ``volumes (N, X, Y, Z)`` on the columns of ``design``
+    (``N`` rows; an intercept is added): ``{column: (X, Y, Z) map}``, each the change per unit of that column
+    with the others held fixed (e.g. sex at fixed brain volume and age group)."""
+    volumes = np.asarray(volumes, np.float64)
+    if volumes.ndim != 4 or len(volumes) != len(design):
+        raise ValueError(f"effect_maps: expected volumes (N, X, Y, Z) with N = {len(design)} design rows, "
+                         f"got {volumes.shape}")
+    x = design.to_numpy(np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"effect_maps: design columns {list(design.columns)} must be finite numbers")
+    x = np.column_stack([np.ones(len(x)), x])
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        raise ValueError(f"effect_maps: design columns {list(design.columns)} are collinear (or constant)")
+    coef = np.linalg.lstsq(x, volumes.reshape(len(volumes), -1), rcond=None)[0]
+    return {name: coef[i + 1].reshape(volumes.shape[1:]) for i, name in enumerate(design.columns)}
 
 
 def effect_agreement(summary: pd.DataFrame, quantity: str, expected_sign: int) -> dict[str, float]:
