@@ -13,8 +13,8 @@ its gradient in the raw latent space is ``g = w / s`` (element-wise). Two direct
   so the probe's output still rises along ``+a``.
 
 Measured on the default cohort (dense AE / VAE, docs/directions_method.md): the pattern gives sharper sex
-maps (r with the planted size effect 0.88 / 0.91 vs 0.73 / 0.82) but much weaker young/old maps (0.39 / 0.26
-vs 0.73 / 0.52), so the gradient stays the default.
+maps (r with the planted sex effect 0.89 / 0.91 vs 0.77 / 0.81) but weaker young/old maps (0.52 / 0.63 vs
+0.80 / 0.81) and loses the size-controlled local sex effect, so the gradient stays the default.
 
 Size-controlled probes (``CovariateResidualizer``) see ``r = z - B c``: the gradient with respect to ``z``
 at fixed covariates ``c`` is unchanged, but ``r`` has (almost) no variance along the latent size axis, so
