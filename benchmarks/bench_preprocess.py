@@ -30,8 +30,9 @@ from brainlatent.data.preprocess import preprocess_image
 HCP_SHAPE = (260, 311, 260)
 HCP_VOXEL_MM = 0.7
 TARGETS = {  # name: (shape, fov_mm)
-    "default 32x40x32 (5.5 mm)": ((32, 40, 32), (176.0, 220.0, 176.0)),
-    "research 128x160x128 (1.25 mm)": ((128, 160, 128), (160.0, 200.0, 160.0)),
+    "default 24x32x24 (7.3 mm)": ((24, 32, 24), (176.0, 224.0, 176.0)),
+    "research 64x80x64 (2.75 mm)": ((64, 80, 64), (176.0, 220.0, 176.0)),
+    "128x160x128 (1.25 mm)": ((128, 160, 128), (160.0, 200.0, 160.0)),
 }
 SECTION = "## Preprocessing"
 

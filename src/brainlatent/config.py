@@ -154,7 +154,7 @@ class AEConfig(_FamilyConfig):
     max_channels: PositiveInt = 64
     min_bottleneck: PositiveInt = 4
     norm: Literal["group", "layer", "none"] = "group"
-    epochs: PositiveInt = 20
+    epochs: PositiveInt = 40  # 20 underfits (docs/architecture.md)
     batch_size: PositiveInt = 4
     lr: PositiveFloat = 2e-3
     weight_decay: NonNegFloat = 0.0
@@ -176,7 +176,7 @@ class VAEConfig(_FamilyConfig):
     beta: NonNegFloat = 1.0
     kl_warmup_epochs: NonNegFloat = 8.0  # KL weight ramps linearly from 0 to beta over this many epochs
     recon_sigma: PositiveFloat = 0.1  # Gaussian likelihood SD in normalised intensity units
-    epochs: PositiveInt = 20
+    epochs: PositiveInt = 50  # the KL term slows fitting (docs/architecture.md)
     batch_size: PositiveInt = 4
     lr: PositiveFloat = 2e-3
     weight_decay: NonNegFloat = 0.0
