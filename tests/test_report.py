@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from brainlatent.config import params_from_dict
 from brainlatent.evaluation import evaluate_family, train_featurenet
-from brainlatent.report import build_report, comparability_warnings, format_value
+from brainlatent.report import build_report, comparability_warnings, directions_summary, format_value
 from brainlatent.train.runner import train_family
 
 
@@ -92,3 +92,20 @@ def test_rows_from_different_feature_extractors_are_flagged():
     assert len(warnings) == 2 and "NOT comparable" in warnings[0] and "gan: b" in warnings[1]
     same = models.assign(featurenet="models:/brainlatent-featurenet/1", protocol="a")
     assert comparability_warnings(same) == []
+
+
+def test_directions_summary_marks_each_target_for_the_families_it_applies_to():
+    table = pd.DataFrame(
+        {"directions.sex_auc": [0.92, 0.899, 0.88], "directions.age_ventricle_sign_correct": [1.0, 1.0, 0.0],
+         "directions.sex_brain_volume_auc": [0.93, 0.93, 0.93], "fid": [float("nan"), 57.0, 6.4]},
+        index=["ae", "vae", "gan"],
+    )
+    summary = directions_summary(table)
+    sex = summary.loc["sex: probe AUC on held-out latents"]
+    assert sex["target"] == ">= 0.9 (ae, vae)"
+    assert (sex["ae"], sex["vae"], sex["gan"]) == ("0.92 pass", "0.899 FAIL", "0.88")  # no target for the GAN
+    sign = summary.loc["age direction: ventricle change has the planted sign (1 = yes)"]
+    assert (sign["ae"], sign["gan"]) == ("1 pass", "0 FAIL")
+    assert summary.loc["sex: baseline AUC, brain volume alone", "target"] == ""
+    assert "age direction: difference map vs planted age effect (r)" not in summary.index  # not measured here
+    assert directions_summary(table[["fid"]]) is None

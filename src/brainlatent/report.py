@@ -10,7 +10,9 @@ the report is the one MLflow holds; nothing is recomputed. Outputs (DVC out ``re
 * ``metrics.csv``: the same table at full precision (Markdown and HTML show 6 significant digits);
 * ``samples.png``: mid-slice tri-planar views side by side, real scans then each family's logged samples
   (reconstructions for the AE);
-* ``metrics.png``: bar plots of the headline metrics.
+* ``metrics.png``: bar plots of the headline metrics;
+* a "Latent directions" table (rows = questions, columns = families) of the directions stage's headline
+  numbers beside the targets the embedded synthetic cohort is checked against (``DIRECTION_CHECKS``).
 
 An MLflow run in ``brainlatent-report`` logs the table as metrics ``<family>.<metric>`` and the files as
 artifacts. When ``metrics/directions/<family>.json`` exists its numeric values are added as
@@ -50,6 +52,37 @@ HEADLINE_METRICS = (
     "age_group_tv", "mse", "psnr", "ssim",
 )
 DIRECTIONS_PREFIX = "directions."
+
+
+@dataclass(frozen=True)
+class DirectionCheck:
+    """One headline number of ``metrics/directions/<family>.json`` and, when it has one, its target."""
+
+    key: str
+    question: str
+    minimum: float | None = None  # the value must be >= this; None: reported without a target
+    families: tuple[str, ...] = ()  # the families the target applies to
+
+
+# The latent-direction experiment's questions, with the targets of its acceptance on the embedded synthetic
+# cohort (docs/directions_method.md, "Ground truth"): AUCs, monotonicity and map fidelity are required of
+# the autoencoders, whose latents come from an encoder; the planted sign of the age effect of every family.
+_AE_VAE = ("ae", "vae")
+DIRECTION_CHECKS = (
+    DirectionCheck("sex_auc", "sex: probe AUC on held-out latents", 0.90, _AE_VAE),
+    DirectionCheck("sex_brain_volume_auc", "sex: baseline AUC, brain volume alone"),
+    DirectionCheck("age_old_auc", "young/old: probe AUC on held-out latents", 0.85, _AE_VAE),
+    DirectionCheck("age_old_pca_voxels_auc", "young/old: baseline AUC, PCA of the voxels"),
+    DirectionCheck("age_ventricle_monotonicity", "age direction: ventricle volume rises (mean Spearman)", 0.9,
+                   _AE_VAE),
+    DirectionCheck("age_ventricle_sign_correct", "age direction: ventricle change has the planted sign (1 = yes)",
+                   1.0, FAMILIES),
+    DirectionCheck("age_map_r", "age direction: difference map vs planted age effect (r)", 0.5, _AE_VAE),
+    DirectionCheck("sex_local_map_r_raw", "sex direction: map vs planted local sex effect (r)"),
+    DirectionCheck("sex_local_map_r_size_controlled", "size-controlled sex direction: the same (r)"),
+    DirectionCheck("sex_local_size_controlled_better", "size control recovers the local sex effect better (1 = yes)",
+                   1.0, _AE_VAE),
+)
 # Axis sliced and (horizontal, vertical) axes of each panel, as in viz/montage.py (RAS, origin lower).
 _PLANES = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
 
@@ -126,6 +159,32 @@ def directions_columns(root: Path, family: str) -> dict[str, float]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     return {f"{DIRECTIONS_PREFIX}{k}": v for k, v in values.items()}
+
+
+def directions_summary(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Rows = the ``DIRECTION_CHECKS`` questions present in ``table`` (rows = family, ``directions.<key>``
+    columns), columns = ``target`` and one per family: the value, marked pass / FAIL where a target applies.
+    None when no family has directions numbers."""
+    rows = {}
+    for check in DIRECTION_CHECKS:
+        column = f"{DIRECTIONS_PREFIX}{check.key}"
+        if column not in table.columns or not table[column].notna().any():
+            continue
+        target = ""
+        if check.minimum is not None:
+            target = f">= {check.minimum:g} ({', '.join(f for f in check.families if f in table.index) or 'none here'})"
+        cells = {}
+        for family, value in table[column].items():
+            text = "" if pd.isna(value) else f"{value:.3g}"  # a summary: the full table keeps 6 digits
+            if text and check.minimum is not None and family in check.families:
+                text += " pass" if value >= check.minimum else " FAIL"
+            cells[family] = text
+        rows[check.question] = {"target": target, **cells}
+    if not rows:
+        return None
+    summary = pd.DataFrame(rows).T
+    summary.index.name = "question"
+    return summary
 
 
 def comparability_warnings(models: pd.DataFrame) -> list[str]:
@@ -268,12 +327,22 @@ def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], war
               "|---|" + "---|" * len(models.columns)]
     for family, row in models.iterrows():
         lines.append(f"| {family} | " + " | ".join(str(v) for v in row.to_numpy()) + " |")
+    summary = directions_summary(table)
+    if summary is not None:
+        lines += ["", "## Latent directions", "", _DIRECTIONS_NOTE, "",
+                  "| question | " + " | ".join(summary.columns) + " |", "|---|" + "---|" * len(summary.columns)]
+        lines += [f"| {q} | " + " | ".join(str(v) for v in row.to_numpy()) + " |" for q, row in summary.iterrows()]
     lines += ["", "Reconstruction metrics (mse, psnr, ssim) of the GAN families come from latent inversion "
               "(see the `reconstruction` tag of each evaluation run); PSNR is capped at 100 dB per volume.",
               "", "![samples](samples.png)", "", "![metrics](metrics.png)", ""]
     if notes:
         lines += ["## Not included", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+_DIRECTIONS_NOTE = ("From `metrics/directions/<family>.json` (held-out subjects; docs/directions_method.md). "
+                    "Targets are the checks on the embedded synthetic cohort; ground-truth rows appear only "
+                    "where the cohort has planted effects.")
 
 
 def _data_uri(path: Path) -> str:
@@ -299,6 +368,15 @@ def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warning
         for f, r in models.iterrows()
     )
     warn = "".join(f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in warnings)
+    summary, directions = directions_summary(table), ""
+    if summary is not None:
+        dhead = "".join(f"<th>{esc(c)}</th>" for c in summary.columns)
+        dbody = "".join(
+            f"<tr><th>{esc(str(q))}</th>" + "".join(f"<td>{esc(str(v))}</td>" for v in r.to_numpy()) + "</tr>\n"
+            for q, r in summary.iterrows()
+        )
+        directions = (f"<h2>Latent directions</h2><p>{esc(_DIRECTIONS_NOTE)}</p>"
+                      f"<div class=scroll><table><tr><th>question</th>{dhead}</tr>\n{dbody}</table></div>")
     note = ("<h2>Not included</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
     figs = "".join(
         f'<h2>{esc(title)}</h2><a href="{esc(p.name)}"><img src="{_data_uri(p)}" alt="{esc(title)}"></a>'
@@ -320,6 +398,7 @@ Reconstruction metrics of the GAN families come from latent inversion; PSNR is c
 {body}</table></div>
 <h2>Models</h2><div class=scroll><table><tr><th>family</th>{mhead}</tr>
 {mbody}</table></div>
+{directions}
 {figs}{note}
 </body></html>
 """
