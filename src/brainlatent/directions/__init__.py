@@ -25,8 +25,7 @@ __all__ = [
     "TARGETS", "PLANTED_AGE_SIGNS", "CovariateResidualizer", "DifferenceMap", "Direction", "Estimate",
     "Monotonicity", "ProbeResult", "ProbeSettings", "ProbeSuite", "Target", "TraversalEffects",
     "brain_volume", "cosine", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
-    "evaluate_probe",
-    "ground_truth_metrics", "group_difference_map", "make_probe", "map_correlation",
+    "evaluate_probe", "ground_truth_metrics", "group_difference_map", "make_probe", "map_correlation",
     "monotonicity", "probe_probability", "raw_gradient", "run_probe_suite", "symmetric_steps", "target_labels",
     "traversal_effects", "traverse",
 ]
