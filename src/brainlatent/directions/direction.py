@@ -44,7 +44,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .probes import CovariateResidualizer
+from .probes import DIRECTION_KINDS, CovariateResidualizer
 
 _FORMAT = "brainlatent.direction/1"
 
@@ -178,9 +178,6 @@ def raw_gradient(probe: Pipeline) -> np.ndarray:
     return grad
 
 
-DIRECTION_KINDS = ("pattern", "gradient")
-
-
 def direction_from_probe(
     probe: Pipeline,
     latents: np.ndarray,
@@ -211,7 +208,8 @@ def direction_from_probe(
     if kind == "pattern":
         seen = latents
         if residualizers:  # the latents as the probe saw them: size regressed out
-            seen = residualizers[0].transform(np.hstack([latents, np.asarray(covariates, np.float64).reshape(len(latents), -1)]))
+            covs = np.asarray(covariates, np.float64).reshape(len(latents), -1)
+            seen = residualizers[0].transform(np.hstack([latents, covs]))
         vector = np.cov(seen, rowvar=False) @ grad
     if residualizers:
         vector = _project_out(vector, covariate_axes(latents, covariates))  # see the module docstring

@@ -21,7 +21,6 @@ rounded to the nearest group).
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 
 import numpy as np

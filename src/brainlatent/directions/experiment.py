@@ -105,7 +105,7 @@ def probe_settings(params: Params) -> ProbeSettings:
     c = params.directions
     return ProbeSettings(n_splits=c.n_splits, n_repeats=c.n_repeats, C=c.probe_C, n_bootstrap=c.n_bootstrap,
                          n_permutations=c.n_permutations, pca_components=c.pca_components, seed=params.seed,
-                        direction=c.direction)
+                         direction=c.direction)
 
 
 # ------------------------------------------------------------------------------------------- cohort

@@ -38,6 +38,7 @@ Task = Literal["binary", "ordinal"]
 FeatureSet = Literal["latent", "latent_size_controlled", "pca_voxels", "brain_volume"]
 FEATURE_SETS: tuple[str, ...] = ("latent", "latent_size_controlled", "pca_voxels", "brain_volume")
 TASKS: tuple[str, ...] = ("binary", "ordinal")
+DIRECTION_KINDS: tuple[str, ...] = ("pattern", "gradient")  # how a fitted probe becomes a direction (direction.py)
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class ProbeSettings:
                 bad(name, "a positive integer")
         if self.n_permutations < 0:
             bad("n_permutations", "an integer >= 0")
-        if self.direction not in ("pattern", "gradient"):
-            bad("direction", "'pattern' or 'gradient'")
+        if self.direction not in DIRECTION_KINDS:
+            bad("direction", f"one of {DIRECTION_KINDS}")
         if self.C is not None and not self.C > 0:
             bad("C", "None (nested CV) or a positive float")
         if not self.Cs or min(self.Cs) <= 0:
