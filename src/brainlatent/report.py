@@ -308,7 +308,27 @@ def _header(col: str) -> str:
     return f"{col} {'↓' if direction == 'min' else '↑'}" if direction else col
 
 
-def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str]) -> str:
+def _markdown_table(frame: pd.DataFrame) -> list[str]:
+    """Lines of a plain Markdown table of ``frame``: its index (named by ``frame.index.name``) first."""
+    lines = [f"| {frame.index.name} | " + " | ".join(map(str, frame.columns)) + " |",
+             "|---|" + "---|" * len(frame.columns)]
+    return lines + [f"| {i} | " + " | ".join(str(v) for v in row.to_numpy()) + " |" for i, row in frame.iterrows()]
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    """A plain, scrollable HTML table of ``frame``: its index (named by ``frame.index.name``) first."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in frame.columns)
+    body = "".join(
+        f"<tr><th>{esc(str(i))}</th>" + "".join(f"<td>{esc(str(v))}</td>" for v in row.to_numpy()) + "</tr>\n"
+        for i, row in frame.iterrows()
+    )
+    return f"<div class=scroll><table><tr><th>{esc(str(frame.index.name))}</th>{head}</tr>\n{body}</table></div>"
+
+
+def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str],
+                summary: pd.DataFrame | None) -> str:
+    """``summary``: :func:`directions_summary` of ``table`` (None: no directions section)."""
     best = _best(table)
     lines = ["# Model comparison", ""]
     lines += [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
@@ -323,15 +343,9 @@ def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], war
             text = format_value(row[col])
             cells.append(f"**{text}**" if text and best.get(col) == family else text)
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
-    lines += ["", "## Models", "", "| family | " + " | ".join(models.columns) + " |",
-              "|---|" + "---|" * len(models.columns)]
-    for family, row in models.iterrows():
-        lines.append(f"| {family} | " + " | ".join(str(v) for v in row.to_numpy()) + " |")
-    summary = directions_summary(table)
+    lines += ["", "## Models", "", *_markdown_table(models)]
     if summary is not None:
-        lines += ["", "## Latent directions", "", _DIRECTIONS_NOTE, "",
-                  "| question | " + " | ".join(summary.columns) + " |", "|---|" + "---|" * len(summary.columns)]
-        lines += [f"| {q} | " + " | ".join(str(v) for v in row.to_numpy()) + " |" for q, row in summary.iterrows()]
+        lines += ["", "## Latent directions", "", _DIRECTIONS_NOTE, "", *_markdown_table(summary)]
     lines += ["", "Reconstruction metrics (mse, psnr, ssim) of the GAN families come from latent inversion "
               "(see the `reconstruction` tag of each evaluation run); PSNR is capped at 100 dB per volume.",
               "", "![samples](samples.png)", "", "![metrics](metrics.png)", ""]
@@ -350,8 +364,9 @@ def _data_uri(path: Path) -> str:
 
 
 def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str],
-            figures: dict[str, Path]) -> str:
-    """A self-contained page (figures embedded as data URIs; each also links to its file next to it)."""
+            figures: dict[str, Path], summary: pd.DataFrame | None) -> str:
+    """A self-contained page (figures embedded as data URIs; each also links to its file next to it);
+    ``summary`` as in :func:`to_markdown`."""
     esc = html.escape
     best = _best(table)
     head = "".join(f"<th>{esc(_header(c))}</th>" for c in table.columns)
@@ -362,21 +377,9 @@ def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warning
             for c in table.columns
         )
         body += f"<tr><th>{esc(str(family))}</th>{cells}</tr>\n"
-    mhead = "".join(f"<th>{esc(c)}</th>" for c in models.columns)
-    mbody = "".join(
-        f"<tr><th>{esc(str(f))}</th>" + "".join(f"<td>{esc(str(v))}</td>" for v in r.to_numpy()) + "</tr>\n"
-        for f, r in models.iterrows()
-    )
     warn = "".join(f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in warnings)
-    summary, directions = directions_summary(table), ""
-    if summary is not None:
-        dhead = "".join(f"<th>{esc(c)}</th>" for c in summary.columns)
-        dbody = "".join(
-            f"<tr><th>{esc(str(q))}</th>" + "".join(f"<td>{esc(str(v))}</td>" for v in r.to_numpy()) + "</tr>\n"
-            for q, r in summary.iterrows()
-        )
-        directions = (f"<h2>Latent directions</h2><p>{esc(_DIRECTIONS_NOTE)}</p>"
-                      f"<div class=scroll><table><tr><th>question</th>{dhead}</tr>\n{dbody}</table></div>")
+    directions = "" if summary is None else (
+        f"<h2>Latent directions</h2><p>{esc(_DIRECTIONS_NOTE)}</p>{_html_table(summary)}")
     note = ("<h2>Not included</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
     figs = "".join(
         f'<h2>{esc(title)}</h2><a href="{esc(p.name)}"><img src="{_data_uri(p)}" alt="{esc(title)}"></a>'
@@ -396,8 +399,7 @@ evaluation runs' MLflow metrics at 6 significant digits (full precision: <a href
 Reconstruction metrics of the GAN families come from latent inversion; PSNR is capped at 100 dB per volume.</p>
 <div class=scroll><table><tr><th>family</th>{head}</tr>
 {body}</table></div>
-<h2>Models</h2><div class=scroll><table><tr><th>family</th>{mhead}</tr>
-{mbody}</table></div>
+<h2>Models</h2>{_html_table(models)}
 {directions}
 {figs}{note}
 </body></html>
@@ -447,8 +449,9 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
         "Headline metrics": metrics_figure(table, out_dir / "metrics.png"),
     }
     shown_models = models.drop(columns=["has_samples"])
-    (out_dir / "metrics.md").write_text(to_markdown(table, shown_models, notes, warnings))
-    (out_dir / "index.html").write_text(to_html(table, shown_models, notes, warnings, figures))
+    summary = directions_summary(table)
+    (out_dir / "metrics.md").write_text(to_markdown(table, shown_models, notes, warnings, summary))
+    (out_dir / "index.html").write_text(to_html(table, shown_models, notes, warnings, figures, summary))
 
     exp_id = tracking.experiment_id(tracking.REPORT_EXPERIMENT, root)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
