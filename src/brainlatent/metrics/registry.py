@@ -15,6 +15,9 @@ anatomy             sample_measures, real_measures (DataFrames)  anat_<m>_w1_nor
                                                                  anat_w1_norm_mean, anat_ks_mean (min);
                                                                  anat_<m>_mean_ratio
 attributes          sample_predictions, real_predictions         frac_male_abs_diff, age_group_tv (min); ...
+quality             samples, reals (N[, 1], X, Y, Z), seed       c2st_auc, intensity_w1, tissue_tv,
+                                                                 density_gap (min), coverage (max); c2st_auc_std,
+                                                                 density, tissue_<class>_frac[_real]
 ==================  ===========================================  =============================================
 
 Keys without a direction are descriptive (spreads, bandwidths, per-set values) and cannot rank models.
@@ -27,7 +30,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from brainlatent.metrics import anatomical, generative, reconstruction
+from brainlatent.metrics import anatomical, generative, quality, reconstruction
 
 Direction = Literal["min", "max"]
 
@@ -41,6 +44,7 @@ METRICS: dict[str, Callable[..., dict[str, float]]] = {
     "ms_ssim_diversity": generative.ms_ssim_diversity,
     "anatomy": anatomical.measure_distances,
     "attributes": anatomical.attribute_distances,
+    "quality": quality.sample_quality,
 }
 
 METRIC_DIRECTIONS: dict[str, Direction] = {
@@ -55,6 +59,13 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
     "anat_ks_mean": "min",
     "frac_male_abs_diff": "min",
     "age_group_tv": "min",
+    # Sample quality (metrics/quality.py). c2st_auc: 0.5 = indistinguishable from the reals; below 0.5 is
+    # chance, so lower is better throughout. density_gap = |density - 1|, density's ideal being 1.
+    "c2st_auc": "min",
+    "intensity_w1": "min",
+    "tissue_tv": "min",
+    "density_gap": "min",
+    "coverage": "max",
 }
 # Per-measure anatomy keys (anat_<measure>_w1_norm / _ks) depend on the measure names.
 _ANAT_SUFFIX_DIRECTIONS: dict[str, Direction] = {"_w1_norm": "min", "_ks": "min"}
