@@ -237,3 +237,117 @@ def test_losses_are_float32_and_finite_under_bf16_autocast(cls):
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------ VAE sampling prior
+def _gaussian_latents(n: int, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    """Correlated, off-centre latents: what a trained encoder's posterior means look like."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=g) * 0.3
+    return 2.0 + torch.randn(n, dim, generator=g) @ mix
+
+
+def test_unfitted_prior_is_the_standard_normal():
+    model = tiny(VAE, arch="dense", hidden=[32]).eval()
+    assert not model.prior_is_fitted
+    with torch.no_grad():
+        fitted = model.sample(3, generator=torch.Generator().manual_seed(0))
+        standard = model.sample(3, generator=torch.Generator().manual_seed(0), prior="standard")
+        by_hand = model.decode(model.prior_latents(3, torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(fitted, standard, rtol=0, atol=0)
+    torch.testing.assert_close(standard, by_hand, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prior: expected 'fitted' or 'standard'"):
+        model.sample_latents(2, prior="aggregate")
+
+
+def test_fit_prior_is_the_ledoit_wolf_gaussian_of_the_latents_and_sample_draws_from_it():
+    from sklearn.covariance import LedoitWolf
+
+    model = tiny(VAE, arch="dense", hidden=[32]).eval()
+    latents = _gaussian_latents(60)
+    model.fit_prior(latents)
+    assert model.prior_is_fitted
+    expected = LedoitWolf().fit(latents.double().numpy())
+    torch.testing.assert_close(model.prior_mean, torch.tensor(expected.location_, dtype=torch.float32))
+    covariance = model.prior_scale_tril @ model.prior_scale_tril.T
+    torch.testing.assert_close(covariance, torch.tensor(expected.covariance_, dtype=torch.float32), atol=1e-5, rtol=1e-4)
+    draws = model.sample_latents(20_000, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(draws.mean(0), model.prior_mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), covariance, atol=0.03, rtol=0)
+    # sample() decodes those latents; "standard" still decodes N(0, I), far from the fitted mean of 2.
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.sample(4, torch.Generator().manual_seed(2)),
+            model.decode(model.sample_latents(4, torch.Generator().manual_seed(2))),
+        )
+    standard = model.sample_latents(2000, torch.Generator().manual_seed(3), prior="standard")
+    assert standard.mean().abs() < 0.05 and (standard.std() - 1).abs() < 0.05
+
+
+def test_fit_prior_with_fewer_latents_than_dimensions_stays_positive_definite():
+    model = tiny(VAE, arch="dense", hidden=[32], latent_dim=16)
+    model.fit_prior(_gaussian_latents(5, dim=16))  # the sample covariance would be singular (rank 4)
+    assert torch.isfinite(model.prior_scale_tril).all() and (model.prior_scale_tril.diagonal() > 0).all()
+
+
+def test_fit_prior_rejects_bad_latents():
+    model = tiny(VAE, arch="dense", hidden=[32])
+    with pytest.raises(ValueError, match=r"expected latents of shape \(B, 8\)"):
+        model.fit_prior(torch.zeros(10, 4))
+    with pytest.raises(ValueError, match="at least 2 latent vectors"):
+        model.fit_prior(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.fit_prior(torch.full((4, 8), float("nan")))
+    assert not model.prior_is_fitted
+
+
+def test_fitted_prior_is_saved_with_the_weights_and_read_back_weights_only(tmp_path):
+    from brainlatent.registry import load_weights
+
+    model = tiny(VAE, arch="dense", hidden=[32])
+    model.fit_prior(_gaussian_latents(30))
+    torch.save(model.state_dict(), tmp_path / "weights.pt")  # the registered artifact
+    again = build_model("vae", json.loads(json.dumps(model.config_dict())))
+    again.load_state_dict(load_weights(tmp_path / "weights.pt"), strict=True)
+    assert again.prior_is_fitted
+    for name in ("prior_mean", "prior_scale_tril"):
+        torch.testing.assert_close(getattr(again, name), getattr(model, name), rtol=0, atol=0)
+    loaded = load_model(model_checkpoint(model))
+    torch.testing.assert_close(loaded.prior_mean, model.prior_mean, rtol=0, atol=0)
+
+
+def test_weights_saved_before_the_prior_existed_load_with_the_standard_normal_and_a_warning(caplog):
+    old = tiny(VAE, arch="dense", hidden=[32])
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("prior_")}
+    model = tiny(VAE, arch="dense", hidden=[32], seed=1)
+    with caplog.at_level("WARNING", logger="brainlatent.models.vae"):
+        model.load_state_dict(state, strict=True)
+    assert "saved before the fitted prior" in caplog.text
+    assert not model.prior_is_fitted and torch.equal(model.prior_scale_tril, torch.eye(8))
+    torch.testing.assert_close(model.decoder[0].weight, old.decoder[0].weight, rtol=0, atol=0)
+    # Strictness is kept for everything else: a missing decoder weight still fails.
+    del state["decoder.0.weight"]
+    with pytest.raises(RuntimeError, match="decoder.0.weight"):
+        model.load_state_dict(state, strict=True)
+
+
+def test_training_fits_the_prior_at_the_end_and_checkpoints_it(tmp_path):
+    from brainlatent.config import VAEConfig
+    from brainlatent.train.checkpoint import load_checkpoint
+    from brainlatent.train.loop import LoopConfig, run_loop
+    from brainlatent.train.reconstruction import ReconstructionTask
+
+    cfg = VAEConfig(latent_dim=8, hidden=(32,), epochs=2, batch_size=4, kl_warmup_epochs=0.0)
+    train, val = blobs(12, (16, 16, 16), seed=0), blobs(4, (16, 16, 16), seed=1)
+    torch.manual_seed(0)
+    task = ReconstructionTask("vae", cfg, (16, 16, 16), torch.device("cpu"))
+    loop = LoopConfig(epochs=2, batch_size=4, seed=0, checkpoint=tmp_path / "last.pt")
+    run_loop(task, train, val, loop)
+    model = task.model
+    assert model.prior_is_fitted
+    with torch.no_grad():
+        means = model.encode(train)
+    torch.testing.assert_close(model.prior_mean, means.mean(0), atol=1e-5, rtol=0)
+    saved = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert saved["prior_fitted"] == 1.0
+    torch.testing.assert_close(saved["prior_mean"], model.prior_mean, rtol=0, atol=0)

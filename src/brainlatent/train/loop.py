@@ -106,6 +106,11 @@ class Task(ABC):
         """Data-dependent set-up from the training split before the first step (the dense autoencoders'
         template). A resume then restores the same buffers from the checkpoint."""
 
+    def on_train_end(self, train: torch.Tensor) -> None:
+        """After the last epoch's steps, before its validation, checkpoint and artifacts: fit what depends on
+        the trained weights (the VAE's sampling prior), so the final checkpoint and registered model hold it.
+        Runs on every rank under torchrun (same weights and data give the same fit)."""
+
     def on_epoch_start(self, epoch: int) -> dict[str, float]:
         """Per-epoch schedule (KL warm-up, progressive-growing level). Returns values worth logging."""
         return {}
@@ -277,12 +282,14 @@ def run_loop(
             distributed.broadcast_state(task.model, buffers_only=True)
             distributed.assert_in_sync(task.model, f"after epoch {epoch + 1}")
         metrics = {f"train_{k}": v / max(len(batches), 1) for k, v in sums.items()}
+        last = epoch + 1 == cfg.epochs
+        if last:
+            task.on_train_end(train)
         if rank0:
             metrics.update(task.validate(val))
         metrics.update(sched_values)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, **metrics})
-        last = epoch + 1 == cfg.epochs
         if rank0:
             log.info(
                 "epoch %d/%d %s", epoch + 1, cfg.epochs,

@@ -34,6 +34,12 @@ class ReconstructionTask(Task):
         if self.model.arch == "dense":  # dense models predict the deviation from the mean training volume
             self.model.set_template(train)
 
+    @torch.no_grad()
+    def on_train_end(self, train):
+        if self.family == "vae":  # sample() draws from a Gaussian fitted to the training posterior means
+            latents = [self.model.encode(self.prepare_batch(train[i : i + 16])).float() for i in range(0, len(train), 16)]
+            self.model.fit_prior(torch.cat(latents))
+
     def optimizers(self):
         return {"model": self.opt}
 
