@@ -50,7 +50,7 @@ def test_atlas_on_grid_is_centred_on_the_template_brain(tpl):
     assert anatomy.atlas_on_grid(GRID) is atlas  # cached
     np.testing.assert_allclose(atlas.grid.center_mm, tpl.center_mm)
     np.testing.assert_allclose(atlas.grid.voxel_mm, GRID.voxel_mm)
-    for roi in (atlas.brain, atlas.ventricle_roi, atlas.cortex_roi, atlas.wm_core, atlas.sex_region):
+    for roi in (atlas.brain, atlas.ventricle_roi, atlas.cortex_roi, atlas.wm_core, atlas.gm, atlas.wm, *atlas.regions.values()):
         assert roi.shape == GRID.shape and roi.min() >= 0.0 and roi.max() <= 1.0
     # Anti-aliased resampling keeps volumes.
     assert atlas.brain.sum() * GRID.voxel_volume_mm3 == pytest.approx(tpl.brain_mask.sum(), rel=0.01)
@@ -153,3 +153,107 @@ def test_load_effect_map_errors(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), path)
     with pytest.raises(ValueError, match="expected a 3D effect map"):
         anatomy.load_effect_map(path, GRID)
+
+
+# ------------------------------------------------------------------------ other contrasts, regions
+def _prepared(t1: np.ndarray, tpl) -> np.ndarray:
+    """A 1 mm brain as `prepare` would deliver it on GRID: brain percentiles -> [0, 1], anti-aliased."""
+    lo, hi = np.percentile(t1[tpl.brain_mask], anatomy.DEFAULT_PERCENTILES)
+    grid = anatomy.atlas_on_grid(GRID).grid
+    return np.clip((anatomy.resample_array(t1, tpl.affine, grid) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _rendered(tpl, intensities) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The template's anatomy rendered from its tissue maps with CSF, GM, WM ``intensities``, as `prepare`
+    delivers it, and those intensities after prepare's normalisation."""
+    intensities = np.asarray(intensities, float)
+    t1 = (intensities[0] * tpl.csf + intensities[1] * tpl.gm + intensities[2] * tpl.wm) * tpl.brain_mask
+    lo, hi = np.percentile(t1[tpl.brain_mask], anatomy.DEFAULT_PERCENTILES)
+    return _prepared(t1, tpl), tuple((intensities - lo) / (hi - lo))
+
+
+@pytest.fixture(scope="module")
+def other_contrast(tpl) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Another scanner's contrast: GM/WM 0.55, CSF/WM 0.15 (the template's: ~0.75 and ~0.3)."""
+    return _rendered(tpl, (150.0, 550.0, 1000.0))
+
+
+def test_tissue_levels_are_fitted_to_the_data(other_contrast, template_volume):
+    volume, expected = other_contrast
+    fitted = anatomy.estimate_tissue_levels(volume, GRID)
+    np.testing.assert_allclose([fitted.csf, fitted.gm, fitted.wm], expected, atol=0.06)
+    template = anatomy.tissue_levels()
+    assert abs(fitted.gm - template.gm) > 0.1  # a contrast the template's levels would misread
+    on_template = anatomy.estimate_tissue_levels(template_volume, GRID)
+    np.testing.assert_allclose([on_template.csf, on_template.gm, on_template.wm],
+                               [template.csf, template.gm, template.wm], atol=0.08)
+
+
+def test_measures_do_not_depend_on_the_contrast(tpl, other_contrast):
+    """The same anatomy under three contrasts measures the same with levels fitted to each; the template's
+    fixed levels misread the other contrasts."""
+    reference = anatomy.measure_volumes(_rendered(tpl, (280.0, 650.0, 870.0))[0], GRID)  # the template's ratios
+    for volume in (other_contrast[0], _rendered(tpl, (400.0, 750.0, 950.0))[0]):  # darker, then flatter
+        np.testing.assert_allclose(anatomy.measure_volumes(volume, GRID).iloc[0], reference.iloc[0], rtol=0.1)
+    fixed = anatomy.measure_volumes(other_contrast[0], GRID, levels="template")
+    assert fixed.ventricle_volume_mm3[0] > 1.3 * reference.ventricle_volume_mm3[0]
+    assert fixed.brain_volume_mm3[0] < 0.97 * reference.brain_volume_mm3[0]
+
+
+def test_ventricles_grow_under_another_contrast(other_contrast):
+    volume, (csf, _, _) = other_contrast
+    near = anatomy.atlas_on_grid(GRID).ventricle_roi > 0.9
+    volumes = []
+    for csf_fraction in (0.0, 0.2, 0.4, 0.6):
+        v = volume.copy()
+        v[near] = (1 - csf_fraction) * v[near] + csf_fraction * csf
+        volumes.append(v)
+    m = anatomy.measure_volumes(np.stack(volumes), GRID)
+    assert np.all(np.diff(m.ventricle_volume_mm3) > 0) and np.all(np.diff(m.brain_volume_mm3) < 0)
+    # Levels of a reference set, passed explicitly (e.g. real scans when measuring generated ones): each
+    # volume then measures as it does against that set, whatever else is in the call.
+    levels = anatomy.estimate_tissue_levels(volume, GRID)
+    against = anatomy.measure_volumes(np.stack(volumes), GRID, levels=levels)
+    assert np.all(np.diff(against.ventricle_volume_mm3) > 0)
+    np.testing.assert_allclose(against.iloc[0], anatomy.measure_volumes(volume, GRID).iloc[0], rtol=1e-6)
+
+
+def test_no_t1_contrast_falls_back_to_the_template_levels(caplog):
+    noise = np.random.default_rng(0).uniform(0, 1, (2, *GRID.shape)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="brainlatent.anatomy"):
+        fallback = anatomy.measure_volumes(noise, GRID)
+    assert "not a T1 contrast" in caplog.text
+    np.testing.assert_allclose(fallback, anatomy.measure_volumes(noise, GRID, levels="template"))
+    with pytest.raises(ValueError, match="levels: expected 'data', 'template'"):
+        anatomy.measure_volumes(noise, GRID, levels="scanner")
+
+
+def test_sex_region_follows_the_cohort(tmp_path, template_volume):
+    temporal = anatomy.measure_volumes(template_volume, GRID)
+    occipital = anatomy.measure_volumes(template_volume, GRID, sex_region="occipital_poles")
+    assert occipital.sex_region_volume_mm3[0] != pytest.approx(temporal.sex_region_volume_mm3[0], rel=0.05)
+    np.testing.assert_allclose(occipital.drop(columns="sex_region_volume_mm3"),
+                               temporal.drop(columns="sex_region_volume_mm3"))
+    with pytest.raises(ValueError, match="unknown region 'cerebellum'"):
+        anatomy.measure_volumes(template_volume, GRID, sex_region="cerebellum")
+
+    assert anatomy.sex_region_of(tmp_path) == anatomy.DEFAULT_SEX_REGION  # no cohort.json: real data
+    assert anatomy.sex_region_of(None) == anatomy.DEFAULT_SEX_REGION
+    (tmp_path / "cohort.json").write_text('{"effects": {"sex_local": {"region": "occipital_poles"}}}')
+    assert anatomy.sex_region_of(tmp_path) == "occipital_poles"
+    (tmp_path / "cohort.json").write_text('{"effects": {"sex_local": {"region": "bilateral temporal poles"}}}')
+    with pytest.raises(ValueError, match="is not one of"):
+        anatomy.sex_region_of(tmp_path)
+    (tmp_path / "cohort.json").write_text('{"effects": {}}')  # written before the recipes
+    assert anatomy.sex_region_of(tmp_path) == "temporal_poles"
+
+
+def test_local_regions(tpl):
+    for name, region in anatomy.LOCAL_REGIONS.items():
+        mask = tpl.region(name)
+        ball = 4 / 3 * np.pi * region.radius_mm**3
+        assert mask.sum() == pytest.approx(len(region.centers_mm) * ball, rel=0.05)  # balls apart, 1 mm voxels
+        assert tpl.brain_mask[mask].mean() > 0.8  # mostly brain: the effect is planted in tissue
+    assert not (tpl.region("temporal_poles") & tpl.region("occipital_poles")).any()
+    with pytest.raises(ValueError, match="unknown local region"):
+        anatomy.local_region("nowhere")

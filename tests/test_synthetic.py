@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -148,7 +149,7 @@ def test_age_grows_ventricles_and_thins_cortex_in_the_truth(truth):
     relative = truth.ventricle_volume_mm3 / truth.scale_factor**3
     assert np.corrcoef(np.log(relative), truth.age)[0, 1] > 0.9
     slope = np.polyfit(truth.age, np.log(relative), 1)[0]
-    assert slope == pytest.approx(CFG.ventricle_growth_per_year, rel=0.3)
+    assert slope == pytest.approx(CFG.template.ventricle_growth_per_year, rel=0.3)
     cortical = truth.cortical_gm_volume_mm3 / truth.scale_factor**3
     assert np.corrcoef(cortical, truth.age)[0, 1] < -0.8
 
@@ -183,12 +184,13 @@ def test_effect_maps_show_the_planted_effects(cohort):
     assert sex[shell].mean() > 20  # males larger: brain where females have background
     local = maps["sex_local_effect"].get_fdata()
     assert np.abs(local).max() > 50
+    region = anatomy.LOCAL_REGIONS["temporal_poles"]
     world = nib.affines.apply_affine(grid.affine, np.indices(grid.shape).reshape(3, -1).T)
-    dist = np.min([np.linalg.norm(world - c, axis=1) for c in anatomy.SEX_REGION_CENTERS_MM], axis=0)
-    near = (dist < 3 * anatomy.SEX_REGION_SIGMA_MM).reshape(grid.shape)
+    dist = np.min([np.linalg.norm(world - c, axis=1) for c in region.centers_mm], axis=0)
+    near = (dist < 3 * region.sigma_mm).reshape(grid.shape)
     assert (local[near] ** 2).sum() > 0.95 * (local**2).sum()  # confined to the temporal poles
     meta = json.loads((cohort / "cohort.json").read_text())["effects"]["sex_local"]
-    assert meta["male_to_female_region_volume_ratio_measured"] == pytest.approx(1 + CFG.local_sex_effect, abs=0.03)
+    assert meta["male_to_female_region_volume_ratio_measured"] == pytest.approx(1 + CFG.template.local_sex_effect, abs=0.03)
 
 
 # ----------------------------------------------------------------------------------- robustness
@@ -218,3 +220,119 @@ def test_output_grid_matches_hcp_at_0_7_mm():
     grid = synthetic.output_grid(0.7)
     assert grid.shape == (260, 311, 260)
     assert synthetic.output_grid(2.0).shape == (91, 109, 91)
+
+
+# --------------------------------------------------------------------------------- tissue recipe
+# The second recipe, tiny: 8 subjects at 6 mm (31 x 36 x 31 voxels).
+TISSUE = SynthConfig(recipe="tissue", n_subjects=8, voxel_mm=6.0, workers=1, seed=5)
+
+
+@pytest.fixture(scope="module")
+def tissue_cohort(tmp_path_factory) -> Path:
+    return synthetic.synthesize(TISSUE, tmp_path_factory.mktemp("tissue") / "cohort", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tissue_model():
+    return synthetic._model(synthetic._model_key(TISSUE))
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def test_tissue_recipe_is_seeded_and_recorded(tissue_cohort, tmp_path):
+    again = synthetic.synthesize(TISSUE, tmp_path / "again", progress=False)
+    assert _files(again) == _files(tissue_cohort)
+    assert len(_files(again)) == 8 + 2 + 4 + 1  # same layout as the template recipe
+    for rel in _files(again):
+        assert (again / rel).read_bytes() == (tissue_cohort / rel).read_bytes(), rel
+    other = synthetic.synthesize(dataclasses.replace(TISSUE, seed=6, n_subjects=2), tmp_path / "other", progress=False)
+    assert (other / "ground_truth.csv").read_bytes() != (tissue_cohort / "ground_truth.csv").read_bytes()
+
+    meta = json.loads((tissue_cohort / "cohort.json").read_text())
+    assert meta["recipe"] == "tissue" and meta["config"] == json.loads(json.dumps(dataclasses.asdict(TISSUE)))
+    assert meta["effects"]["sex_local"]["region"] == "occipital_poles" and meta["effects"]["sex_local"]["adds_brain_volume"]
+    assert anatomy.sex_region_of(tissue_cohort) == "occipital_poles"
+    truth = pd.read_csv(tissue_cohort / "ground_truth.csv")
+    assert list(truth.columns) == list(synthetic.GROUND_TRUTH_COLUMNS)
+    # Brains smaller than the template on average (mean_volume_ratio 0.85), sexes drawn around it.
+    assert 0.75 < truth.icv_mm3.mean() / meta["template_volumes"]["icv_mm3"] < 0.95
+
+
+def test_tissue_contrast_is_another_scanners(tissue_cohort, cohort):
+    """GM/WM intensity ratio of the noise-free reference brain: the tissue recipe's, not the template's."""
+    tpl = anatomy.load_template()
+
+    def gm_wm(root: Path, voxel_mm: float) -> float:
+        img = nib.load(root / "effect_maps" / "reference_t1w.nii.gz").get_fdata()
+        grid = synthetic.output_grid(voxel_mm)
+        gm, wm = (np.median(img[anatomy.resample_array(m, tpl.affine, grid) > 0.5]) for m in (tpl.gm * tpl.cortex, tpl.wm_core))
+        return gm / wm
+
+    t = TISSUE.tissue
+    assert gm_wm(tissue_cohort, TISSUE.voxel_mm) == pytest.approx(t.gm_intensity / t.wm_intensity, abs=0.05)
+    assert gm_wm(cohort, CFG.voxel_mm) > gm_wm(tissue_cohort, TISSUE.voxel_mm) + 0.1  # template: ~0.74
+
+
+def test_tissue_local_sex_effect_grows_the_region_and_the_brain(tissue_model):
+    """Same age, same global scale: the male occipital poles are 1 + local_sex_effect larger, and the brain
+    (parenchyma and mask) gains that volume: the case a brain-volume size covariate cannot separate."""
+    mean = synthetic._mean_log_volume(TISSUE)
+
+    def truth(sign: int) -> dict[str, float]:
+        return synthetic._render(tissue_model, synthetic.SubjectParams(0, "", 30.0, mean, sign), TISSUE, None)[1]
+
+    male, female = truth(1), truth(-1)
+    assert tissue_model.local_ratio_measured == pytest.approx(1 + TISSUE.tissue.local_sex_effect, abs=0.02)
+    assert male["sex_region_volume_mm3"] / female["sex_region_volume_mm3"] == pytest.approx(
+        1 + TISSUE.tissue.local_sex_effect, abs=0.06
+    )
+    grown = TISSUE.tissue.local_sex_effect * female["sex_region_volume_mm3"]
+    assert male["brain_volume_mm3"] - female["brain_volume_mm3"] > 0.7 * grown
+    assert male["icv_mm3"] > female["icv_mm3"]
+    assert male["ventricle_volume_mm3"] == pytest.approx(female["ventricle_volume_mm3"], rel=0.03)
+
+
+def test_tissue_age_effects(tissue_model, tissue_cohort):
+    mean, t = synthetic._mean_log_volume(TISSUE), TISSUE.tissue
+    span = TISSUE.age_max - TISSUE.age_min
+
+    def truth(age: float) -> dict[str, float]:
+        return synthetic._render(tissue_model, synthetic.SubjectParams(0, "", age, mean, 0), TISSUE, None)[1]
+
+    young, old = truth(TISSUE.age_min), truth(TISSUE.age_max)
+    assert old["cortical_gm_volume_mm3"] / young["cortical_gm_volume_mm3"] == pytest.approx(
+        math.exp(-t.sulcal_widening_per_year * span), abs=0.01
+    )
+    growth = math.log(old["ventricle_volume_mm3"] / young["ventricle_volume_mm3"])
+    assert growth == pytest.approx(t.ventricle_growth_per_year * span, rel=0.35)  # 6 mm voxels: coarse
+
+    tpl = anatomy.load_template()
+    grid = synthetic.output_grid(TISSUE.voxel_mm)
+    age = nib.load(tissue_cohort / "effect_maps" / "age_effect.nii.gz").get_fdata()
+    on_grid = lambda roi: anatomy.resample_array(roi, tpl.affine, grid) > 0.5  # noqa: E731
+    y = nib.affines.apply_affine(grid.affine, np.indices(grid.shape).reshape(3, -1).T)[:, 1].reshape(grid.shape)
+    cortex = on_grid(tpl.cortex)
+    frontal, occipital = cortex & (y > 20), cortex & (y < -60)
+    assert age[frontal].mean() < 1.5 * age[occipital].mean() < 0  # sulcal widening: frontal lobes first
+    assert age[on_grid(tpl.wm_core)].mean() < -0.3 * abs(age[frontal].mean())  # WM darkens with age
+    assert age[on_grid(tpl.ventricles)].mean() < 0
+
+
+def test_tissue_sex_effect_maps(tissue_cohort):
+    grid = synthetic.output_grid(TISSUE.voxel_mm)
+    local = nib.load(tissue_cohort / "effect_maps" / "sex_local_effect.nii.gz").get_fdata()
+    world = nib.affines.apply_affine(grid.affine, np.indices(grid.shape).reshape(3, -1).T)
+
+    def near(name: str, k: float) -> np.ndarray:
+        region = anatomy.LOCAL_REGIONS[name]
+        dist = np.min([np.linalg.norm(world - c, axis=1) for c in region.centers_mm], axis=0)
+        return (dist < k * region.sigma_mm).reshape(grid.shape)
+
+    energy = (local**2).sum()
+    # The growth pushes the rest of the brain outward (~1/r^2): faint edge changes everywhere, most near the poles.
+    assert (local[near("occipital_poles", 3)] ** 2).sum() > 0.45 * energy
+    assert (local[near("temporal_poles", 1.5)] ** 2).sum() < 0.05 * energy
+    sex = nib.load(tissue_cohort / "effect_maps" / "sex_effect.nii.gz").get_fdata()
+    assert (sex**2).sum() > energy  # global scale on top of the local effect

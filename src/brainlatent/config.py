@@ -11,12 +11,14 @@ checks: the error messages already carry the field path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -39,25 +41,18 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- data
 @dataclass(config=_STRICT)
-class SynthConfig:
-    """The synthetic HCP-like cohort built from the MNI152 2009a template (see docs/synthetic_cohort.md).
+class TemplateRecipeConfig:
+    """``synth.recipe: template``: the MNI152 2009a T1 warped, keeping the template's own intensities.
 
     Effect sizes are deliberately larger than in real young adults so that they are detectable with
-    ``n_subjects`` brains at the default coarse resolution; they are documented and written to the
-    ground-truth table.
+    ``n_subjects`` brains at the default coarse resolution (docs/synthetic_cohort.md).
     """
 
-    n_subjects: PositiveInt = 160
-    out_dir: str = "data/raw/synthetic"
-    voxel_mm: PositiveFloat = 2.0  # 0.7 gives HCP's 260x311x260 grid (benchmarks)
-    male_fraction: Fraction = 0.5
-    age_min: PositiveFloat = 22.0
-    age_max: PositiveFloat = 37.0
     # Sex: males ~10% larger brain volume on average (linear scale 1.10 ** (1/3)), overlapping distributions.
     male_volume_ratio: PositiveFloat = 1.10
     volume_sd: NonNegFloat = 0.05  # SD of log brain volume within each sex
     # Local sex effect, not explained by size: male / female volume ratio of the bilateral temporal poles
-    # is 1 + local_sex_effect (negative: smaller in males; see docs/synthetic_cohort.md).
+    # is 1 + local_sex_effect (negative: smaller in males); a shell around them gives way (~volume-neutral).
     local_sex_effect: Annotated[float, Field(gt=-1)] = 0.25
     # Age: relative lateral-ventricle volume increase per year, and relative cortical GM thinning per year.
     ventricle_growth_per_year: NonNegFloat = 0.06
@@ -69,14 +64,120 @@ class SynthConfig:
     intensity_sd: NonNegFloat = 0.05  # SD of the log global intensity scale
     bias_field: NonNegFloat = 0.1  # SD of the log multiplicative bias field (~40 mm smooth)
     noise_sd: NonNegFloat = 0.02  # Gaussian noise SD, in template units (WM ~ 0.87)
+
+
+@dataclass(config=_STRICT)
+class TissueRecipeConfig:
+    """``synth.recipe: tissue``: T1 contrast rendered from the template's GM/WM/CSF probability maps with
+    another scanner's tissue intensities, other anatomy variation and other planted effects
+    (docs/synthetic_cohort.md, "The tissue cohort")."""
+
+    # Contrast: pure-tissue intensities (scanner units; prepare's percentile normalisation removes the unit).
+    # GM/WM 0.60 and CSF/WM 0.19 (the template's: 0.75 and 0.32).
+    csf_intensity: PositiveFloat = 250.0
+    gm_intensity: PositiveFloat = 780.0
+    wm_intensity: PositiveFloat = 1300.0
+    tissue_intensity_sd: NonNegFloat = 0.03  # per-subject SD of each tissue's log intensity (contrast drift)
+    psf_fwhm_mm: NonNegFloat = 2.5  # partial-volume blur of the scanner's point-spread function
+    # Anatomy: brains smaller than the template on average (like native HCP brains), volume-preserving
+    # anisotropic head shapes and a right-frontal / left-occipital torque (petalia).
+    mean_volume_ratio: PositiveFloat = 0.85  # geometric-mean brain volume / the template's
+    male_volume_ratio: PositiveFloat = 1.08
+    volume_sd: NonNegFloat = 0.06
+    head_shape_sd: NonNegFloat = 0.03  # SD of each axis' log length, volume kept
+    torque_mm: float = 2.0  # mean forward shift of the right hemisphere at x = 60 mm (left: backward)
+    torque_sd_mm: NonNegFloat = 1.5
+    deformation_mm: NonNegFloat = 2.5  # RMS length of the smooth random displacement (~25 mm smooth)
+    # Sex, local and size-independent: the occipital poles grow in males by 1 + local_sex_effect (in volume),
+    # pushing their surroundings outward, so the brain gains that volume (females unchanged).
+    local_sex_effect: Annotated[float, Field(gt=-1)] = 0.30
+    # Age: ventricles x exp(g * years); sulcal CSF widening (cortical GM -> CSF from the pial side, frontal
+    # lobes ~3x the occipital rate); WM T1 darkening (GM/WM contrast lost per year).
+    ventricle_growth_per_year: NonNegFloat = 0.035
+    sulcal_widening_per_year: NonNegFloat = 0.008
+    wm_contrast_loss_per_year: NonNegFloat = 0.01
+    # Nuisance.
+    rotation_deg: NonNegFloat = 4.0
+    translation_mm: NonNegFloat = 4.0
+    intensity_sd: NonNegFloat = 0.2  # SD of the log global intensity scale
+    bias_field: NonNegFloat = 0.15  # SD of each term (linear, radial) of a coil-like log gain at 70 mm
+    noise_sd: NonNegFloat = 0.03  # Rician noise SD, a fraction of the WM intensity
+
+    @model_validator(mode="after")
+    def _t1_contrast(self) -> "TissueRecipeConfig":
+        if not self.csf_intensity < self.gm_intensity < self.wm_intensity:
+            raise ValueError(
+                f"expected T1 contrast csf_intensity < gm_intensity < wm_intensity, got {self.csf_intensity}, "
+                f"{self.gm_intensity}, {self.wm_intensity}"
+            )
+        return self
+
+
+# Keys that lived at the top of `synth` before the recipes (a clear error instead of "unexpected keyword").
+_TEMPLATE_KEYS = frozenset(f.name for f in dataclasses.fields(TemplateRecipeConfig))
+
+
+@dataclass(config=_STRICT)
+class SynthConfig:
+    """The synthetic HCP-like cohort (docs/synthetic_cohort.md), made by one of two recipes.
+
+    ``recipe`` picks how brains are made; only that recipe's mapping (``template`` or ``tissue``) is read, and
+    both are validated. The other fields are shared.
+    """
+
+    recipe: Literal["template", "tissue"] = "template"
+    n_subjects: PositiveInt = 160
+    out_dir: str = "data/raw/synthetic"
+    voxel_mm: PositiveFloat = 2.0  # 0.7 gives HCP's 260x311x260 grid (benchmarks)
+    male_fraction: Fraction = 0.5
+    age_min: PositiveFloat = 22.0
+    age_max: PositiveFloat = 37.0
+    template: TemplateRecipeConfig = TemplateRecipeConfig()
+    tissue: TissueRecipeConfig = TissueRecipeConfig()
     workers: PositiveInt = 2
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_layout(cls, values: Any) -> Any:
+        # params files written before the recipes kept the template recipe's keys at the top of `synth`:
+        # still read (with a warning) when there is no `template` mapping, refused when both are given.
+        kwargs = getattr(values, "kwargs", None) or {}
+        legacy = sorted(_TEMPLATE_KEYS & set(kwargs))
+        if not legacy:
+            return values
+        if "template" in kwargs:
+            raise ValueError(f"{', '.join(legacy)}: belong under synth.template, which is also given")
+        logging.getLogger(__name__).warning(
+            "synth: %s at the top of `synth` is the old layout; move them under synth.template", ", ".join(legacy)
+        )
+        rest = {k: v for k, v in kwargs.items() if k not in _TEMPLATE_KEYS}
+        return ArgsKwargs(values.args, {**rest, "template": {k: kwargs[k] for k in legacy}})
+
+    @field_validator("template", "tissue", mode="before")
+    @classmethod
+    def _recipe_mapping(cls, value: Any, info: ValidationInfo) -> Any:
+        # Strict mode takes only instances for nested dataclasses; a YAML mapping is validated field by field.
+        recipe = TemplateRecipeConfig if info.field_name == "template" else TissueRecipeConfig
+        if isinstance(value, dict):
+            return recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        return value
 
     @model_validator(mode="after")
     def _ages(self) -> "SynthConfig":
         if self.age_max <= self.age_min:
             raise ValueError(f"age_max ({self.age_max}) must be greater than age_min ({self.age_min})")
+        if self.tissue.wm_contrast_loss_per_year * (self.age_max - self.age_min) >= 1:
+            raise ValueError(
+                "tissue.wm_contrast_loss_per_year x (age_max - age_min) must stay below 1 (WM brighter than GM "
+                f"at age_max), got {self.tissue.wm_contrast_loss_per_year} x {self.age_max - self.age_min}"
+            )
         return self
+
+    @property
+    def recipe_config(self) -> TemplateRecipeConfig | TissueRecipeConfig:
+        """The selected recipe's settings."""
+        return self.template if self.recipe == "template" else self.tissue
 
 
 @dataclass(config=_STRICT)

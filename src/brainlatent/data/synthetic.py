@@ -1,19 +1,25 @@
-"""A synthetic HCP-like cohort with planted, known sex and age effects (``brainlatent synth``).
+"""Synthetic HCP-like cohorts with planted, known sex and age effects (``brainlatent synth``).
 
-Every subject is the 1 mm MNI152 2009a template (nilearn, offline) pulled through one composed backward
-map, from the subject's scanner space to the template::
+Two recipes (``synth.recipe``) make brains in different ways, so that no default of the project is tuned to
+how one cohort was made (docs/synthetic_cohort.md):
 
-    rigid misalignment^-1 -> random smooth deformation -> global scale^-1 (about the template brain's
-    centre of mass) -> local sex effect (temporal poles) -> ventricle enlargement with age -> template
+* ``template`` (the embedded cohort): the MNI152 2009a template T1 with its own intensities;
+* ``tissue``: T1 contrast rendered from the template's GM/WM/CSF probability maps with another scanner's
+  tissue intensities, partial-volume blur, a coil-like bias field and Rician noise; larger deformations,
+  anisotropic head shapes and a hemispheric torque; a local sex effect elsewhere (occipital poles) that adds
+  brain volume; age as slower ventricle growth, frontal-weighted sulcal widening and WM T1 darkening.
 
-and sampled once (trilinear, ``scipy.ndimage.map_coordinates``): T1, GM/WM probabilities, the ventricle
-label and the brain mask share the same map, so the ground-truth volumes are measured on exactly the
-geometry of the image. Age also thins cortical GM (GM turned into CSF from the pial side). A smooth bias
-field, an intensity scale and Gaussian noise come last. Effect sizes and their definitions are in
-docs/synthetic_cohort.md and in ``cohort.json``; they are exaggerated on purpose.
+Every subject is the 1 mm template's maps (nilearn, offline) pulled through one composed backward map, from
+the subject's scanner space to the template::
 
-Smooth shape effects are stationary velocity fields integrated by scaling and squaring (``exp(v)``), so
-they stay invertible (no folding) however strong the planted effect.
+    rigid misalignment^-1 -> random smooth deformation -> head shape and global scale^-1 (about the template
+    brain's centre of mass) -> local sex effect -> ventricle enlargement with age -> template
+
+and sampled once (trilinear, ``scipy.ndimage.map_coordinates``): the image's channels, GM/WM probabilities,
+the ventricle label, the sex region and the brain mask share the same map, so the ground-truth volumes are
+measured on exactly the geometry of the image. Age also turns cortical GM into CSF from the pial side. The
+recipe's intensity model, partial-volume blur, bias field, intensity scale and noise come last. Effect sizes
+and their definitions are in docs/synthetic_cohort.md and in ``cohort.json``; they are exaggerated on purpose.
 
 Output (HCP Young Adult layout, written to a temporary folder and renamed into place)::
 
@@ -21,7 +27,7 @@ Output (HCP Young Adult layout, written to a temporary folder and renamed into p
     <out_dir>/unrestricted_synthetic.csv                       Subject, Gender, Age (HCP ranges)
     <out_dir>/ground_truth.csv                                 exact sex, age, scale, volumes per subject
     <out_dir>/effect_maps/{age,sex,sex_local}_effect.nii.gz    noise-free effects in template space
-    <out_dir>/cohort.json                                      config, effect sizes, grid
+    <out_dir>/cohort.json                                      recipe, config, effect sizes, grid
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -45,8 +52,10 @@ from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
 from brainlatent import anatomy
-from brainlatent.config import SynthConfig
+from brainlatent.config import SynthConfig, TemplateRecipeConfig, TissueRecipeConfig
+from brainlatent.data import fields
 from brainlatent.data.cohort import age_to_group
+from brainlatent.data.fields import LatticeField, col, voxel_points
 from brainlatent.data.hcp import IMAGE_PATHS, SYNTHETIC_CSV, SYNTHETIC_EFFECT_MAPS, SYNTHETIC_GROUND_TRUTH
 from brainlatent.grid import Grid
 
@@ -57,19 +66,30 @@ log = logging.getLogger(__name__)
 # (2 mm -> 91 x 109 x 91).
 HCP_BOX_ORIGIN_MM = np.array([-90.0, -126.0, -72.0])
 HCP_BOX_MM = np.array([182.0, 217.7, 182.0])
-IMAGE_SCALE = 1000.0  # template intensity 1 -> 1000: WM ~870, GM ~650, CSF ~280 (T1w-like int16 range)
-COHORT_JSON = "cohort.json"
+IMAGE_SCALE = 1000.0  # template recipe: intensity 1 -> 1000: WM ~870, GM ~650, CSF ~280 (T1w-like int16)
+COHORT_JSON = anatomy.COHORT_JSON
 GROUND_TRUTH_COLUMNS = (
     "Subject", "sex", "age", "scale_factor", "ventricle_volume_mm3", "gm_volume_mm3",
-    "cortical_gm_volume_mm3", "brain_volume_mm3", "icv_mm3", "intensity_scale", "rotation_deg", "translation_mm",
+    "cortical_gm_volume_mm3", "brain_volume_mm3", "icv_mm3", "sex_region_volume_mm3", "intensity_scale",
+    "rotation_deg", "translation_mm",
 )  # fmt: skip
+# Where each recipe plants its local sex effect (anatomy.LOCAL_REGIONS).
+RECIPE_REGIONS = {"template": "temporal_poles", "tissue": "occipital_poles"}
 
 _VENTRICLE_SMOOTH_MM = 4.0  # the ventricle velocity is the gradient of the ventricle mask blurred this much
 _FIELD_SPACING_MM = 2.0  # lattice of the template-space effect fields
-_NUISANCE_SPACING_MM, _NUISANCE_SMOOTH_MM = 5.0, 15.0  # random deformation: smooth on ~15 mm scales
-_BIAS_SPACING_MM, _BIAS_SMOOTH_MM = 10.0, 40.0  # bias field: very smooth
+_SOURCE_SPACING_MM = 3.0  # the tissue recipe's volume-adding field spans the whole brain: a coarser lattice
+# Random deformation (lattice spacing, smoothness in mm): ~15 mm scales (template), ~25 mm (tissue).
+_DEFORMATION_LATTICE = {"template": (5.0, 15.0), "tissue": (6.0, 25.0)}
+_BIAS_SPACING_MM, _BIAS_SMOOTH_MM = 10.0, 40.0  # template recipe's bias field: very smooth, random
+_COIL_RADIUS_MM = 70.0  # tissue recipe's bias: log gain terms have SD bias_field at this distance
+_TORQUE_RADIUS_MM = 60.0  # tissue recipe's torque_mm is the shift at this distance from the midline
+# Tissue recipe's sulcal widening weight 1 + A tanh((y - y_centre) / L): frontal pole ~3x the occipital.
+_FRONTAL_AMPLITUDE, _FRONTAL_LENGTH_MM = 0.5, 30.0
 _SUPPORT_BLOCK = 2  # 2 mm lattice of the template's dilated brain mask (screening, see _Model.support)
 _SCREEN_BLOCK_MM = 4.0  # output voxels are screened in blocks of about this size
+# How much a screening block can stretch under the subject's inverse scale, head shape and deformation.
+_BLOCK_STRETCH = {"template": 2.0, "tissue": 2.5}
 _CHUNK_POINTS = 2_000_000  # output voxels per chunk (bounds memory at 0.7 mm)
 
 
@@ -82,71 +102,9 @@ def output_grid(voxel_mm: float) -> Grid:
     return Grid(shape, affine)
 
 
-# Points are (3, M) arrays throughout: contiguous per coordinate, which is what map_coordinates wants.
-def _col(v) -> np.ndarray:
-    return np.asarray(v, np.float64).reshape(3, 1)
-
-
-def _voxel_points(shape, flat_index: np.ndarray) -> np.ndarray:
-    """Voxel coordinates (3, M) of the given flat (C-order) indices into an array of ``shape``."""
-    return np.stack(np.unravel_index(flat_index, shape)).astype(np.float64)
-
-
-@dataclass(frozen=True)
-class _Field:
-    """A field sampled on a regular lattice: ``values`` (C, nx, ny, nz), world mm = origin + spacing * ijk.
-
-    C = 3 for displacements (mm), 1 for scalar maps. Zero outside the lattice (every field here decays to
-    ~0 before the lattice edge). Sampled trilinearly.
-    """
-
-    origin: np.ndarray
-    spacing: float
-    values: np.ndarray
-
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        """Field values (C, M) at world points (3, M)."""
-        coords = (points - _col(self.origin)) / self.spacing
-        return np.stack(
-            [ndimage.map_coordinates(c, coords, order=1, mode="constant", prefilter=False) for c in self.values]
-        )
-
-    def points(self) -> np.ndarray:
-        """World mm (3, M) of every lattice point, C order."""
-        shape = self.values.shape[1:]
-        return _col(self.origin) + self.spacing * _voxel_points(shape, np.arange(int(np.prod(shape))))
-
-    def max_norm(self) -> float:
-        return float(np.sqrt((self.values**2).sum(axis=0)).max())
-
-
-def _exp(velocity: _Field, t: float) -> _Field:
-    """Displacement of the flow of the stationary velocity ``t * velocity`` at time 1 (scaling and squaring).
-
-    Each squaring composes the field with itself, u <- u + u o (id + u), after scaling it down until no
-    step moves more than half a lattice cell: the result is a diffeomorphism however large ``t`` is.
-    """
-    vmax = abs(t) * velocity.max_norm()
-    if vmax == 0:
-        return _Field(velocity.origin, velocity.spacing, np.zeros_like(velocity.values))
-    steps = max(0, math.ceil(math.log2(vmax / (0.5 * velocity.spacing)))) + 2
-    u = _Field(velocity.origin, velocity.spacing, (t / 2**steps) * velocity.values)
-    pts = u.points()
-    shape = velocity.values.shape
-    for _ in range(steps):
-        flat = u.values.reshape(3, -1)
-        u = _Field(u.origin, u.spacing, (flat + u(pts + flat)).reshape(shape).astype(np.float32))
-    return u
-
-
-def _random_field(rng: np.random.Generator, grid: Grid, spacing: float, smooth: float, components: int) -> _Field:
-    """Gaussian-smoothed white noise on a lattice covering ``grid`` (+20 mm), unit RMS per component."""
-    origin = grid.affine[:3, 3] - 20.0
-    n = np.ceil((grid.fov_mm + 40.0) / spacing).astype(int) + 1
-    noise = rng.standard_normal((components, *n))
-    values = np.stack([ndimage.gaussian_filter(c, smooth / spacing, mode="wrap") for c in noise])
-    values /= np.sqrt((values**2).mean(axis=tuple(range(1, values.ndim)), keepdims=True))
-    return _Field(origin, spacing, values.astype(np.float32))
+def _chunks(index: np.ndarray):
+    for start in range(0, index.size, _CHUNK_POINTS):
+        yield slice(start, start + _CHUNK_POINTS)
 
 
 # -------------------------------------------------------------------------------------- the model
@@ -154,6 +112,7 @@ def _random_field(rng: np.random.Generator, grid: Grid, spacing: float, smooth: 
 class _ModelKey:
     """The settings the template-space model depends on (hashable: one cached model per process)."""
 
+    recipe: str
     voxel_mm: float
     local_sex_effect: float
     max_ventricle_log_growth: float
@@ -161,8 +120,9 @@ class _ModelKey:
 
 @dataclass
 class _Model:
-    """Everything shared by all subjects: pre-filtered template channels and the effect fields."""
+    """Everything shared by all subjects of a recipe: pre-filtered template channels and the effect fields."""
 
+    recipe: str
     grid: Grid  # output grid
     channels: dict[str, np.ndarray]  # 1 mm template crops, anti-aliased for the output voxel size
     channel_origin: np.ndarray  # world mm of channel voxel (0, 0, 0); 1 mm voxels
@@ -170,15 +130,20 @@ class _Model:
     # Screening: output voxels come in cubes of `block` voxels; a cube is rendered only if its centre,
     # mapped to the template before the effect fields, lands where `support` (the brain mask dilated by
     # the largest effect displacement plus the cube's radius) is > 0.5. Saves ~2/3 of the work.
-    support: _Field
+    support: LatticeField
     block: int
-    ventricle_velocity: _Field
+    ventricle_velocity: LatticeField
     ventricle_table: tuple[np.ndarray, np.ndarray]  # (t, log volume ratio): calibration of exp(t v)
-    local_fields: dict[int, _Field]  # +1 male, -1 female: backward displacement of the local sex effect
-    local_rate: float  # a: male backward map exp(-a v_local), female exp(+a v_local)
+    region_name: str  # anatomy.LOCAL_REGIONS key of the local sex effect
+    local_fields: dict[int, LatticeField]  # sign (+1 male, -1 female) -> backward displacement; absent: none
+    local_rate: float  # a: male backward map exp(-a v_local) (template recipe: female exp(+a v_local))
     local_ratio_measured: float  # male / female region volume, measured on the template
-    gm_csf_contrast: float  # template intensity lost per unit of GM turned into CSF
+    gm_csf_contrast: float  # template T1 intensity lost per unit of GM turned into CSF
     template_volumes: dict[str, float]
+
+    @property
+    def region(self) -> anatomy.LocalRegion:
+        return anatomy.local_region(self.region_name)
 
     def ventricle_t(self, log_growth: float) -> float:
         """Flow time of the ventricle field giving ventricles ``exp(log_growth)`` times the template's."""
@@ -195,7 +160,7 @@ def _crop_to(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
-def _ventricle_velocity(tpl: anatomy.Template) -> _Field:
+def _ventricle_velocity(tpl: anatomy.Template) -> LatticeField:
     """v = grad(G_sigma * ventricles): points towards the ventricles, so the backward map exp(t v) pulls
     every voxel from closer to the ventricles and they grow smoothly along their whole shape."""
     crop = _crop_to(tpl.ventricles, margin=20)  # G_4mm's gradient is ~0 beyond 20 mm
@@ -203,20 +168,20 @@ def _ventricle_velocity(tpl: anatomy.Template) -> _Field:
     step = int(_FIELD_SPACING_MM)
     grad = np.stack(np.gradient(blurred))[:, ::step, ::step, ::step]
     origin = nib.affines.apply_affine(tpl.affine, [s.start for s in crop])
-    return _Field(origin, float(step), grad.astype(np.float32))
+    return LatticeField(origin, float(step), grad.astype(np.float32))
 
 
-def _ventricle_table(tpl: anatomy.Template, velocity: _Field, max_log_growth: float):
+def _ventricle_table(tpl: anatomy.Template, velocity: LatticeField, max_log_growth: float):
     """log(V(t) / V(0)) of the template ventricles warped by exp(t v), for t on a grid up to the largest
     growth the cohort needs (V measured at 1 mm)."""
     crop = _crop_to(tpl.ventricles, margin=10)  # walls move < 6 mm at the largest growth
     vent = tpl.ventricles[crop].astype(np.float32)
     origin = nib.affines.apply_affine(tpl.affine, [s.start for s in crop])
-    ijk = _voxel_points(vent.shape, np.arange(vent.size))
-    pts = _col(origin) + ijk
+    ijk = voxel_points(vent.shape, np.arange(vent.size))
+    pts = col(origin) + ijk
 
     def log_ratio(t: float) -> float:
-        coords = ijk + _exp(velocity, t)(pts)
+        coords = ijk + fields.exp(velocity, t)(pts)
         warped = ndimage.map_coordinates(vent, coords, order=1, mode="constant", prefilter=False)
         return float(np.log(warped.sum() / vent.sum()))
 
@@ -233,50 +198,46 @@ def _ventricle_table(tpl: anatomy.Template, velocity: _Field, max_log_growth: fl
     return np.array(ts), np.maximum.accumulate(np.array(logs))
 
 
-def _local_velocity() -> _Field:
-    """v(x) = sum_c (x - c) exp(-|x - c|^2 / 2 sigma^2) around both temporal poles: a radial expansion."""
-    sigma = anatomy.SEX_REGION_SIGMA_MM
-    centers = np.array(anatomy.SEX_REGION_CENTERS_MM)
-    lo, hi = centers.min(axis=0) - 4 * sigma, centers.max(axis=0) + 4 * sigma
-    n = np.ceil((hi - lo) / _FIELD_SPACING_MM).astype(int) + 1
-    field = _Field(lo, _FIELD_SPACING_MM, np.zeros((3, *n), np.float32))
-    pts = field.points()
-    v = np.zeros_like(pts)
-    for c in centers:
-        d = pts - _col(c)
-        v += d * np.exp(-(d**2).sum(axis=0) / (2 * sigma**2))
-    return _Field(lo, _FIELD_SPACING_MM, v.reshape(3, *n).astype(np.float32))
-
-
-def _local_rate(effect: float) -> float:
-    """Rate ``a`` giving male / female region volume ``1 + effect`` to first order.
-
-    The region is a ball of radius 1.5 sigma around each centre; d log V / da is the mean divergence of
-    v over the ball, div v = g(r) (3 - r^2 / sigma^2) with g the Gaussian. Males get exp(-a v) and females
-    exp(+a v) (backward maps), so log(V_m / V_f) = 2 a D.
-    """
-    sigma = anatomy.SEX_REGION_SIGMA_MM
-    r = np.linspace(0.0, 1.5 * sigma, 2001)
-    div = np.exp(-(r**2) / (2 * sigma**2)) * (3 - r**2 / sigma**2)
-    mean_div = np.trapezoid(div * r**2, r) / np.trapezoid(r**2, r)
-    return math.log1p(effect) / (2 * mean_div)
-
-
-def _region_ratio(field_m: _Field, field_f: _Field) -> float:
-    """Male / female volume of the temporal-pole balls, measured by warping them (1 mm points)."""
-    sigma, centers = anatomy.SEX_REGION_SIGMA_MM, np.array(anatomy.SEX_REGION_CENTERS_MM)
-    c = _col(centers[0])
-    g = np.arange(-2.5 * sigma, 2.5 * sigma + 1.0)
+def _region_volume(region: anatomy.LocalRegion, field: LatticeField | None) -> float:
+    """Subject-space volume (mm^3, 1 mm points) of the first ball of ``region`` under the backward map
+    ``id + field`` (``None``: the identity)."""
+    c = col(region.centers_mm[0])
+    g = np.arange(-2.5 * region.sigma_mm, 2.5 * region.sigma_mm + 1.0)
     pts = c + np.stack(np.meshgrid(g, g, g, indexing="ij")).reshape(3, -1)
-
-    def volume(field: _Field) -> float:
-        y = pts + field(pts)
-        return float((((y - c) ** 2).sum(axis=0) <= (1.5 * sigma) ** 2).sum())
-
-    return volume(field_m) / volume(field_f)
+    y = pts if field is None else pts + field(pts)
+    return float((((y - c) ** 2).sum(axis=0) <= region.radius_mm**2).sum())
 
 
-def _outside_norm(field: _Field, tpl: anatomy.Template) -> float:
+def _local_effect(recipe: str, effect: float, tpl: anatomy.Template, region: anatomy.LocalRegion):
+    """(backward displacement per sign, rate, measured male / female region volume ratio).
+
+    template: a volume-neutral radial expansion (the region grows, a shell around it gives way), males
+    exp(-a v) and females exp(+a v), so log(V_m / V_f) = 2 a D with D the mean divergence over the ball.
+    tissue: Gaussian sources (the region grows and pushes everything outward, adding brain volume), males
+    exp(-a v), females unchanged; the first-order rate is corrected on the measured ratio.
+    """
+    if effect == 0:
+        return {}, 0.0, 1.0
+    if recipe == "template":
+        velocity = fields.radial_velocity(region.centers_mm, region.sigma_mm, _FIELD_SPACING_MM)
+        rate = math.log1p(effect) / (2 * fields.radial_mean_divergence(region.sigma_mm, region.radius_mm))
+        local = {sign: fields.exp(velocity, -sign * rate) for sign in (1, -1)}
+        return local, rate, _region_volume(region, local[1]) / _region_volume(region, local[-1])
+    # The source field is non-compact: its lattice covers the brain and a margin beyond any point we warp.
+    ijk = np.argwhere(tpl.brain_mask)
+    lo = nib.affines.apply_affine(tpl.affine, ijk.min(axis=0)) - 40.0
+    hi = nib.affines.apply_affine(tpl.affine, ijk.max(axis=0)) + 40.0
+    velocity = fields.source_velocity(region.centers_mm, region.sigma_mm, lo, hi, _SOURCE_SPACING_MM)
+    rate = math.log1p(effect) / fields.source_mean_divergence(region.sigma_mm, region.radius_mm)
+    female = _region_volume(region, None)
+    for _ in range(2):
+        ratio = _region_volume(region, fields.exp(velocity, -rate)) / female
+        rate *= math.log1p(effect) / math.log(ratio)
+    male = fields.exp(velocity, -rate)
+    return {1: male}, rate, _region_volume(region, male) / female
+
+
+def _outside_norm(field: LatticeField, tpl: anatomy.Template) -> float:
     """Largest displacement of ``field`` at lattice points outside the template brain mask (0 if none)."""
     ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(tpl.affine), field.points().T)).astype(int)
     valid = np.all((ijk >= 0) & (ijk < tpl.shape), axis=1)
@@ -286,26 +247,39 @@ def _outside_norm(field: _Field, tpl: anatomy.Template) -> float:
     return float(norms[out].max()) if out.any() else 0.0
 
 
+def _gm_loss_map(tpl: anatomy.Template, recipe: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cortical GM, loss): GM lost at fraction f is f * loss, weighted towards voxels with little WM
+    (q = WM / (GM + WM) ~ depth: thinning from the pial side; tissue recipe: frontal lobes first) and
+    normalised so that the cortical GM volume falls by exactly the fraction f."""
+    cortex_gm = tpl.cortex * tpl.gm
+    weight = 1.0 - tpl.wm / np.maximum(tpl.gm + tpl.wm, 1e-3)
+    if recipe == "tissue":
+        y = nib.affines.apply_affine(tpl.affine, np.c_[np.zeros(tpl.shape[1]), np.arange(tpl.shape[1]),
+                                                          np.zeros(tpl.shape[1])])[:, 1]  # fmt: skip
+        frontal = 1.0 + _FRONTAL_AMPLITUDE * np.tanh((y - tpl.center_mm[1]) / _FRONTAL_LENGTH_MM)
+        weight = weight * frontal[None, :, None]
+    loss = cortex_gm * weight / (np.sum(cortex_gm * weight) / np.sum(cortex_gm))
+    return cortex_gm, loss.astype(np.float32)
+
+
 @lru_cache(maxsize=2)
 def _model(key: _ModelKey) -> _Model:
     tpl = anatomy.load_template()
     grid = output_grid(key.voxel_mm)
-
-    # Cortical GM thinning from the pial side: the GM lost at fraction f is f * loss, with loss weighted
-    # towards voxels with little WM (q = WM / (GM + WM) ~ depth) and normalised so that the cortical GM
-    # volume falls by exactly the fraction f.
-    cortex_gm = tpl.cortex * tpl.gm
-    outer = 1.0 - tpl.wm / np.maximum(tpl.gm + tpl.wm, 1e-3)
-    loss = cortex_gm * outer / (np.sum(cortex_gm * outer) / np.sum(cortex_gm))
+    region_name = RECIPE_REGIONS[key.recipe]
+    region = anatomy.local_region(region_name)
+    cortex_gm, loss = _gm_loss_map(tpl, key.recipe)
     t1_levels = {k: float(np.median(tpl.t1[m])) for k, m in (("gm", tpl.gm > 0.9), ("csf", tpl.csf > 0.9))}
 
     crop = _crop_to(tpl.brain_mask, margin=12)
     # Anti-alias once for the output voxel size: Gaussian with the FWHM of an output voxel (minus 1 mm).
     sigma = math.sqrt(max(key.voxel_mm**2 - 1.0, 0.0)) / 2.355
     raw = {
-        "mask": tpl.brain_mask, "t1": tpl.t1, "gm": tpl.gm, "wm": tpl.wm,
-        "ventricles": tpl.ventricles, "cortex_gm": cortex_gm, "loss": loss,
+        "mask": tpl.brain_mask, "gm": tpl.gm, "wm": tpl.wm, "ventricles": tpl.ventricles,
+        "cortex_gm": cortex_gm, "loss": loss, "region": tpl.region(region_name),
     }  # fmt: skip
+    if key.recipe == "template":  # the tissue recipe renders its contrast from the GM/WM maps instead
+        raw["t1"] = tpl.t1
     channels = {}
     for name, a in raw.items():
         a = np.ascontiguousarray(a[crop], dtype=np.float32)
@@ -314,33 +288,32 @@ def _model(key: _ModelKey) -> _Model:
 
     velocity = _ventricle_velocity(tpl)
     table = _ventricle_table(tpl, velocity, key.max_ventricle_log_growth)
-    local_v = _local_velocity()
-    rate = _local_rate(key.local_sex_effect)
-    local = {sign: _exp(local_v, -sign * rate) for sign in (1, -1)}
+    local, rate, ratio = _local_effect(key.recipe, key.local_sex_effect, tpl, region)
 
     block = max(1, int(round(_SCREEN_BLOCK_MM / key.voxel_mm)))
     block_radius = block * key.voxel_mm * math.sqrt(3) / 2
     # Only displacements that reach outside the brain can pull background voxels in: the ventricle field
-    # vanishes long before the brain's edge, the temporal-pole field does not.
-    outside = _outside_norm(_exp(velocity, table[0][-1]), tpl) + max(_outside_norm(f, tpl) for f in local.values())
-    # 2: inverse scales (up to ~1.2 at volume_sd 0.05) and the random deformation stretch the cube;
-    # + one support cell.
-    margin = outside + 2.0 * block_radius + _SUPPORT_BLOCK * math.sqrt(3)
+    # vanishes long before the brain's edge, the local sex fields do not.
+    outside = _outside_norm(fields.exp(velocity, table[0][-1]), tpl)
+    outside += max((_outside_norm(f, tpl) for f in local.values()), default=0.0)
+    margin = outside + _BLOCK_STRETCH[key.recipe] * block_radius + _SUPPORT_BLOCK * math.sqrt(3)
     b = _SUPPORT_BLOCK
     m = np.pad(tpl.brain_mask, [(0, (-n) % b) for n in tpl.brain_mask.shape])
     blocks = m.reshape(m.shape[0] // b, b, m.shape[1] // b, b, m.shape[2] // b, b).any(axis=(1, 3, 5))
     support = ndimage.distance_transform_edt(~blocks, sampling=b) <= margin
-    support_field = _Field(tpl.affine[:3, 3] + (b - 1) / 2.0, float(b), support[None].astype(np.float32))
+    support_field = LatticeField(tpl.affine[:3, 3] + (b - 1) / 2.0, float(b), support[None].astype(np.float32))
 
-    vv = 1.0  # template voxels are 1 mm^3
+    parenchyma = (tpl.gm + tpl.wm) * tpl.brain_mask  # template voxels are 1 mm^3
     template_volumes = {
-        "ventricle_volume_mm3": float(tpl.ventricles.sum()) * vv,
-        "cortical_gm_volume_mm3": float(cortex_gm.sum()) * vv,
-        "gm_volume_mm3": float((tpl.gm * tpl.brain_mask).sum()) * vv,
-        "brain_volume_mm3": float(((tpl.gm + tpl.wm) * tpl.brain_mask).sum()) * vv,
-        "icv_mm3": float(tpl.brain_mask.sum()) * vv,
+        "ventricle_volume_mm3": float(tpl.ventricles.sum()),
+        "cortical_gm_volume_mm3": float(cortex_gm.sum()),
+        "gm_volume_mm3": float((tpl.gm * tpl.brain_mask).sum()),
+        "brain_volume_mm3": float(parenchyma.sum()),
+        "icv_mm3": float(tpl.brain_mask.sum()),
+        "sex_region_volume_mm3": float(parenchyma[tpl.region(region_name)].sum()),
     }
     return _Model(
+        recipe=key.recipe,
         grid=grid,
         channels=channels,
         channel_origin=channel_origin,
@@ -349,19 +322,22 @@ def _model(key: _ModelKey) -> _Model:
         block=block,
         ventricle_velocity=velocity,
         ventricle_table=table,
+        region_name=region_name,
         local_fields=local,
         local_rate=rate,
-        local_ratio_measured=_region_ratio(local[1], local[-1]),
+        local_ratio_measured=ratio,
         gm_csf_contrast=t1_levels["gm"] - t1_levels["csf"],
         template_volumes=template_volumes,
     )
 
 
 def _model_key(cfg: SynthConfig) -> _ModelKey:
+    p = cfg.recipe_config
     return _ModelKey(
+        recipe=cfg.recipe,
         voxel_mm=float(cfg.voxel_mm),
-        local_sex_effect=float(cfg.local_sex_effect),
-        max_ventricle_log_growth=float(cfg.ventricle_growth_per_year * (cfg.age_max - cfg.age_min)),
+        local_sex_effect=float(p.local_sex_effect),
+        max_ventricle_log_growth=float(p.ventricle_growth_per_year * (cfg.age_max - cfg.age_min)),
     )
 
 
@@ -379,39 +355,150 @@ class SubjectParams:
 
 @dataclass(frozen=True)
 class _Nuisance:
+    """Per-subject variation that is not a planted effect (anatomy and acquisition)."""
+
     rotation: np.ndarray  # (3, 3)
     translation: np.ndarray  # (3,) mm
-    deformation: _Field | None
-    bias: _Field | None  # log multiplicative bias
+    deformation: LatticeField | None
+    shape: np.ndarray  # (3, 3) head shape about the brain centre, subject = c + shape (template - c)
+    log_bias: Callable[[np.ndarray], np.ndarray] | None  # world points (3, M) -> log gain (M,)
     intensity_scale: float
-    noise_sd: float
+    tissue_gain: np.ndarray  # (3,) CSF, GM, WM intensity factors (tissue recipe)
     rng: np.random.Generator
     rotation_deg: float
+
+
+class _LatticeBias:
+    """Template recipe: log gain = a smooth random field (scanner space)."""
+
+    def __init__(self, field: LatticeField):
+        self.field = field
+
+    def __call__(self, world: np.ndarray) -> np.ndarray:
+        return self.field(world)[0]
+
+
+class _CoilBias:
+    """Tissue recipe: log gain = a linear gradient along a random direction (a receive coil's fall-off) plus
+    a radial term (centre brightening or darkening, as at high field), about the template brain centre."""
+
+    def __init__(self, center: np.ndarray, direction: np.ndarray, linear: float, radial: float):
+        self.center, self.direction, self.linear, self.radial = col(center), col(direction), linear, radial
+
+    def __call__(self, world: np.ndarray) -> np.ndarray:
+        d = (world - self.center) / _COIL_RADIUS_MM
+        return self.linear * (self.direction * d).sum(axis=0) + self.radial * ((d**2).sum(axis=0) - 0.5)
+
+
+def _draw_rigid(rng: np.random.Generator, rotation_deg: float, translation_mm: float):
+    # rotation_deg / translation_mm are RMS totals (angle, length): per-axis SD is that / sqrt(3).
+    angles = rng.normal(0.0, rotation_deg / math.sqrt(3), 3)
+    translation = rng.normal(0.0, translation_mm / math.sqrt(3), 3)
+    return Rotation.from_euler("xyz", angles, degrees=True), translation
+
+
+def _draw_deformation(rng, grid: Grid, recipe: str, rms_mm: float) -> LatticeField:
+    spacing, smooth = _DEFORMATION_LATTICE[recipe]
+    # Unit RMS per component -> RMS displacement length = rms_mm.
+    return fields.random_field(rng, grid, spacing, smooth, 3).scaled(rms_mm / math.sqrt(3))
 
 
 def _draw_nuisance(cfg: SynthConfig, grid: Grid, seed: np.random.SeedSequence) -> _Nuisance:
     """Per-subject nuisance, drawn in a fixed order from the subject's own seed (worker-independent)."""
     rng = np.random.default_rng(seed)
-    # rotation_deg / translation_mm are RMS totals (angle, length): per-axis SD is that / sqrt(3).
-    angles = rng.normal(0.0, cfg.rotation_deg / math.sqrt(3), 3)
-    translation = rng.normal(0.0, cfg.translation_mm / math.sqrt(3), 3)
-    intensity_scale = float(np.exp(rng.normal(0.0, cfg.intensity_sd)))
-    deformation = _random_field(rng, grid, _NUISANCE_SPACING_MM, _NUISANCE_SMOOTH_MM, 3)
-    # Unit RMS per component -> RMS displacement length = deformation_mm.
-    deformation = dataclasses.replace(deformation, values=deformation.values * (cfg.deformation_mm / math.sqrt(3)))
-    bias = _random_field(rng, grid, _BIAS_SPACING_MM, _BIAS_SMOOTH_MM, 1)
-    bias = dataclasses.replace(bias, values=bias.values * cfg.bias_field)
-    rot = Rotation.from_euler("xyz", angles, degrees=True)
+    p = cfg.recipe_config
+    rot, translation = _draw_rigid(rng, p.rotation_deg, p.translation_mm)
+    intensity_scale = float(np.exp(rng.normal(0.0, p.intensity_sd)))
+    deformation = _draw_deformation(rng, grid, cfg.recipe, p.deformation_mm)
+    shape, tissue_gain = np.eye(3), np.ones(3)
+    if isinstance(p, TemplateRecipeConfig):
+        bias = _LatticeBias(fields.random_field(rng, grid, _BIAS_SPACING_MM, _BIAS_SMOOTH_MM, 1).scaled(p.bias_field))
+    else:
+        direction = rng.standard_normal(3)
+        linear, radial = rng.normal(0.0, p.bias_field, 2)
+        bias = _CoilBias(anatomy.load_template().center_mm, direction / np.linalg.norm(direction), linear, radial)
+        # Head shape: volume-preserving axis lengths, then the torque (right hemisphere forward, left back).
+        log_lengths = rng.normal(0.0, p.head_shape_sd, 3)
+        shear = np.eye(3)
+        shear[1, 0] = rng.normal(p.torque_mm, p.torque_sd_mm) / _TORQUE_RADIUS_MM
+        shape = np.diag(np.exp(log_lengths - log_lengths.mean())) @ shear
+        tissue_gain = np.exp(rng.normal(0.0, p.tissue_intensity_sd, 3))
     return _Nuisance(
         rotation=rot.as_matrix(),
         translation=translation,
-        deformation=deformation if cfg.deformation_mm > 0 else None,
-        bias=bias if cfg.bias_field > 0 else None,
+        deformation=deformation if p.deformation_mm > 0 else None,
+        shape=shape,
+        log_bias=bias if p.bias_field > 0 else None,
         intensity_scale=intensity_scale,
-        noise_sd=cfg.noise_sd,
+        tissue_gain=tissue_gain,
         rng=rng,
         rotation_deg=float(np.degrees(rot.magnitude())),
     )
+
+
+# Intensity models: noise-free image values (image units) from the sampled channels at the output voxels.
+def _shade_template(model, p, cfg, sp, nuisance, s, gm, wm, lost) -> np.ndarray:
+    return (s["t1"] - lost * model.gm_csf_contrast) * IMAGE_SCALE
+
+
+def _shade_tissue(model, p: TissueRecipeConfig, cfg, sp, nuisance, s, gm, wm, lost) -> np.ndarray:
+    csf_i, gm_i, wm_i = np.array([p.csf_intensity, p.gm_intensity, p.wm_intensity]) * (
+        nuisance.tissue_gain if nuisance is not None else 1.0
+    )
+    wm_i -= p.wm_contrast_loss_per_year * max(sp.age - cfg.age_min, 0.0) * (wm_i - gm_i)  # WM T1 darkening
+    csf = np.clip(s["mask"] - gm - wm, 0.0, None)  # lost GM became CSF; at the mask's edge, partly background
+    return csf_i * csf + gm_i * gm + wm_i * wm
+
+
+def _finish_template(image, brain, grid, p: TemplateRecipeConfig, nuisance) -> None:
+    """Gain (global scale x bias field) and Gaussian noise on the brain voxels ``brain`` (flat, sorted)."""
+    if nuisance is None:
+        return
+    flat = image.reshape(-1)
+    for part in _chunks(brain):
+        index = brain[part]
+        gain = np.full(index.size, nuisance.intensity_scale)
+        if nuisance.log_bias is not None:  # the bias field lives in scanner (subject) space
+            ijk = voxel_points(grid.shape, index)
+            gain *= np.exp(nuisance.log_bias(grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:]))
+        noise = p.noise_sd * IMAGE_SCALE * nuisance.rng.standard_normal(index.size)
+        flat[index] = flat[index] * gain + noise
+
+
+def _finish_tissue(image, brain, grid, p: TissueRecipeConfig, nuisance) -> None:
+    """Partial-volume blur (the point-spread function, within the brain), bias field, Rician noise, gain."""
+    flat = image.reshape(-1)
+    sigma = p.psf_fwhm_mm / 2.355 / float(grid.voxel_mm[0])
+    if sigma > 0.1:
+        # Normalised convolution: blurs the tissue contrast without darkening the brain's edge with the
+        # zero background (a brain-extracted image is cut after the scanner's blur, not blurred with air).
+        inside = np.zeros(flat.size, np.float32)
+        inside[brain] = 1.0
+        blurred = ndimage.gaussian_filter(image, sigma, mode="constant")
+        weight = ndimage.gaussian_filter(inside.reshape(image.shape), sigma, mode="constant")
+        flat[brain] = blurred.reshape(-1)[brain] / weight.reshape(-1)[brain]
+    if nuisance is None:
+        return
+    sd = p.noise_sd * p.wm_intensity
+    for part in _chunks(brain):
+        index = brain[part]
+        signal = flat[index].astype(np.float64)
+        if nuisance.log_bias is not None:
+            ijk = voxel_points(grid.shape, index)
+            signal *= np.exp(nuisance.log_bias(grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:]))
+        real = signal + sd * nuisance.rng.standard_normal(index.size)
+        imaginary = sd * nuisance.rng.standard_normal(index.size)
+        flat[index] = np.hypot(real, imaginary) * nuisance.intensity_scale  # magnitude image: Rician
+
+
+_SHADE = {"template": _shade_template, "tissue": _shade_tissue}
+_FINISH = {"template": _finish_template, "tissue": _finish_tissue}
+
+
+def _age_loss(p, years: float) -> float:
+    """Fraction of cortical GM turned into CSF after ``years``."""
+    rate = p.gm_thinning_per_year if isinstance(p, TemplateRecipeConfig) else p.sulcal_widening_per_year
+    return 1.0 - math.exp(-rate * max(years, 0.0))
 
 
 def _render(
@@ -421,15 +508,18 @@ def _render(
 
     Without ``nuisance`` this is the noise-free rendering of the planted biology alone (effect maps).
     """
+    p = cfg.recipe_config
     grid, ch, c = model.grid, model.channels, model.center_mm
-    log_growth = cfg.ventricle_growth_per_year * max(sp.age - cfg.age_min, 0.0)
-    age_field = _exp(model.ventricle_velocity, model.ventricle_t(log_growth)) if log_growth > 0 else None
-    thinning = 1.0 - math.exp(-cfg.gm_thinning_per_year * max(sp.age - cfg.age_min, 0.0))
+    years = sp.age - cfg.age_min
+    log_growth = p.ventricle_growth_per_year * max(years, 0.0)
+    age_field = fields.exp(model.ventricle_velocity, model.ventricle_t(log_growth)) if log_growth > 0 else None
+    thinning = _age_loss(p, years)
     local = model.local_fields.get(sp.local_sign)
-    inv_scale = math.exp(-sp.log_volume / 3.0)
+    # Subject -> template about the brain centre: undo the head shape and the global scale.
+    unshape = math.exp(-sp.log_volume / 3.0) * np.linalg.inv(nuisance.shape if nuisance is not None else np.eye(3))
 
     # Subject voxel -> template before the effect fields: undo the rigid misalignment (folded, with the
-    # grid affine, into one affine map), deform, unscale about the template brain's centre.
+    # grid affine, into one affine map), deform, unshape and unscale about the template brain's centre.
     to_aligned = grid.affine.copy()
     if nuisance is not None:  # y = R^T (x - c - tau) + c with x = A ijk + a
         rigid_inv = np.eye(4)
@@ -441,51 +531,50 @@ def _render(
         y = to_aligned[:3, :3] @ ijk + to_aligned[:3, 3:]
         if nuisance is not None and nuisance.deformation is not None:
             y += nuisance.deformation(y)
-        y -= _col(c)
-        y *= inv_scale
-        y += _col(c)
-        return y
+        return col(c) + unshape @ (y - col(c))
 
     b = model.block
     n_blocks = -(-np.asarray(grid.shape) // b)
-    centres = (b - 1) / 2 + b * _voxel_points(n_blocks, np.arange(int(n_blocks.prod())))
+    centres = (b - 1) / 2 + b * voxel_points(n_blocks, np.arange(int(n_blocks.prod())))
     hit = (model.support(aligned(centres))[0] > 0.5).reshape(n_blocks)
     hit = hit.repeat(b, 0).repeat(b, 1).repeat(b, 2)[: grid.shape[0], : grid.shape[1], : grid.shape[2]]
     candidates = np.flatnonzero(hit)
     log.debug("rendering %d of %d voxels", candidates.size, hit.size)
 
-    out = np.zeros(int(np.prod(grid.shape)), np.float32)
-    sums = dict.fromkeys(("ventricles", "gm", "cortical_gm", "brain", "mask"), 0.0)
-    for start in range(0, candidates.size, _CHUNK_POINTS):
-        index = candidates[start : start + _CHUNK_POINTS]
-        ijk = _voxel_points(grid.shape, index)
-        y = aligned(ijk)
+    image = np.zeros(grid.shape, np.float32)
+    flat = image.reshape(-1)
+    shade = _SHADE[model.recipe]
+    sums = dict.fromkeys(("ventricles", "gm", "cortical_gm", "brain", "mask", "region"), 0.0)
+    brain = []
+    for part in _chunks(candidates):
+        index = candidates[part]
+        y = aligned(voxel_points(grid.shape, index))
         if local is not None:
             y += local(y)
         if age_field is not None:
             y += age_field(y)
-        y -= _col(model.channel_origin)  # template channel voxel coordinates (1 mm voxels)
+        y -= col(model.channel_origin)  # template channel voxel coordinates (1 mm voxels)
 
         def sample(name: str, coords: np.ndarray) -> np.ndarray:
             return ndimage.map_coordinates(ch[name], coords, order=1, mode="constant", prefilter=False)
 
-        inside = np.flatnonzero(sample("mask", y) >= 0.5)
-        index, ijk, coords = index[inside], ijk[:, inside], y[:, inside]
-        gm, wm, lost = sample("gm", coords), sample("wm", coords), thinning * sample("loss", coords)
-        sums["ventricles"] += float(sample("ventricles", coords).sum())
-        sums["gm"] += float(np.clip(gm - lost, 0, None).sum())
-        sums["cortical_gm"] += float(np.clip(sample("cortex_gm", coords) - lost, 0, None).sum())
-        sums["brain"] += float(np.clip(gm - lost + wm, 0, None).sum())
+        mask = sample("mask", y)
+        inside = np.flatnonzero(mask >= 0.5)
+        index, coords = index[inside], y[:, inside]
+        s = {name: sample(name, coords) for name in ch if name != "mask"}
+        s["mask"] = mask[inside]
+        lost = thinning * s["loss"]
+        gm, wm = np.clip(s["gm"] - lost, 0, None), s["wm"]
+        sums["ventricles"] += float(s["ventricles"].sum())
+        sums["gm"] += float(gm.sum())
+        sums["cortical_gm"] += float(np.clip(s["cortex_gm"] - lost, 0, None).sum())
+        sums["brain"] += float((gm + wm).sum())
+        sums["region"] += float((s["region"] * (gm + wm)).sum())
         sums["mask"] += index.size
-        value = sample("t1", coords) - lost * model.gm_csf_contrast
-        if nuisance is not None:
-            gain = nuisance.intensity_scale
-            if nuisance.bias is not None:  # the bias field lives in scanner (subject) space
-                world = grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:]
-                gain = gain * np.exp(nuisance.bias(world)[0])
-            value = value * gain + nuisance.noise_sd * nuisance.rng.standard_normal(value.size)
-        out[index] = value * IMAGE_SCALE
+        flat[index] = shade(model, p, cfg, sp, nuisance, s, gm, wm, lost)
+        brain.append(index)
 
+    _FINISH[model.recipe](image, np.concatenate(brain) if brain else np.zeros(0, np.int64), grid, p, nuisance)
     vv = float(np.prod(grid.voxel_mm))
     truth = {
         "ventricle_volume_mm3": sums["ventricles"] * vv,
@@ -493,8 +582,9 @@ def _render(
         "cortical_gm_volume_mm3": sums["cortical_gm"] * vv,
         "brain_volume_mm3": sums["brain"] * vv,
         "icv_mm3": sums["mask"] * vv,
+        "sex_region_volume_mm3": sums["region"] * vv,
     }
-    return out.reshape(grid.shape), truth
+    return image, truth
 
 
 def _write_nifti(data: np.ndarray, grid: Grid, path: Path) -> None:
@@ -529,20 +619,30 @@ def _make_subject(cfg: SynthConfig, sp: SubjectParams, seed: np.random.SeedSeque
 
 
 # ------------------------------------------------------------------------------------ the cohort
+def _mean_log_volume(cfg: SynthConfig) -> float:
+    """The cohort's mean log brain volume relative to the template (template recipe: the template's own)."""
+    p = cfg.recipe_config
+    return math.log(p.mean_volume_ratio) if isinstance(p, TissueRecipeConfig) else 0.0
+
+
 def draw_subjects(cfg: SynthConfig) -> tuple[list[SubjectParams], list[np.random.SeedSequence]]:
     """The cohort's planted biology and one independent seed per subject, all from ``cfg.seed``.
 
     Exactly round(n * male_fraction) males (in random order); ages uniform on [age_min, age_max]; log brain
-    volume normal with mean +-log(male_volume_ratio)/2 by sex and SD ``volume_sd``; 6-digit HCP-like ids.
+    volume normal with mean (the recipe's mean) +-log(male_volume_ratio)/2 by sex and SD ``volume_sd``;
+    6-digit HCP-like ids.
     """
+    p = cfg.recipe_config
     cohort_seed, *subject_seeds = np.random.SeedSequence(cfg.seed).spawn(cfg.n_subjects + 1)
     rng = np.random.default_rng(cohort_seed)
     n = cfg.n_subjects
     n_male = int(round(n * cfg.male_fraction))
     male = rng.permutation(np.arange(n) < n_male)
     ages = rng.uniform(cfg.age_min, cfg.age_max, n)
-    half_log_ratio = math.log(cfg.male_volume_ratio) / 2
-    log_volume = np.where(male, half_log_ratio, -half_log_ratio) + rng.normal(0.0, cfg.volume_sd, n)
+    half_log_ratio = math.log(p.male_volume_ratio) / 2
+    log_volume = (
+        _mean_log_volume(cfg) + np.where(male, half_log_ratio, -half_log_ratio) + rng.normal(0.0, p.volume_sd, n)
+    )
     ids = np.sort(100_000 + rng.choice(900_000, size=n, replace=False))
     subjects = [
         SubjectParams(int(i), "M" if m else "F", float(a), float(lv), 1 if m else -1)
@@ -554,62 +654,94 @@ def draw_subjects(cfg: SynthConfig) -> tuple[list[SubjectParams], list[np.random
 def _effect_maps(model: _Model, cfg: SynthConfig) -> dict[str, np.ndarray]:
     """Noise-free, nuisance-free renderings differenced: the expected image change of each planted effect.
 
-    age: (image at age_max - image at age_min) / (age_max - age_min), sex-neutral and average size, in image
-    units per year (the ventricle effect is exponential in age: this is the cohort-average slope).
-    sex: male minus female at mid age with each sex's mean size; sex_local: the same at template size.
+    age: (image at age_max - image at age_min) / (age_max - age_min), sex-neutral and of the cohort's mean
+    size, in image units per year (the ventricle effect is exponential in age: this is the cohort-average
+    slope). sex: male minus female at mid age with each sex's mean size; sex_local: the same at the mean size.
     """
+    p = cfg.recipe_config
     mid = (cfg.age_min + cfg.age_max) / 2
-    half = math.log(cfg.male_volume_ratio) / 2
+    mean, half = _mean_log_volume(cfg), math.log(p.male_volume_ratio) / 2
 
     def render(age: float, log_volume: float, sign: int) -> np.ndarray:
         return _render(model, SubjectParams(0, "", age, log_volume, sign), cfg, None)[0]
 
-    neutral_young = render(cfg.age_min, 0.0, 0)
+    neutral_young = render(cfg.age_min, mean, 0)
     return {
         "reference_t1w": neutral_young,
-        "age_effect": (render(cfg.age_max, 0.0, 0) - neutral_young) / (cfg.age_max - cfg.age_min),
-        "sex_effect": render(mid, half, 1) - render(mid, -half, -1),
-        "sex_local_effect": render(mid, 0.0, 1) - render(mid, 0.0, -1),
+        "age_effect": (render(cfg.age_max, mean, 0) - neutral_young) / (cfg.age_max - cfg.age_min),
+        "sex_effect": render(mid, mean + half, 1) - render(mid, mean - half, -1),
+        "sex_local_effect": render(mid, mean, 1) - render(mid, mean, -1),
     }
 
 
+def _recipe_effects(model: _Model, cfg: SynthConfig) -> dict:
+    """The recipe's planted effects for cohort.json (definitions in docs/synthetic_cohort.md)."""
+    p, span = cfg.recipe_config, cfg.age_max - cfg.age_min
+    region = model.region
+    effects = {
+        "sex_global": {
+            "male_to_female_volume_ratio": p.male_volume_ratio,
+            "male_to_female_linear_scale": p.male_volume_ratio ** (1 / 3),
+            "mean_volume_ratio_to_template": math.exp(_mean_log_volume(cfg)),
+            "log_volume_sd": p.volume_sd,
+            "scaling_center_mm": model.center_mm.tolist(),
+        },
+        "sex_local": {
+            "region": model.region_name,  # anatomy.LOCAL_REGIONS key: anatomy.sex_region_of reads it back
+            "description": region.description,
+            "centers_mm": [list(c) for c in region.centers_mm],
+            "sigma_mm": region.sigma_mm,
+            "region_radius_mm": region.radius_mm,
+            "male_to_female_region_volume_ratio_target": 1 + p.local_sex_effect,
+            "male_to_female_region_volume_ratio_measured": model.local_ratio_measured,
+            "velocity_rate": model.local_rate,
+            "adds_brain_volume": model.recipe == "tissue",
+        },
+        "age_ventricles": {
+            "relative_growth_per_year": p.ventricle_growth_per_year,
+            "law": "V(age) = V_template * exp(g * (age - age_min)), template = age_min",
+            "ratio_oldest_to_youngest": math.exp(p.ventricle_growth_per_year * span),
+        },
+    }
+    if isinstance(p, TemplateRecipeConfig):
+        effects["age_cortical_gm"] = {
+            "relative_loss_per_year": p.gm_thinning_per_year,
+            "law": "GM_cortex(age) = GM_cortex_template * exp(-g * (age - age_min)), lost from the pial side",
+            "ratio_oldest_to_youngest": math.exp(-p.gm_thinning_per_year * span),
+        }
+        return effects
+    effects["age_sulcal_widening"] = {
+        "relative_loss_per_year": p.sulcal_widening_per_year,
+        "law": "GM_cortex(age) = GM_cortex_template * exp(-g * (age - age_min)), lost from the pial side "
+        f"into sulcal CSF, weighted 1 + {_FRONTAL_AMPLITUDE} tanh((y - y_centre) / {_FRONTAL_LENGTH_MM} mm)",
+        "ratio_oldest_to_youngest": math.exp(-p.sulcal_widening_per_year * span),
+    }
+    effects["age_wm_contrast"] = {
+        "relative_loss_per_year": p.wm_contrast_loss_per_year,
+        "law": "I_WM(age) = I_WM - c (age - age_min) (I_WM - I_GM): WM T1 darkening, no volume change",
+        "gm_wm_contrast_ratio_oldest_to_youngest": 1 - p.wm_contrast_loss_per_year * span,
+    }
+    return effects
+
+
 def _summary(model: _Model, cfg: SynthConfig) -> dict:
-    span = cfg.age_max - cfg.age_min
+    if cfg.recipe == "template":
+        intensities = {"image_scale": IMAGE_SCALE}
+        description = "the MNI152 2009a template T1 warped, with its own intensities"
+    else:
+        p = cfg.tissue
+        intensities = {"tissue_intensities": {"csf": p.csf_intensity, "gm": p.gm_intensity, "wm": p.wm_intensity}}
+        description = "T1 contrast rendered from the MNI152 2009a tissue probability maps"
     return {
-        "description": "Synthetic HCP-like cohort from the MNI152 2009a template with planted effects "
+        "description": f"Synthetic HCP-like cohort, recipe '{cfg.recipe}': {description}, with planted effects "
         "(docs/synthetic_cohort.md). Effects are exaggerated relative to real young adults on purpose.",
+        "recipe": cfg.recipe,
         "config": dataclasses.asdict(cfg),
         "grid": model.grid.to_dict(),
-        "image_scale": IMAGE_SCALE,
+        **intensities,
         "template_brain_center_mm": model.center_mm.tolist(),
         "template_volumes": model.template_volumes,
-        "effects": {
-            "sex_global": {
-                "male_to_female_volume_ratio": cfg.male_volume_ratio,
-                "male_to_female_linear_scale": cfg.male_volume_ratio ** (1 / 3),
-                "log_volume_sd": cfg.volume_sd,
-                "scaling_center_mm": model.center_mm.tolist(),
-            },
-            "sex_local": {
-                "region": "bilateral temporal poles",
-                "centers_mm": [list(c) for c in anatomy.SEX_REGION_CENTERS_MM],
-                "sigma_mm": anatomy.SEX_REGION_SIGMA_MM,
-                "region_radius_mm": 1.5 * anatomy.SEX_REGION_SIGMA_MM,
-                "male_to_female_region_volume_ratio_target": 1 + cfg.local_sex_effect,
-                "male_to_female_region_volume_ratio_measured": model.local_ratio_measured,
-                "velocity_rate": model.local_rate,
-            },
-            "age_ventricles": {
-                "relative_growth_per_year": cfg.ventricle_growth_per_year,
-                "law": "V(age) = V_template * exp(g * (age - age_min)), template = age_min",
-                "ratio_oldest_to_youngest": math.exp(cfg.ventricle_growth_per_year * span),
-            },
-            "age_cortical_gm": {
-                "relative_loss_per_year": cfg.gm_thinning_per_year,
-                "law": "GM_cortex(age) = GM_cortex_template * exp(-g * (age - age_min)), lost from the pial side",
-                "ratio_oldest_to_youngest": math.exp(-cfg.gm_thinning_per_year * span),
-            },
-        },
+        "effects": _recipe_effects(model, cfg),
         "files": {
             "images": f"<Subject>/{IMAGE_PATHS['T1w'].as_posix()}",
             "unrestricted": SYNTHETIC_CSV,
@@ -664,5 +796,5 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path | None = None, progress: bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("synthetic cohort: %d subjects in %s", len(rows), out)
+    log.info("synthetic cohort (%s recipe): %d subjects in %s", cfg.recipe, len(rows), out)
     return out
