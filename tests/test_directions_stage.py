@@ -66,6 +66,8 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
 
     # DVC outputs: flat headline metrics, plot data, tables, directions, maps, figures.
     headline = json.loads((project / "metrics" / "directions" / "ae.json").read_text())
+    # The version train@ae registered (trained/ae.json), named in the metrics file.
+    assert headline.pop("model_version") == 1 and headline.pop("model_uri") == "models:/brainlatent-ae/1"
     assert headline == pytest.approx(outcome.metrics)
     for key in ("sex_auc", "sex_auc_low", "sex_auc_high", "sex_cv_auc", "sex_p_value", "age_old_auc",
                 "age_group_spearman", "sex_size_controlled_auc", "sex_pca_voxels_auc", "sex_brain_volume_auc",
@@ -100,7 +102,7 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
     # MLflow: one run tagged with the model version, metrics and artifacts; headline tags on the version.
     run = mlflow.get_run(outcome.run_id)
     assert run.data.tags["model"] == "ae" and run.data.tags["model_version"] == "1"
-    assert run.data.tags["model_name"] == "brainlatent-ae" and run.data.tags["model_alias"] == "champion"
+    assert run.data.tags["model_name"] == "brainlatent-ae" and run.data.tags["model_uri"] == "models:/brainlatent-ae/1"
     assert run.data.metrics["sex_auc"] == pytest.approx(headline["sex_auc"])
     assert "sex.latent.heldout_auc_low" in run.data.metrics and "sex.pca_voxels.heldout_auc" in run.data.metrics
     artifacts = {f.path for f in MlflowClient().list_artifacts(outcome.run_id)}
@@ -204,7 +206,7 @@ def _scan(project, tmp_path, index: int = 3):
 def test_traverse_scan_writes_a_nifti_per_step_and_a_strip(project, ae, tmp_path):
     run_directions("ae", ae, root=project)
     out = tmp_path / "out"
-    written = traverse_scan("models:/brainlatent-ae@champion", _scan(project, tmp_path), "age", [-2, 0, 1, 2],
+    written = traverse_scan("models:/brainlatent-ae@candidate", _scan(project, tmp_path), "age", [-2, 0, 1, 2],
                             out, ae, root=project)
     steps = sorted(out.glob("age_group_step*.nii.gz"))
     assert len(steps) == 4 and set(steps) <= set(written)
@@ -230,7 +232,7 @@ def test_traverse_scan_writes_a_nifti_per_step_and_a_strip(project, ae, tmp_path
 
 def test_traverse_scan_errors_name_the_thing(project, ae, tmp_path):
     scan = _scan(project, tmp_path)
-    uri = "models:/brainlatent-ae@champion"
+    uri = "models:/brainlatent-ae@candidate"
     with pytest.raises(ValueError, match="no directions fitted"):
         traverse_scan(uri, scan, "sex", [1.0], tmp_path / "o", ae, root=project)
     run_directions("ae", ae, root=project)

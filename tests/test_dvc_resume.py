@@ -1,5 +1,6 @@
 """`dvc repro` interrupted in the middle of training resumes from the last checkpoint instead of starting
-over: `train@<family>` runs `brainlatent train --resume` and its checkpoints are a `persist: true` output."""
+over: `train@<family>` runs `brainlatent train --resume`, and its checkpoints are not a DVC output, so DVC never
+deletes them before re-running the stage."""
 
 from __future__ import annotations
 

@@ -112,12 +112,15 @@ def test_evaluate_ae_logs_metrics_writes_json_and_tags_the_version(project, para
     train_featurenet(params, project)
     trained = train_family("ae", params, root=project)
     out = evaluate_family("ae", params, project)
-    assert out.model_version == "1" and not out.champion_changed and out.champion_version == "1"
+    # The version train@ae registered (trained/ae.json); the first evaluated version becomes champion.
+    assert out.model_version == "1" and out.champion.moved and out.champion.champion == "1"
+    assert out.champion.reason.startswith("champion: mse")
     assert set(out.metrics) == {"mse", "psnr", "ssim"}  # the AE does not sample
 
-    # Recomputed independently from the registered model: encode/decode of the whole test split.
+    # Recomputed independently from the registered model: encode/decode of the whole validation split (the
+    # split selection may see: evaluate.split's default; test stays untouched for the directions).
     model = registry.load_model("models:/brainlatent-ae/1").model
-    reals = ProcessedData.open(project / "data" / "processed").load_split("test")
+    reals = ProcessedData.open(project / "data" / "processed").load_split("val")
     with torch.no_grad():
         expected = reconstruction_metrics(model.decode(model.encode(reals)), reals)
     assert out.metrics == pytest.approx(expected, rel=1e-6)
@@ -128,7 +131,8 @@ def test_evaluate_ae_logs_metrics_writes_json_and_tags_the_version(project, para
     tags = run.data.tags
     assert tags["model"] == "ae" and tags["model_version"] == "1" and tags["model_uri"] == "models:/brainlatent-ae/1"
     assert tags["evaluated_run_id"] == trained.run_id and tags["featurenet.id"] == f"models:/{FEATURENET_MODEL}/1"
-    assert json.loads((project / "metrics" / "evaluate" / "ae.json").read_text()) == {**out.metrics, "model_version": 1}
+    assert json.loads((project / "metrics" / "evaluate" / "ae.json").read_text()) == {
+        **out.metrics, "model_version": 1, "model_uri": "models:/brainlatent-ae/1"}
     mv = client.get_model_version("brainlatent-ae", "1")
     assert {k: float(mv.tags[f"eval.{k}"]) for k in out.metrics} == out.metrics
     assert mv.tags["eval.run_id"] == out.run_id
@@ -141,42 +145,51 @@ def test_psnr_of_an_exact_reconstruction_is_capped():
     assert reconstruction_metrics(x, x)["psnr"] == PSNR_CAP_DB
 
 
-def test_gan_evaluation_and_its_champion_rule(project, params):
+def test_gan_evaluation_and_the_champion_decision(project, params):
     train_featurenet(params, project)
     train_family("gan", params, root=project)
-    train_family("gan", dataclasses.replace(params, seed=1), root=project)
+    train_family("gan", dataclasses.replace(params, seed=1), root=project)  # trained/gan.json -> v2
     client, name = MlflowClient(), "brainlatent-gan"
-    client.set_registered_model_alias(name, "champion", "1")  # as if val_proxy had chosen version 1
     champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)  # noqa: E731
+    pipeline_json = project / "metrics" / "evaluate" / "gan.json"
 
-    # v2 evaluated first: v1 has no FID under this protocol, so the FID rule hands the alias to v2.
-    out2 = evaluate_family("gan", _with_eval(params, model_alias="candidate"), project)
-    assert out2.model_version == "2" and out2.champion_changed and champion() == "2"
+    # The pipeline's evaluation: the version train@gan registered last, v2; no champion yet, so it takes it.
+    out2 = evaluate_family("gan", params, project)
+    assert out2.model_version == "2" and out2.champion.moved and champion() == "2"
     for key in ("fid", "kid_mean", "mmd_rbf", "ms_ssim_diversity_gap", "anat_w1_norm_mean", "frac_male_abs_diff",
                 "age_group_tv", "mse", "psnr", "ssim"):
         assert math.isfinite(out2.metrics[key]), key
     assert MlflowClient().get_run(out2.run_id).data.tags["reconstruction"] == "inversion (5 steps)"
     assert any(a.path.endswith("montage.png") for a in client.list_artifacts(out2.run_id, "volumes/samples"))
+    assert json.loads(pipeline_json.read_text())["model_version"] == 2
 
-    # v1 evaluated under the same protocol: the lower FID wins (a tie keeps the champion).
-    client.set_registered_model_alias(name, "first", "1")
-    out1 = evaluate_family("gan", _with_eval(params, model_alias="first"), project)
+    # v1 evaluated by hand under the same protocol: the lower FID wins (a tie keeps the champion). Either way
+    # the pipeline's metrics still belong to v2, the model it trained.
+    out1 = evaluate_family("gan", params, project, model_uri="models:/brainlatent-gan/1")
     winner = "1" if out1.metrics["fid"] < out2.metrics["fid"] else "2"
-    assert champion() == winner and out1.champion_changed == (winner == "1")
-    assert client.get_model_version(name, winner).tags["champion_rule"] == "fid min (evaluate)"
+    assert champion() == winner and out1.champion.moved == (winner == "1")
+    assert client.get_model_version(name, winner).tags["champion_rule"].startswith("fid min (evaluate")
+    assert client.get_model_version(name, "1").tags["champion.decision"].startswith(
+        "champion: fid" if winner == "1" else "not champion: fid")
+    assert json.loads(pipeline_json.read_text())["model_version"] == 2
 
     # Re-evaluating the loser is deterministic and keeps the champion.
-    loser_alias = "candidate" if winner == "1" else "first"
-    again = evaluate_family("gan", _with_eval(params, model_alias=loser_alias), project)
+    loser = "2" if winner == "1" else "1"
+    again = evaluate_family("gan", params, project, model_uri=f"models:/brainlatent-gan/{loser}")
     assert again.metrics == (out2 if winner == "1" else out1).metrics
-    assert not again.champion_changed and champion() == winner
+    assert not again.champion.moved and champion() == winner
 
     # FIDs from another protocol (here: fewer samples) are never compared with the old ones.
-    other = evaluate_family("gan", _with_eval(params, model_alias=loser_alias, n_samples=6), project)
-    assert other.champion_changed and champion() == other.model_version
+    other = evaluate_family("gan", _with_eval(params, n_samples=6), project, model_uri=f"models:/brainlatent-gan/{loser}")
+    assert other.champion.moved and champion() == other.model_version
 
 
-def test_unrankable_gan_champion_metric_fails_before_any_work(project, params):
-    with pytest.raises(ValueError, match="evaluate.gan_champion_metric"):
-        evaluate_family("gan", _with_eval(params, gan_champion_metric="kid_std"), project)
+def test_unrankable_champion_metric_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"evaluate: champion_metric\.gan: metric key 'kid_std' has no direction"):
+        _params(evaluate={"champion_metric": {"ae": "mse", "vae": "fid", "gan": "kid_std", "stylegan": "fid"}})
+
+
+def test_evaluate_without_a_trained_model_fails_before_any_work(project, params):
+    with pytest.raises(ValueError, match=r"trained/gan\.json not found.*--model-uri"):
+        evaluate_family("gan", params, project)
     assert not (project / "mlflow.db").exists()

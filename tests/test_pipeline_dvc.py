@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -208,6 +209,104 @@ def test_mlflow_ui_shows_runs_and_models(pipeline, store, ui_server, chromium, t
         assert 'title="champion"' in dom, f"alias 'champion' not rendered on {model_url}"
     png = screenshot(chromium, model_url, tmp_path / "ui_model.png", tmp_path / "profile")
     shutil.copy(png, ARTIFACTS / f"ui_model_{fam}.png")
+
+
+# --------------------------------------------------------------------------- DVC experiments
+# README's "Everyday use": experiments that change a tuned key pin it, so the model really changes.
+WORKSPACE_EXPS = {"beta-low": 0.3, "beta-high": 1.6}
+QUEUED_EXPS = {"queued-low": 0.2, "queued-high": 1.2}
+QUEUE_TIMEOUT_S = 1800  # a safety net against a hung worker, not a timing assertion
+
+
+def _exp_run(repo, env, name: str, beta: float, *extra: str) -> str:
+    return dvc(["exp", "run", *extra, "-n", name, "-S", f"vae.beta={beta}", "-S", "tune.pinned=[vae.beta]"],
+               repo, env, timeout=1500)
+
+
+def _wait_for_queue(repo, env, names) -> None:
+    """`dvc queue start` returns at once; poll `dvc queue status` until our experiments are no longer waiting."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        rows = [line.split() for line in dvc(["queue", "status"], repo, env).splitlines()]
+        states = {row[1]: row[-1] for row in rows if len(row) >= 3 and row[1] in names}
+        if len(states) == len(names) and all(s in ("Success", "Failed") for s in states.values()):
+            assert set(states.values()) == {"Success"}, (states, dvc(["queue", "logs", next(iter(names))], repo, env))
+            return
+        time.sleep(5)
+    raise AssertionError(f"queued experiments {sorted(names)} did not finish within {QUEUE_TIMEOUT_S} s")
+
+
+def _shown_metrics(repo, env) -> dict[str, dict[str, dict]]:
+    """`dvc exp show --json` as {experiment name: {metrics file: its data}}."""
+    shown = json.loads(dvc(["exp", "show", "--json"], repo, env))
+    out = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                name = rev.get("name") or exp.get("name")
+                out[name] = {path: entry.get("data", {}) for path, entry in rev["data"]["metrics"].items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def experiments(pipeline) -> dict[str, dict[str, dict]]:
+    """Two workspace experiments and two queued ones on top of the committed pipeline run."""
+    repo, env, _ = pipeline
+    run(["git", "add", "-A"], repo, env)  # DVC experiments start from a commit (README, "Everyday use")
+    run(["git", "commit", "-qm", "baseline: dvc repro"], repo, env)
+    for name, beta in WORKSPACE_EXPS.items():
+        _exp_run(repo, env, name, beta)
+    for name, beta in QUEUED_EXPS.items():
+        _exp_run(repo, env, name, beta, "--queue")
+    dvc(["queue", "start"], repo, env)
+    _wait_for_queue(repo, env, set(QUEUED_EXPS))
+    return _shown_metrics(repo, env)
+
+
+@pytest.mark.parametrize("names", [WORKSPACE_EXPS, QUEUED_EXPS], ids=["workspace", "queued"])
+def test_each_experiment_evaluates_the_model_it_trained(pipeline, store, experiments, names):
+    client = MlflowClient()
+    versions, evaluations = {}, {}
+    for name, beta in names.items():
+        metrics = experiments[name]
+        version = metrics["metrics/train/vae.json"]["model_version"]
+        # Evaluation and directions name the version this experiment's train@vae registered...
+        assert metrics["metrics/evaluate/vae.json"]["model_version"] == version, name
+        assert metrics["metrics/directions/vae.json"]["model_version"] == version, name
+        mv = client.get_model_version("brainlatent-vae", str(version))
+        trained = client.get_run(mv.run_id)
+        # ...which is a model trained with the experiment's own (pinned) beta, in a run tagged with the experiment.
+        assert float(trained.data.params["vae.beta"]) == beta and trained.data.tags["tuned.pinned"] == "beta"
+        assert metrics["metrics/train/vae.json"]["trained_with"]["beta"] == beta
+        assert trained.data.tags["dvc.exp_name"] == name and trained.data.tags["dvc.baseline_rev"]
+        evaluation = client.get_run(client.search_runs(
+            [client.get_experiment_by_name(tracking.EVAL_EXPERIMENT).experiment_id],
+            filter_string=f"tags.model_version = '{version}' AND tags.model = 'vae'")[0].info.run_id)
+        assert evaluation.data.tags["dvc.exp_name"] == name
+        versions[name], evaluations[name] = version, metrics["metrics/evaluate/vae.json"]
+    low, high = names
+    assert versions[low] != versions[high]
+    assert evaluations[low]["mse"] != evaluations[high]["mse"]  # two models, two evaluations
+    assert experiments[low]["metrics/directions/vae.json"] != experiments[high]["metrics/directions/vae.json"]
+
+
+def test_skipped_stages_still_show_their_own_models_numbers(experiments):
+    """Whatever DVC skipped as unchanged, every family's evaluation and directions metrics name the version its
+    training metrics name: a property of the pipeline (dependencies on trained/<family>.json), not of luck."""
+    for name, metrics in experiments.items():
+        for fam in FAMILIES:
+            version = metrics[f"metrics/train/{fam}.json"]["model_version"]
+            for stage in ("evaluate", "directions"):
+                assert metrics[f"metrics/{stage}/{fam}.json"]["model_version"] == version, (name, fam, stage)
+
+
+def test_exp_diff_compares_two_experiments(pipeline, experiments):
+    repo, env, _ = pipeline
+    diff = json.loads(dvc(["exp", "diff", *WORKSPACE_EXPS, "--json"], repo, env))
+    changed = diff["metrics"]
+    assert "model_version" in changed["metrics/evaluate/vae.json"]
+    assert "mse" in changed["metrics/evaluate/vae.json"]
+    assert diff["params"]["params.yaml"]["vae.beta"]["old"] != diff["params"]["params.yaml"]["vae.beta"]["new"]
 
 
 # -------------------------------------------------------------------------------- mlflow run

@@ -111,8 +111,8 @@ def test_training_logs_and_registers_on_the_postgres_tracking_server(postgres, m
     assert client.get_experiment(logged.info.experiment_id).name == tracking.TRAIN_EXPERIMENT
     assert logged.data.params["ae.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(run_id, "val_mse")] == [1, 2]
-    champion = client.get_model_version_by_alias("brainlatent-ae", "champion")
-    assert champion.run_id == run_id and champion.version == "1"
+    candidate = client.get_model_version_by_alias("brainlatent-ae", "candidate")
+    assert candidate.run_id == run_id and candidate.version == "1"
     # The rows are in PostgreSQL and the artifacts went through the server to its destination.
     assert postgres.query("mlflow", "SELECT run_uuid, status FROM runs") == [(run_id, "FINISHED")]
     assert postgres.query("mlflow", "SELECT name, version FROM model_versions") == [("brainlatent-ae", 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import mlflow
 import pytest
@@ -10,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from brainlatent import registry
+from brainlatent.model_ref import ModelRef, read_ref
 from brainlatent.models.base import build_model
 from brainlatent.train.checkpoint import load_checkpoint
 from brainlatent.train.runner import train_family
@@ -21,7 +23,10 @@ def _weights(path):
 
 def test_ae_run_is_logged_registered_and_loadable(tiny_processed, tiny_params, project):
     out = train_family("ae", tiny_params)
-    assert out.finished and out.model_version == "1" and out.champion
+    assert out.finished and out.model_version == "1"
+    # The pipeline's record of the version (what evaluate@ae and directions@ae read), never an alias.
+    assert read_ref(project, "ae") == ModelRef("ae", "brainlatent-ae", "1", out.run_id)
+    assert json.loads((project / "metrics" / "train" / "ae.json").read_text())["model_version"] == 1
 
     client = MlflowClient()
     run = client.get_run(out.run_id)
@@ -46,7 +51,9 @@ def test_ae_run_is_logged_registered_and_loadable(tiny_processed, tiny_params, p
     assert img.shape == (16, 16, 16)
     assert abs(img.affine[0, 0] - 10.0) < 1e-6  # 160 mm over 16 voxels
 
-    loaded = registry.load_model("models:/brainlatent-ae@champion")
+    # Training gives the new version alias `candidate`; `champion` is evaluate's decision (test_champion.py).
+    assert set(MlflowClient().get_registered_model("brainlatent-ae").aliases) == {"candidate"}
+    loaded = registry.load_model("models:/brainlatent-ae@candidate")
     x = torch.rand(2, 1, 16, 16, 16)
     z = loaded.model.encode(x)
     assert z.shape == (2, 8) and loaded.model.decode(z).shape == x.shape
@@ -90,20 +97,26 @@ def test_resume_ignores_checkpoint_of_other_config(tiny_processed, tiny_params, 
     assert out.resumed_from is None and out.finished
 
 
-def test_champion_alias_moves_only_on_a_better_metric(project):
+def test_registering_moves_candidate_and_only_an_explicit_rule_moves_champion(project):
     from brainlatent import tracking
 
     tracking.configure(project)
     model = build_model("ae", {"latent_dim": 4, "volume_shape": [16, 16, 16], "base_channels": 2, "max_channels": 4})
     client = MlflowClient()
     exp = tracking.experiment_id("registry-test", project)
+    with mlflow.start_run(experiment_id=exp):  # a model family: no champion from training metrics
+        version, promoted = registry.log_and_register(model, "ae", model.config_dict(), {"val_mse": 0.01})
+    assert (version, promoted) == ("1", False)
+    assert set(client.get_registered_model("brainlatent-ae").aliases) == {"candidate"}
+    # The feature net's training-time rule (champion_metric), on a registered name of its own.
     results = []
-    for mse in (0.05, 0.08, 0.03, 0.03):
+    for auc in (0.7, 0.6, 0.8, 0.8):
         with mlflow.start_run(experiment_id=exp):
-            results.append(registry.log_and_register(model, "ae", model.config_dict(), {"val_mse": mse}))
+            results.append(registry.log_and_register(model, "ae", model.config_dict(), {"val_sex_auc": auc},
+                                                     name="rule-test", champion_metric=("val_sex_auc", True)))
     assert [r[1] for r in results] == [True, False, True, False]  # equal is not better
-    assert str(client.get_model_version_by_alias("brainlatent-ae", "champion").version) == "3"
-    assert str(client.get_model_version_by_alias("brainlatent-ae", "candidate").version) == "4"
+    assert str(client.get_model_version_by_alias("rule-test", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("rule-test", "candidate").version) == "4"
     assert "v3" in registry.describe_registry()
 
 

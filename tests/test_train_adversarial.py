@@ -11,14 +11,14 @@ from brainlatent.train.runner import train_family
 
 def test_gan_trains_registers_and_samples_by_alias(tiny_processed, tiny_params):
     out = train_family("gan", tiny_params)
-    assert out.finished and out.champion
+    assert out.finished and out.model_version == "1"
     client = MlflowClient()
     run = client.get_run(out.run_id)
     for key in ("train_d_loss", "train_g_loss", "train_d_r1", "val_proxy"):
         assert key in run.data.metrics, key
     arts = [a.path for a in client.list_artifacts(out.run_id, "volumes/epoch_002/samples")]
     assert any(a.endswith("montage.png") for a in arts)
-    gan = registry.load_model("models:/brainlatent-gan@champion").model
+    gan = registry.load_model("models:/brainlatent-gan@candidate").model
     vols = gan.sample(3, generator=torch.Generator().manual_seed(0))
     assert vols.shape == (3, 1, 16, 16, 16) and 0 <= vols.min() and vols.max() <= 1
 
@@ -34,7 +34,7 @@ def test_stylegan_grows_progressively_and_logs_mixing_and_truncation(tiny_proces
     final = "volumes/epoch_003"
     kinds = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(out.run_id, final)}
     assert {"samples", "style_mixing", "truncation_sweep"} <= kinds
-    model = registry.load_model("models:/brainlatent-stylegan@champion").model
+    model = registry.load_model("models:/brainlatent-stylegan@candidate").model
     w = model.mapping(torch.randn(2, model.z_dim))
     assert model.decode(w).shape == (2, 1, 16, 16, 16)
 

@@ -249,4 +249,4 @@ def test_two_training_processes_on_one_fresh_store_lose_no_run(tmp_path):
     registered = {m.name for m in client.search_registered_models()}
     assert registered >= {"brainlatent-ae", "brainlatent-vae"}, f"{registered}\n" + "\n".join(o[-2500:] for o in outputs)
     for fam in ("ae", "vae"):
-        assert str(client.get_model_version_by_alias(f"brainlatent-{fam}", "champion").version) == "1"
+        assert str(client.get_model_version_by_alias(f"brainlatent-{fam}", "candidate").version) == "1"

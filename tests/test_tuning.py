@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from brainlatent import tracking
 from brainlatent.config import params_from_dict
 from brainlatent.tracking import redact_url
-from brainlatent.tuning import FINISHED, apply_tuned, parse_space, tune_family
+from brainlatent.train.runner import train_family
+from brainlatent.tuning import FINISHED, apply_tuned, parse_space, resolve_tuned, tune_family
 
 from conftest import tiny_params_dict, write_processed
 
@@ -199,6 +200,56 @@ def test_family_not_tuned_is_skipped_and_apply_tuned_is_a_no_op(tiny_processed, 
     assert tuned["skipped"] is True and tuned["params"] == {} and tuned["family"] == "vae"
     assert apply_tuned(params, "vae", project) is params
     assert apply_tuned(params, "ae", project) is params  # in tune.families but not tuned yet: no file
+
+
+def _tuned_file(project, family: str, params: dict) -> None:
+    (project / "tuned").mkdir(exist_ok=True)
+    (project / "tuned" / f"{family}.json").write_text(json.dumps({"family": family, "params": params, "study": "s1"}))
+
+
+def test_a_tuned_value_that_replaces_the_users_is_loud_and_recorded(tiny_processed, project, caplog):
+    """`dvc exp run -S vae.beta=0.5` with beta in the tuning space: the tuned value wins, and says so in the log,
+    the training run's tags and metrics/train/vae.json (a `dvc exp show` column beside params.yaml's value)."""
+    raw = tiny_params_dict(vae={"beta": 0.5}, tune={"families": ["vae"]})
+    params = params_from_dict(raw)
+    _tuned_file(project, "vae", {"beta": 0.75, "lr": params.vae.lr})
+    with caplog.at_level("WARNING", logger="brainlatent.tuning"):
+        tuned = resolve_tuned(params, "vae", project)
+    assert tuned.params.vae.beta == 0.75 and tuned.used["beta"] == 0.75
+    assert tuned.overridden == {"beta": (0.5, 0.75)}  # lr was not changed: no override of it
+    assert "vae.beta: params.yaml says 0.5, training uses the tuned 0.75" in caplog.text
+    assert "tune.pinned=[vae.beta]" in caplog.text
+
+    out = train_family("vae", tuned.params, root=project, tuned=tuned)
+    tags = MlflowClient().get_run(out.run_id).data.tags
+    assert tags["tuned.override.beta"] == "params.yaml 0.5 -> tuned 0.75"
+    assert tags["tuned.source"] == "tuned/vae.json (study s1)"
+    assert MlflowClient().get_run(out.run_id).data.params["vae.beta"] == "0.75"
+    written = json.loads((project / "metrics" / "train" / "vae.json").read_text())
+    assert written["trained_with"] == {"beta": 0.75, "lr": params.vae.lr}
+
+
+def test_a_pinned_key_trains_with_the_users_value_and_is_not_searched(tiny_processed, project):
+    raw = tiny_params_dict(vae={"beta": 0.5}, tune={"families": ["vae"], "pinned": ["vae.beta"]})
+    params = params_from_dict(raw)
+    _tuned_file(project, "vae", {"beta": 0.75, "lr": 1e-3})  # e.g. written before the pin
+    tuned = resolve_tuned(params, "vae", project)
+    assert tuned.params.vae.beta == 0.5 and tuned.params.vae.lr == 1e-3
+    assert tuned.overridden == {"lr": (params.vae.lr, 1e-3)} and tuned.pinned == ("beta",)
+    assert tuned.mlflow_tags()["tuned.pinned"] == "beta"
+    # The study does not search it either.
+    specs = parse_space(params.tune, {f: params.family(f) for f in ("ae", "vae", "gan", "stylegan")})
+    assert "beta" not in specs["vae"] and "lr" in specs["vae"]
+
+
+@pytest.mark.parametrize(("pinned", "message"), [
+    (["beta"], "must be '<family>.<parameter>'"),
+    (["vae.gamma"], "vae has no parameter 'gamma'"),
+    (["net.beta"], "must be '<family>.<parameter>'"),
+])
+def test_pinned_entries_are_validated(pinned, message):
+    with pytest.raises(ValueError, match=rf"tune: pinned: .*{message}"):
+        params_from_dict(tiny_params_dict(tune={"pinned": pinned}))
 
 
 @pytest.mark.parametrize(

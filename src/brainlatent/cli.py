@@ -91,6 +91,11 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 
 
 FamilyOpt = Annotated[str, typer.Option("--model", "-m", help="Model family: ae, vae, gan or stylegan.")]
+ModelUriOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Use this registered version (models:/<name>@<alias> or models:/<name>/<version>) instead of "
+                 "the one train@<family> registered (trained/<family>.json). Its results stay out of the DVC outputs."),
+]
 
 
 @app.command()
@@ -127,19 +132,21 @@ def train(
 
     def go():
         from brainlatent.train.runner import train_family
+        from brainlatent.tuning import resolve_tuned
 
-        from brainlatent.tuning import apply_tuned
-
-        p = apply_tuned(_load(params, set_), model)
-        out = train_family(model, p, resume=resume, stop_after_epoch=stop_after_epoch)
+        tuned = resolve_tuned(_load(params, set_), model)
+        out = train_family(model, tuned.params, resume=resume, stop_after_epoch=stop_after_epoch, tuned=tuned)
         distributed.cleanup()
         if not rank0:
             return
         state = "finished" if out.finished else "stopped (resumable)"
         typer.echo(f"{model}: {state}; MLflow run {out.run_id}\n  {out.run_url}")
         if out.model_version:
-            role = "champion" if out.champion else "candidate"
-            typer.echo(f"  registered brainlatent-{model} version {out.model_version} ({role})")
+            typer.echo(f"  registered brainlatent-{model} version {out.model_version} (alias candidate; "
+                       f"trained/{model}.json names it for evaluate@{model} and directions@{model})")
+        for key, (mine, theirs) in tuned.overridden.items():
+            typer.echo(f"  note: {model}.{key} = {theirs!r} from tuning, not params.yaml's {mine!r} "
+                       f"(pin it with tune.pinned, docs/tuning.md)")
         keys = [k for k in ("val_mse", "val_psnr", "val_ssim", "val_proxy") if k in out.metrics]
         typer.echo("  " + "  ".join(f"{k}={out.metrics[k]:.4g}" for k in keys))
 
@@ -199,27 +206,31 @@ def featurenet(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> 
 
 
 @app.command()
-def evaluate(model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Generative, reconstruction and anatomical metrics of a registered model (DVC stage `evaluate@<family>`)."""
+def evaluate(
+    model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, model_uri: ModelUriOpt = None
+) -> None:
+    """Metrics of the model train@<family> registered, then the champion decision (DVC stage `evaluate@<family>`)."""
 
     def go():
         from brainlatent.evaluation import evaluate_family
 
-        out = evaluate_family(model, _load(params, set_))
-        note = " (champion alias moved)" if out.champion_changed else ""
-        typer.echo(f"{model} v{out.model_version}{note}: " + _fmt(out.metrics) + f"\n  {out.run_url}")
+        out = evaluate_family(model, _load(params, set_), model_uri=model_uri)
+        typer.echo(f"{model} v{out.model_version}: " + _fmt(out.metrics) + f"\n  {out.champion.reason}"
+                   f"\n  {out.run_url}")
 
     _run(go)
 
 
 @app.command()
-def directions(model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def directions(
+    model: FamilyOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, model_uri: ModelUriOpt = None
+) -> None:
     """Probe the latent space for sex and age, fit directions, traverse, measure (DVC stage `directions@<family>`)."""
 
     def go():
         from brainlatent.directions.experiment import run_directions
 
-        out = run_directions(model, _load(params, set_))
+        out = run_directions(model, _load(params, set_), model_uri=model_uri)
         typer.echo(f"{model}: outputs in {out.out_dir}; " + _fmt(out.metrics, 8) + f"\n  {out.run_url}")
 
     _run(go)

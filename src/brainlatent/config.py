@@ -368,6 +368,21 @@ class TuneConfig:
     study_prefix: str = "brainlatent"
     seed: int = 0
     space: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    # "<family>.<key>" entries: train with the params.yaml value and do not search the key (a value a user sets,
+    # e.g. `dvc exp run -S vae.beta=0.5 -S 'tune.pinned=[vae.beta]'`, is otherwise replaced by the tuned one,
+    # loudly: see tuning.resolve_tuned).
+    pinned: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_pinned(self) -> "TuneConfig":
+        for entry in self.pinned:
+            family, _, key = entry.partition(".")
+            if family not in FAMILY_CONFIGS or not key:
+                raise ValueError(f"pinned: {entry!r} must be '<family>.<parameter>' with family one of {list(FAMILIES)}")
+            fields = {f.name for f in dataclasses.fields(FAMILY_CONFIGS[family])}
+            if key not in fields:
+                raise ValueError(f"pinned: {family} has no parameter {key!r}; expected one of {sorted(fields)}")
+        return self
 
 # ---------------------------------------------------------------------------------------- evaluation
 @dataclass(config=_STRICT)
@@ -399,23 +414,42 @@ class FeatureNetConfig:
 
 @dataclass(config=_STRICT)
 class EvaluateConfig:
-    """`evaluate@model`: how many samples and which split the metrics use."""
+    """`evaluate@model`: how many samples, which split the metrics use, and the champion rule."""
 
-    model_alias: str = "champion"  # which registered version each family is evaluated at
     n_samples: PositiveInt = 64  # generated volumes for FID/KID/MMD/MS-SSIM/anatomy
-    split: Literal["val", "test"] = "test"
+    # The split the metrics and the champion decision use: the validation split, which selection may see; the
+    # test split is kept untouched for the directions' held-out numbers (docs/metrics.md, "Splits").
+    split: Literal["val", "test"] = "val"
     ms_ssim_pairs: PositiveInt = 50
     kid_subset_size: PositiveInt = 32
     inversion_steps: PositiveInt = 50  # GAN families: reconstruction through inversion
-    # The champion rule for the GAN families after evaluation (lower is better); AE/VAE keep val_mse.
-    gan_champion_metric: str = "fid"
+    # The champion rule: per family, the evaluation metric a new version must beat (direction from
+    # metrics.registry) to take alias `champion` (champion.py).
+    champion_metric: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {"ae": "mse", "vae": "fid", "gan": "fid", "stylegan": "fid"}
+    )
+
+    @model_validator(mode="after")
+    def _check_champion(self) -> "EvaluateConfig":
+        from brainlatent.metrics.registry import metric_direction
+
+        missing = sorted(set(FAMILIES) - set(self.champion_metric))
+        unknown = sorted(set(self.champion_metric) - set(FAMILIES))
+        if missing or unknown:
+            raise ValueError(f"champion_metric: expected one metric per family {list(FAMILIES)}; "
+                             f"missing {missing}, unknown {unknown}")
+        for family, metric in self.champion_metric.items():
+            try:
+                metric_direction(metric)
+            except ValueError as err:
+                raise ValueError(f"champion_metric.{family}: {err}") from None
+        return self
 
 
 @dataclass(config=_STRICT)
 class DirectionsConfig:
     """`directions@model`: probes, directions and traversals for one registered model (docs/directions_method.md)."""
 
-    model_alias: str = "champion"
     latent_space: Literal["w", "w+"] = "w"  # StyleGAN inversion space (W+ probes are per-layer concatenations)
     inversion_steps: PositiveInt = 40  # GAN families: latents of real scans by inversion
     # Probe regularisation: a fixed C keeps `make repro` fast; null selects C by nested CV (research runs).

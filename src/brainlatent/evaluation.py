@@ -6,8 +6,10 @@ split picks the epoch), logs it to MLflow (experiment ``brainlatent-featurenet``
 ``config.json``, family ``featurenet``); its champion rule is ``val_sex_auc`` (higher is better). With
 ``featurenet.backbone: medicalnet`` nothing is trained: the stage records the user's MedicalNet weights file.
 
-``evaluate_family`` loads ``models:/brainlatent-<family>@<evaluate.model_alias>`` and the feature extractor,
-and computes on ``evaluate.split``:
+``evaluate_family`` loads the version ``train@<family>`` registered (``trained/<family>.json``, see
+``model_ref.py``; ``--model-uri`` names another by hand) and the feature extractor, and computes on
+``evaluate.split`` (the validation split by default: the champion decision may see it, the test split stays
+untouched for the directions' held-out numbers):
 
 * reconstruction (every family): MSE, PSNR (capped at :data:`PSNR_CAP_DB`), 3D SSIM. AE/VAE reconstruct by
   encode/decode; GAN/StyleGAN by inversion with ``evaluate.inversion_steps`` Adam steps;
@@ -16,9 +18,9 @@ and computes on ``evaluate.split``:
   sex / age-group mix the feature net predicts.
 
 Metrics go to an MLflow run (experiment ``brainlatent-evaluate``, tag ``model=<family>``), to the model
-version's tags (``eval.<metric>``) and to ``metrics/evaluate/<family>.json``. For the GAN families the
-champion is then re-chosen by ``evaluate.gan_champion_metric`` among the versions evaluated under the same
-protocol (docs/metrics.md, "Champion rules").
+version's tags (``eval.<metric>``) and to ``metrics/evaluate/<family>.json`` (with the version's number). Then
+the champion decision (``champion.py``) compares the version with the others evaluated under the same protocol
+by ``evaluate.champion_metric.<family>`` (docs/metrics.md, "Champion rules").
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from brainlatent import registry, tracking
+from brainlatent import champion, model_ref, registry, tracking
+from brainlatent.champion import ChampionDecision
 from brainlatent.config import EvaluateConfig, Params, to_flat_dict
 from brainlatent.data.dataset import ProcessedData
 from brainlatent.grid import Grid
 from brainlatent.metrics import anatomical, generative
 from brainlatent.metrics.reconstruction import reconstruction_per_volume
-from brainlatent.metrics.registry import is_better, metric_direction
 from brainlatent.models.base import LatentModel
 from brainlatent.models.featurenet import (
     FeatureExtractor,
@@ -84,8 +86,7 @@ class EvalOutcome:
     run_id: str
     model_version: str
     metrics: dict[str, float]
-    champion_changed: bool
-    champion_version: str | None  # after the rule (None when the family has no champion)
+    champion: ChampionDecision  # the decision taken after this evaluation
     run_url: str
 
 
@@ -185,6 +186,7 @@ def train_featurenet(params: Params, root: Path | None = None) -> FeatureNetOutc
         version, champion = registry.log_and_register(
             model, FEATURENET_FAMILY, model.config, metrics,
             tags={**lineage, "run_id": run.info.run_id, "backbone": "featurenet"},
+            champion_metric=registry.FEATURENET_CHAMPION_METRIC,
         )
         mlflow.set_tag("model_version", version)
         _write_json(root / "metrics" / "featurenet.json", {"backbone": "featurenet", **metrics})
@@ -366,75 +368,25 @@ def generative_metrics(
 def evaluation_protocol(params: Params, extractor_ident: str, data_sha256: str) -> str:
     """A short hash of everything that makes two evaluations comparable: the feature extractor, the real
     reference set (split and data content), sample count, metric settings and seed."""
-    spec = {"extractor": extractor_ident, "data": data_sha256, "evaluate": to_flat_dict(params.evaluate),
-            "seed": params.seed}
-    spec["evaluate"].pop("model_alias")
-    spec["evaluate"].pop("gan_champion_metric")
+    settings = {k: v for k, v in to_flat_dict(params.evaluate).items() if not k.startswith("champion_metric.")}
+    spec = {"extractor": extractor_ident, "data": data_sha256, "evaluate": settings, "seed": params.seed}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------- champion rule
-def check_champion_metric(metric: str) -> bool:
-    """ValueError unless ``evaluate.gan_champion_metric`` names a rankable metric; returns higher-is-better."""
-    try:
-        return metric_direction(metric) == "max"
-    except ValueError as err:
-        raise ValueError(f"evaluate.gan_champion_metric: {err}") from None
-
-
-def apply_champion_rule(family: str, metric: str, protocol: str) -> tuple[str | None, bool]:
-    """Re-choose ``champion`` of ``brainlatent-<family>`` among the versions evaluated under ``protocol``.
-
-    The candidates are the versions whose ``eval.protocol`` tag equals ``protocol`` and that carry a finite
-    ``eval.<metric>``. The current champion keeps the alias unless another candidate is strictly better
-    (``metrics.registry.is_better``); a champion not evaluated under this protocol (still chosen by
-    ``val_proxy``, or scored with another feature extractor) gives way to the best candidate.
-
-    Returns:
-        (champion version after the rule or None, whether the alias moved).
-    """
-    higher = check_champion_metric(metric)
-    client = MlflowClient()
-    name = registry.registered_name(family)
-    try:
-        current = str(client.get_model_version_by_alias(name, registry.CHAMPION).version)
-    except mlflow.exceptions.MlflowException:
-        current = None
-    scored: dict[str, float] = {}
-    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-        tags = mv.tags or {}
-        raw = tags.get(f"eval.{metric}")
-        if tags.get("eval.protocol") == protocol and raw is not None and math.isfinite(float(raw)):
-            scored[str(mv.version)] = float(raw)
-    if not scored:
-        return current, False
-    best = current if current in scored else None
-    for version, value in scored.items():  # ascending versions: ties keep the champion, then the oldest
-        if best is None or is_better(metric, value, scored[best]):
-            best = version
-    assert best is not None
-    client.set_model_version_tag(name, best, "champion_rule", f"{metric} {'max' if higher else 'min'} (evaluate)")
-    client.set_model_version_tag(name, best, f"metric.{metric}", f"{scored[best]:.6g}")
-    if best == current:
-        return current, False
-    client.set_registered_model_alias(name, registry.CHAMPION, best)
-    log.info("%s: champion %s -> %s (%s %.6g)", name, current, best, metric, scored[best])
-    return best, True
-
-
 # ------------------------------------------------------------------------------------------ evaluate
-def evaluate_family(family: str, params: Params, root: Path | None = None) -> EvalOutcome:
-    """Evaluate ``models:/brainlatent-<family>@<evaluate.model_alias>`` (DVC stage ``evaluate@<family>``).
+def evaluate_family(family: str, params: Params, root: Path | None = None, model_uri: str | None = None) -> EvalOutcome:
+    """Evaluate the version ``train@<family>`` registered (``trained/<family>.json``; DVC stage
+    ``evaluate@<family>``), or ``model_uri`` (any ``models:/`` URI, e.g. an alias, by hand).
 
-    Writes metrics/evaluate/<family>.json, logs an MLflow run tagged with the model version and the training
-    run it evaluates (``evaluated_run_id``), tags the model version ``eval.<metric>`` and, for gan/stylegan,
-    re-applies the champion rule with ``evaluate.gan_champion_metric``.
+    Logs an MLflow run tagged with the model version and the training run it evaluates (``evaluated_run_id``),
+    tags the model version ``eval.<metric>``, then takes the champion decision (:mod:`brainlatent.champion`).
+    Writes metrics/evaluate/<family>.json (naming the version) for the pipeline's own model only: a version
+    named with ``model_uri`` is not what the DVC pipeline trained, so its numbers stay out of the DVC metrics.
     """
     root = _root(root)
     params.family(family)  # unknown family -> ConfigError naming the choices
     cfg = params.evaluate
-    if family in GAN_FAMILIES:
-        check_champion_metric(cfg.gan_champion_metric)  # before any expensive work
+    uri = model_ref.model_uri(root, family, model_uri)  # before any expensive work: a missing file is an error
     tracking.configure(root)
     seed_everything(params.seed)
     device = resolve_device(params.device)
@@ -445,9 +397,11 @@ def evaluate_family(family: str, params: Params, root: Path | None = None) -> Ev
             f"evaluate.split: the {cfg.split!r} split of {data.root} has {len(reals)} volume(s); need >= 2"
         )
 
-    uri = f"models:/{registry.registered_name(family)}@{cfg.model_alias}"
     loaded = registry.load_model(uri, device)
     model: LatentModel = loaded.model
+    if loaded.name != registry.registered_name(family):
+        raise ValueError(f"{uri} is a version of {loaded.name!r}, not of the {family} family "
+                         f"({registry.registered_name(family)!r})")
     if tuple(model.volume_shape) != tuple(data.grid.shape):
         raise ValueError(
             f"{uri}: trained on volumes {tuple(model.volume_shape)}, but {data.root} holds {data.grid.shape}"
@@ -463,7 +417,7 @@ def evaluate_family(family: str, params: Params, root: Path | None = None) -> Ev
     exp_id = tracking.experiment_id(tracking.EVAL_EXPERIMENT, root)
     tags = {
         "model": family, "stage": "evaluate", "model_name": loaded.name, "model_version": str(loaded.version),
-        "model_uri": f"models:/{loaded.name}/{loaded.version}", "model_alias": cfg.model_alias,
+        "model_uri": f"models:/{loaded.name}/{loaded.version}", "requested_uri": uri,
         "evaluated_run_id": loaded.run_id or "", "eval_protocol": protocol, "split": cfg.split,
         "featurenet.backbone": extractor.backbone, "featurenet.id": extractor.ident,
         "reconstruction": f"inversion ({cfg.inversion_steps} steps)" if family in GAN_FAMILIES else "encode/decode",
@@ -498,21 +452,19 @@ def evaluate_family(family: str, params: Params, root: Path | None = None) -> Ev
         for key, value in version_tags.items():
             client.set_model_version_tag(loaded.name, str(loaded.version), key, value)
 
-        changed, champion = False, None
-        if family in GAN_FAMILIES:
-            champion, changed = apply_champion_rule(family, cfg.gan_champion_metric, protocol)
+        decision = champion.decide(family, cfg.champion_metric[family], protocol, str(loaded.version))
+        mlflow.set_tags({"champion_version": decision.champion or "none",
+                         "champion_changed": str(decision.moved).lower(), "champion.decision": decision.reason})
+        log.info("%s v%s: %s", loaded.name, loaded.version, decision.reason)
+        if model_uri is None:
+            _write_json(root / "metrics" / "evaluate" / f"{family}.json",
+                        {**metrics, "model_version": int(loaded.version), "model_uri": tags["model_uri"]})
         else:
-            try:
-                champion = str(client.get_model_version_by_alias(loaded.name, registry.CHAMPION).version)
-            except mlflow.exceptions.MlflowException:
-                champion = None
-        mlflow.set_tags({"champion_version": champion or "none", "champion_changed": str(changed).lower()})
-        _write_json(root / "metrics" / "evaluate" / f"{family}.json",
-                    {**metrics, "model_version": int(loaded.version)})
+            log.info("evaluated %s by hand: metrics/evaluate/%s.json (the pipeline's model) left as it is", uri,
+                     family)
         mlflow.end_run()
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
-    return EvalOutcome(family, run.info.run_id, str(loaded.version), metrics, changed, champion,
-                       tracking.run_url(run))
+    return EvalOutcome(family, run.info.run_id, str(loaded.version), metrics, decision, tracking.run_url(run))
 

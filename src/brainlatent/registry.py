@@ -1,9 +1,9 @@
 """The MLflow Model Registry: register checkpoints, move aliases, load models back by URI.
 
-Every family registers as ``brainlatent-<family>``. Each new version gets alias ``candidate``; alias
-``champion`` moves to it only when its declared metric is strictly better than the current champion's
-(see :data:`CHAMPION_METRICS` and docs/tracking.md). The rule's metric and value are stored as version
-tags, so a registry look-up shows why a version is (or is not) the champion.
+Every family registers as ``brainlatent-<family>``. Each new version gets alias ``candidate``. Alias ``champion``
+is a separate decision made on evaluation metrics (:mod:`brainlatent.champion`, run by ``evaluate``); training
+never moves it. The feature network, an evaluation tool rather than a model family, keeps a training-time rule
+(:data:`FEATURENET_CHAMPION_METRIC`).
 
 What a version holds: ``weights.pt`` (a plain ``state_dict``) and ``config.json`` (family + constructor
 arguments), wrapped as an MLflow pyfunc ("models from code", so nothing is pickled). Our own loader reads
@@ -26,19 +26,21 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from brainlatent import tracking
+
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 FORMAT_VERSION = 1
 
-# The metric each family's champion rule compares, and whether higher is better. Training logs these on the
-# validation split; `evaluate` re-applies the rule with generative metrics for the GANs (docs/tracking.md).
-CHAMPION_METRICS: dict[str, tuple[str, bool]] = {
+# The validation metric each family reports every epoch (what Optuna optimises) and whether higher is better.
+VALIDATION_METRICS: dict[str, tuple[str, bool]] = {
     "ae": ("val_mse", False),
     "vae": ("val_mse", False),
     "gan": ("val_proxy", False),
     "stylegan": ("val_proxy", False),
-    "featurenet": ("val_sex_auc", True),
 }
+# The feature net's champion: the version whose sex head separates the validation split best.
+FEATURENET_CHAMPION_METRIC = ("val_sex_auc", True)
 
 
 def registered_name(family: str) -> str:
@@ -72,10 +74,14 @@ def log_and_register(
     metrics: dict[str, float],
     tags: dict[str, str] | None = None,
     name: str | None = None,
+    champion_metric: tuple[str, bool] | None = None,
 ) -> tuple[str, bool]:
-    """Log ``model`` to the active run, register a new version, set ``candidate`` and maybe ``champion``.
+    """Log ``model`` to the active run, register a new version and give it alias ``candidate``.
 
-    Returns (version, became_champion).
+    ``champion_metric`` ``(metric, higher_is_better)``: also move ``champion`` to the new version when its
+    ``metrics[metric]`` beats the current champion's (the feature net's rule). The model families pass None:
+    their champion is decided on evaluation metrics (:mod:`brainlatent.champion`). Returns
+    (version, became_champion).
     """
     name = name or registered_name(family)
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,9 +103,9 @@ def log_and_register(
     for key, value in {**(tags or {}), **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CANDIDATE, version)
-    metric, higher = CHAMPION_METRICS.get(family, (None, False))
     promoted = False
-    if metric is not None and metric in metrics:
+    if champion_metric is not None and champion_metric[0] in metrics:
+        metric, higher = champion_metric
         promoted = promote_if_better(name, version, metric, metrics[metric], higher)
     return version, promoted
 
@@ -136,17 +142,24 @@ _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\
 
 
 def resolve(uri: str):
-    """``models:/name@alias`` or ``models:/name/<version>`` -> ModelVersion, with errors that name the thing."""
+    """``models:/name@alias`` or ``models:/name/<version>`` -> ModelVersion, with errors that name the thing.
+
+    Uses the tracking store already chosen, else the project's (:func:`tracking.use_project_store`: found from
+    any subfolder, never created as a side effect).
+    """
     m = _URI.match(uri.strip())
     if not m:
         raise ValueError(f"model URI {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    store = tracking.redact_url(tracking.use_project_store())
     client = MlflowClient()
     name = m["name"]
     try:
         rm = client.get_registered_model(name)
     except MlflowException:
         known = sorted(r.name for r in client.search_registered_models())
-        raise ValueError(f"model URI {uri!r}: no registered model named {name!r}; registered: {known}") from None
+        raise ValueError(
+            f"model URI {uri!r}: no registered model named {name!r} in the store {store}; registered: {known}"
+        ) from None
     if m["alias"]:
         mv = _alias_version(client, name, m["alias"])
         if mv is None:
@@ -252,6 +265,8 @@ def describe_version(uri: str) -> str:
     ]
     if "champion_rule" in tags:
         lines.append(f"  champion rule: {tags['champion_rule']}")
+    if "champion.decision" in tags:
+        lines.append(f"  champion decision: {tags['champion.decision']}")
     metric_tags = {k: v for k, v in sorted(tags.items()) if k.startswith(("metric.", "eval.", "directions."))}
     if metric_tags:
         lines.append("  metrics:")

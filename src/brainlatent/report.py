@@ -1,8 +1,9 @@
 """The `report` stage: one comparison of every family's evaluated model, built from MLflow.
 
-For each family with a version at ``evaluate.model_alias`` (``champion`` by default) the latest *finished*
-evaluation run of that exact version (experiment ``brainlatent-evaluate``) is read back, so every number in
-the report is the one MLflow holds; nothing is recomputed. Outputs (DVC out ``report/``):
+For each family, the version this pipeline run trained (``trained/<family>.json``) and the latest *finished*
+evaluation run of that exact version (experiment ``brainlatent-evaluate``) are read back, so every number in
+the report is the one MLflow holds and belongs to the model the pipeline trained; nothing is recomputed. The
+models table says which version is each family's champion now. Outputs (DVC out ``report/``):
 
 * ``metrics.md`` and ``index.html`` (self-contained: figures embedded): the table, rows = family, columns =
   metrics (best value per rankable column in bold), which model version and evaluation run each row comes
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from brainlatent import registry, tracking
+from brainlatent import model_ref, registry, tracking
 from brainlatent.config import FAMILIES, Params
 from brainlatent.metrics.registry import metric_direction
 
@@ -117,25 +119,32 @@ def latest_evaluation(client: MlflowClient, experiment_id: str, family: str, ver
     return runs[0] if runs else None
 
 
-def _evaluated_rows(alias: str) -> tuple[list[_Row], list[str]]:
-    """One row per family whose ``alias`` version has a finished evaluation run; notes for the others."""
+def _evaluated_rows(root: Path) -> tuple[list[_Row], list[str]]:
+    """One row per family whose trained version (``trained/<family>.json``) has a finished evaluation run;
+    notes for the others."""
     client = MlflowClient()
     exp = mlflow.get_experiment_by_name(tracking.EVAL_EXPERIMENT)
     rows, notes = [], []
     for family in FAMILIES:
-        name = registry.registered_name(family)
         try:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        except mlflow.exceptions.MlflowException:
-            notes.append(f"{family}: no version of {name} at alias '{alias}' (not trained or not registered)")
+            ref = model_ref.read_ref(root, family)
+        except ValueError as err:
+            notes.append(f"{family}: {err}")
             continue
-        run = latest_evaluation(client, exp.experiment_id, family, version) if exp is not None else None
+        run = latest_evaluation(client, exp.experiment_id, family, ref.version) if exp is not None else None
         if run is None:
-            notes.append(f"{family}: {name} v{version} ({alias}) has no finished evaluation run; "
+            notes.append(f"{family}: {ref.name} v{ref.version} has no finished evaluation run; "
                          f"run `brainlatent evaluate --model {family}`")
             continue
-        rows.append(_Row(family, version, run))
+        rows.append(_Row(family, ref.version, run))
     return rows, notes
+
+
+def _champion_version(family: str) -> str:
+    try:
+        return str(MlflowClient().get_model_version_by_alias(registry.registered_name(family), registry.CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return "none"
 
 
 def _flat_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
@@ -408,15 +417,14 @@ Reconstruction metrics of the GAN families come from latent inversion; PSNR is c
 
 # ---------------------------------------------------------------------------------------------- stage
 def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
-    """Build report/ from the evaluation runs of each family's ``evaluate.model_alias`` version and log it
-    to MLflow (DVC stage ``report``). ValueError when no family has an evaluated version."""
+    """Build report/ from the evaluation runs of the versions this pipeline trained and log it to MLflow (DVC
+    stage ``report``). ValueError when no family has an evaluated version."""
     root = (root or tracking.project_root()).resolve()
     tracking.configure(root)
-    alias = params.evaluate.model_alias
-    rows, notes = _evaluated_rows(alias)
+    rows, notes = _evaluated_rows(root)
     if not rows:
-        raise ValueError(f"report: no family has an evaluated '{alias}' version; run `brainlatent evaluate` first\n  "
-                         + "\n  ".join(notes))
+        raise ValueError("report: no family has an evaluated trained version; run `dvc repro` (or `brainlatent "
+                         "train` and `brainlatent evaluate`) first\n  " + "\n  ".join(notes))
     table = pd.DataFrame({r.family: dict(r.run.data.metrics) for r in rows}).T
     headline = [k for k in HEADLINE_METRICS if k in table.columns]
     table = table[headline + sorted(set(table.columns) - set(headline))]
@@ -427,6 +435,8 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
     models = pd.DataFrame({
         r.family: {
             "model_version": r.version,
+            "champion_now": _champion_version(r.family),
+            "champion_decision": r.run.data.tags.get("champion.decision", ""),
             "evaluation_run": r.run.info.run_id,
             "trained_run": r.run.data.tags.get("evaluated_run_id", ""),
             "reconstruction": r.run.data.tags.get("reconstruction", ""),
@@ -455,8 +465,8 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
 
     exp_id = tracking.experiment_id(tracking.REPORT_EXPERIMENT, root)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"report-{alias}",
-                          tags={"stage": "report", "model_alias": alias, **lineage}) as run:
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}",
+                          tags={"stage": "report", **lineage}) as run:
         mlflow.log_param("families", ",".join(r.family for r in rows))
         mlflow.set_tags({f"eval_run.{r.family}": r.run.info.run_id for r in rows})
         mlflow.set_tags({f"model_version.{r.family}": r.version for r in rows})

@@ -40,17 +40,56 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI)."""
 
 
+# A folder is the project root when it holds both of these (what `make repro` and `dvc repro` need).
+PROJECT_MARKERS = ("dvc.yaml", "params.yaml")
+# DVC runs queued and --temp experiments in a throw-away copy of the repository under this folder.
+DVC_TEMP_WORKSPACES = Path(".dvc") / "tmp" / "exps"
+
+
+def _find_project(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` that holds every :data:`PROJECT_MARKERS` file."""
+    for folder in (start, *start.parents):
+        if all((folder / marker).is_file() for marker in PROJECT_MARKERS):
+            return folder
+    return None
+
+
 def project_root() -> Path:
-    """The project root: ``BRAINLATENT_ROOT`` if set, else the current directory (where dvc runs stages)."""
-    return Path(os.environ.get("BRAINLATENT_ROOT", ".")).resolve()
+    """Where the pipeline's inputs and outputs live (data/, metrics/, trained/, checkpoints/).
+
+    Inside a DVC stage (``DVC_STAGE`` is set) it is the stage's working directory: for a queued or ``--temp``
+    experiment that is DVC's temporary copy of the repository, whose outputs DVC collects. Elsewhere:
+    ``BRAINLATENT_ROOT`` if set, else the nearest folder upward holding ``dvc.yaml`` and ``params.yaml`` (so a
+    notebook kernel started in ``notebooks/`` finds the project), else the current directory.
+    """
+    cwd = Path.cwd().resolve()
+    if os.environ.get("DVC_STAGE"):
+        return cwd
+    if os.environ.get("BRAINLATENT_ROOT"):
+        return Path(os.environ["BRAINLATENT_ROOT"]).resolve()
+    return _find_project(cwd) or cwd
+
+
+def store_root(root: Path | None = None) -> Path:
+    """Where the MLflow store (``mlflow.db``, ``mlartifacts/``) and the Optuna database live: one per project,
+    shared by every DVC experiment. That is ``root`` (default :func:`project_root`) unless ``root`` is one of
+    DVC's temporary experiment workspaces (``<repo>/.dvc/tmp/exps/...``, where queued and ``--temp``
+    experiments run): then ``<repo>``, so those experiments register into the project's registry instead of a
+    store that is deleted with the copy."""
+    root = (root or project_root()).resolve()
+    marker = DVC_TEMP_WORKSPACES.parts
+    for i in range(1, len(root.parts) - len(marker)):
+        if root.parts[i : i + len(marker)] == marker:
+            return Path(*root.parts[:i])
+    return root
 
 
 def tracking_uri(root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store ``<store root>/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = (root or project_root()).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def redact_url(url: str) -> str:
@@ -105,6 +144,28 @@ def configure(root: Path | None = None) -> str:
     return uri
 
 
+def use_project_store() -> str:
+    """Point MLflow at the project's store for read-only use (``registry.load_model`` in a notebook), unless the
+    caller already chose one (``MLFLOW_TRACKING_URI``, ``mlflow.set_tracking_uri``, :func:`configure`).
+
+    The project is found like :func:`project_root` (``BRAINLATENT_ROOT``, else upward from the current
+    directory), so ``load_model`` works from ``notebooks/`` or any subfolder. A store is never created as a side
+    effect: a missing ``mlflow.db`` is a ValueError naming where it looked. Returns the tracking URI in use.
+    """
+    if mlflow.tracking.is_tracking_uri_set():
+        return mlflow.get_tracking_uri()
+    uri = tracking_uri()
+    if _is_local_sqlite(uri):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise ValueError(
+                f"no MLflow store at {db} (project root {project_root()}, found from {Path.cwd()}): run "
+                "`make repro` there first, or set BRAINLATENT_ROOT to the project folder or MLFLOW_TRACKING_URI "
+                "to a tracking server"
+            )
+    return configure()
+
+
 def _init_sqlite_store(uri: str) -> None:
     """Create the SQLite schema under an inter-process lock: two processes starting on a fresh mlflow.db
     would otherwise race through MLflow's migrations ("duplicate column name")."""
@@ -124,7 +185,7 @@ def experiment_id(name: str, root: Path | None = None) -> str:
         return exp.experiment_id
     location = None
     if _is_local_sqlite(mlflow.get_tracking_uri()):
-        location = ((root or project_root()).resolve() / "mlartifacts" / name).as_uri()
+        location = (store_root(root) / "mlartifacts" / name).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
@@ -198,7 +259,17 @@ def lineage_tags(processed_dir: str, root: Path | None = None) -> dict[str, str]
     md5 = dvc_out_hash(processed_dir, root)
     if md5:
         tags["data.dvc_md5"] = md5
-    return tags
+    return {**tags, **dvc_experiment_tags()}
+
+
+# What DVC tells a stage about the experiment it runs in (`dvc exp run`, queued or not): tagged on every run,
+# so the MLflow UI filters one experiment's runs with `tags."dvc.exp_name" = '<name>'`.
+DVC_EXPERIMENT_ENV = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """``dvc.exp_name`` and ``dvc.baseline_rev`` when running inside a DVC experiment, else {}."""
+    return {tag: os.environ[env] for env, tag in DVC_EXPERIMENT_ENV.items() if os.environ.get(env)}
 
 
 # ---------------------------------------------------------------------------------------- artifacts

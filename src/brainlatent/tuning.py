@@ -3,7 +3,7 @@
 One Optuna study per family and configuration (``<tune.study_prefix>-<family>-<config hash>``) in a shared storage, so any number of workers on
 any number of machines cooperate on it. Each trial trains the family from scratch for ``tune.epochs`` epochs with
 the sampled values (checkpoints in a temporary folder, nothing registered), reports the family's validation
-metric (:data:`brainlatent.registry.CHAMPION_METRICS`) after every epoch so the pruner can stop bad trials, and
+metric (:data:`brainlatent.registry.VALIDATION_METRICS`) after every epoch so the pruner can stop bad trials, and
 returns the last reported value. The best values go to ``tuned/<family>.json`` (DVC-tracked), which
 :func:`apply_tuned` folds into the family's params for the `train` stage.
 
@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 
 from brainlatent import tracking
 from brainlatent.config import FAMILY_CONFIGS, Params, TuneConfig
-from brainlatent.registry import CHAMPION_METRICS
+from brainlatent.registry import VALIDATION_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ def parse_space(tune: TuneConfig, families: dict[str, Any]) -> dict[str, dict[st
         specs = {}
         for name, raw in space.items():
             where = f"tune.space.{family}.{name}"
+            if f"{family}.{name}" in tune.pinned:  # the user's params.yaml value wins: not searched at all
+                continue
             if name == "epochs":
                 raise ValueError(f"{where}: epochs cannot be searched; every trial trains tune.epochs epochs")
             if name not in fields:
@@ -163,17 +165,18 @@ def parse_space(tune: TuneConfig, families: dict[str, Any]) -> dict[str, dict[st
 
 
 def objective_metric(family: str) -> tuple[str, str]:
-    """(validation metric, "minimize" | "maximize") of ``family``: the metric its champion rule uses."""
-    if family not in CHAMPION_METRICS:
-        raise ValueError(f"family {family!r} has no validation metric in registry.CHAMPION_METRICS")
-    metric, higher = CHAMPION_METRICS[family]
+    """(validation metric, "minimize" | "maximize") of ``family``: what its training reports every epoch."""
+    if family not in VALIDATION_METRICS:
+        raise ValueError(f"family {family!r} has no validation metric in registry.VALIDATION_METRICS")
+    metric, higher = VALIDATION_METRICS[family]
     return metric, "maximize" if higher else "minimize"
 
 
 # ------------------------------------------------------------------------------------------- storage
 def storage_url(tune: TuneConfig, root: Path) -> str:
-    """``$BRAINLATENT_OPTUNA_STORAGE`` > ``tune.storage`` > ``sqlite:///<root>/optuna.db``."""
-    return os.environ.get(STORAGE_ENV) or tune.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
+    """``$BRAINLATENT_OPTUNA_STORAGE`` > ``tune.storage`` > ``sqlite:///<store root>/optuna.db`` (beside the MLflow
+    store: one per project, shared by DVC's temporary experiment workspaces, see ``tracking.store_root``)."""
+    return os.environ.get(STORAGE_ENV) or tune.storage or f"sqlite:///{tracking.store_root(root) / 'optuna.db'}"
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -245,19 +248,54 @@ def write_json_atomic(obj: dict[str, Any], path: Path) -> None:
         raise
 
 
-def apply_tuned(params: Params, family: str, root: Path | None = None) -> Params:
-    """``params`` with ``family``'s section updated by ``tuned/<family>.json``.
+@dataclass(frozen=True)
+class TunedValues:
+    """The hyperparameters one training run uses, and where each tuned one came from.
 
-    Applies only when ``family`` is in ``tune.families`` and the file exists and is not ``skipped``; otherwise
-    returns ``params`` unchanged. ValueError naming the file for malformed content or an unknown/invalid field.
+    ``params``: the project's params with the family's section updated by ``tuned/<family>.json``.
+    ``used``: every searched or pinned key -> the value training uses. ``overridden``: key -> (params.yaml
+    value, tuned value) where tuning replaced a different value the user had set. ``pinned``: keys listed in
+    ``tune.pinned``, trained with the params.yaml value whatever the tuned file says.
     """
+
+    params: Params
+    source: str  # the tuned file, or why none was applied
+    used: dict[str, Any]
+    overridden: dict[str, tuple[Any, Any]]
+    pinned: tuple[str, ...]
+
+    def mlflow_tags(self) -> dict[str, str]:
+        """Tags of the training run: where the tuned values came from and every value they replaced."""
+        tags = {"tuned.source": self.source}
+        if self.pinned:
+            tags["tuned.pinned"] = ",".join(self.pinned)
+        tags.update({f"tuned.override.{k}": f"params.yaml {a!r} -> tuned {b!r}" for k, (a, b) in self.overridden.items()})
+        return tags
+
+
+def resolve_tuned(params: Params, family: str, root: Path | None = None) -> TunedValues:
+    """``params`` with ``family``'s section updated by ``tuned/<family>.json`` (the `train` stage's input).
+
+    Applies only when ``family`` is in ``tune.families`` and the file exists and is not ``skipped``. Keys in
+    ``tune.pinned`` keep their params.yaml value. A tuned value that replaces a different params.yaml value is
+    logged as a warning and recorded (:class:`TunedValues`): a value the user sets is never replaced silently.
+    ValueError naming the file for malformed content or an unknown/invalid field.
+    """
+    cfg = params.family(family)
+    pinned = tuple(k.split(".", 1)[1] for k in params.tune.pinned if k.startswith(f"{family}."))
+    searched = set(params.tune.space.get(family, {})) | set(pinned)
+    current = {k: v for k, v in dataclasses.asdict(cfg).items() if k in searched}
+
+    def unchanged(source: str) -> TunedValues:
+        return TunedValues(params, source, current, {}, pinned)
+
     if family not in params.tune.families:
-        return params
+        return unchanged(f"not tuned ({family} is not in tune.families)")
     root = (root or tracking.project_root()).resolve()
     path = tuned_path(root, family)
     if not path.is_file():
         log.info("%s not found: training %s with params.yaml values", path, family)
-        return params
+        return unchanged(f"{path.relative_to(root) if path.is_relative_to(root) else path} not found")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -267,19 +305,31 @@ def apply_tuned(params: Params, family: str, root: Path | None = None) -> Params
     if data.get("family") != family:
         raise ValueError(f"{path}: 'family' is {data.get('family')!r}, expected {family!r}")
     if data.get("skipped") or not data["params"]:
-        return params
-    cfg = params.family(family)
+        return unchanged(f"{TUNED_DIR}/{family}.json holds no tuned values")
     fields = {f.name for f in dataclasses.fields(cfg)} - {"epochs"}
     unknown = sorted(set(data["params"]) - fields)
     if unknown:
         raise ValueError(f"{path}: unknown {family} parameter(s) {unknown}; expected some of {sorted(fields)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data["params"].items()}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data["params"].items() if k not in pinned}
     try:
         tuned = dataclasses.replace(cfg, **values)
     except ValueError as err:
         raise ValueError(f"{path}: invalid {family} value(s) {data['params']}: {err}") from None
-    log.info("%s: using tuned %s", path, data["params"])
-    return dataclasses.replace(params, **{family: tuned})
+    source = f"{TUNED_DIR}/{family}.json (study {data.get('study')})"
+    overridden = {k: (getattr(cfg, k), v) for k, v in values.items() if getattr(cfg, k) != v}
+    for key, (mine, theirs) in overridden.items():
+        log.warning("%s.%s: params.yaml says %r, training uses the tuned %r from %s. To train with your value, pin "
+                    "it: dvc exp run -S '%s.%s=%r' -S 'tune.pinned=[%s.%s]'", family, key, mine, theirs, source,
+                    family, key, mine, family, key)
+    if pinned:
+        log.info("%s: pinned to params.yaml (tune.pinned): %s", family, {k: getattr(cfg, k) for k in pinned})
+    used = {k: v for k, v in dataclasses.asdict(tuned).items() if k in searched}
+    return TunedValues(dataclasses.replace(params, **{family: tuned}), source, used, overridden, pinned)
+
+
+def apply_tuned(params: Params, family: str, root: Path | None = None) -> Params:
+    """``params`` with ``family``'s section updated by ``tuned/<family>.json`` (see :func:`resolve_tuned`)."""
+    return resolve_tuned(params, family, root).params
 
 
 # ------------------------------------------------------------------------------------------- results

@@ -210,7 +210,7 @@ def load_direction(name: str, loaded: registry.LoadedModel, root: Path) -> Direc
         raise ValueError(
             f"the directions in {local_dir} were fitted for {other.get('model_name', '?')} version "
             f"{other.get('model_version', '?')}, not {what}, and no directions run of {what} exists: run "
-            f"`brainlatent directions --model {family}` with directions.model_alias pointing at that version"
+            f"`brainlatent directions --model {family} --model-uri models:/{loaded.name}/{loaded.version}`"
         )
     raise ValueError(f"no directions fitted for {what}: run `brainlatent directions --model {family}` first")
 

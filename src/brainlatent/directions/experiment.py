@@ -1,8 +1,9 @@
 """`brainlatent directions --model <family>` (DVC stage ``directions@<family>``): the latent-direction
 experiment for one registered model version, end to end.
 
-1. **Encode** every subject of the processed cohort with ``models:/brainlatent-<family>@<model_alias>``
-   (:class:`~brainlatent.directions.apply.LatentCodec`; GAN families by inversion).
+1. **Encode** every subject of the processed cohort with the version ``train@<family>`` registered
+   (``trained/<family>.json``; ``model_uri`` names another by hand) through
+   :class:`~brainlatent.directions.apply.LatentCodec` (GAN families by inversion).
 2. **Probe** sex, age_old and age_group (and sex at fixed brain volume) with repeated CV on the *train*
    split, then score once on the held-out val + test subjects (the headline numbers); PCA-of-voxels and
    brain-volume baselines under the same protocol (``run_probe_suite``).
@@ -42,7 +43,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_curve
 
-from brainlatent import registry, tracking
+from brainlatent import model_ref, registry, tracking
 from brainlatent.anatomy import atlas_on_grid, load_effect_map, measure_volumes
 from brainlatent.config import Params, to_flat_dict
 from brainlatent.data.dataset import ProcessedData
@@ -69,6 +70,7 @@ GROUND_TRUTH_MAPS: dict[str, str] = {
 }
 AGE_DIRECTIONS = ("age_group", "age_old")
 ROC_TARGETS = ("sex", "age_old")
+BY_HAND_DIR = "by_uri"  # directions/by_uri/<name>-v<version>: runs on a version named with --model-uri
 ENCODE_BATCH = 32
 DECODE_BATCH = 16
 MIN_REENCODE_SUBJECTS = 2
@@ -322,8 +324,9 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- stage
-def run_directions(family: str, params: Params, root: Path | None = None) -> DirectionsOutcome:
-    """Run the latent-direction experiment for ``models:/brainlatent-<family>@<directions.model_alias>``.
+def run_directions(family: str, params: Params, root: Path | None = None, model_uri: str | None = None
+                   ) -> DirectionsOutcome:
+    """Run the latent-direction experiment for the version ``train@<family>`` registered, or ``model_uri``.
 
     See the module docstring for the steps and outputs. Raises ValueError naming the problem for an unknown
     family, a missing model / alias, missing processed data, or a model trained on another volume shape.
@@ -334,10 +337,10 @@ def run_directions(family: str, params: Params, root: Path | None = None) -> Dir
     root = (root or tracking.project_root()).resolve()
     cfg = params.directions
     params.family(family)  # ConfigError naming an unknown family before any work
+    uri = model_ref.model_uri(root, family, model_uri)
     tracking.configure(root)
     device = resolve_device(params.device)
     seed_everything(params.seed)
-    uri = f"models:/{registry.registered_name(family)}@{cfg.model_alias}"
     loaded = registry.load_model(uri, device)
     data = ProcessedData.open(root / params.data.processed_dir)
     if tuple(loaded.model.volume_shape) != tuple(data.grid.shape):
@@ -357,7 +360,9 @@ def run_directions(family: str, params: Params, root: Path | None = None) -> Dir
     for name, why in skipped.items():
         log.warning("directions: probe %r skipped: %s", name, why)
 
-    out = root / "directions" / family
+    # The pipeline's model writes the DVC outputs; a version named by hand (model_uri) writes beside them, so the
+    # pipeline's results stay those of the model it trained.
+    out = root / "directions" / (family if model_uri is None else f"{BY_HAND_DIR}/{loaded.name}-v{loaded.version}")
     if out.exists():
         shutil.rmtree(out)  # our own output folder: no stale directions of a previous run survive
     out.mkdir(parents=True)
@@ -367,7 +372,7 @@ def run_directions(family: str, params: Params, root: Path | None = None) -> Dir
     n_reencode = len(trav_rows) if not codec.inverts else min(len(trav_rows), max(MIN_REENCODE_SUBJECTS, n_strip))
     tags = {
         "model": family, "stage": "directions", "model_name": loaded.name, "model_version": str(loaded.version),
-        "model_alias": cfg.model_alias, "model_uri": uri, "model_run_id": loaded.run_id,
+        "model_uri": f"models:/{loaded.name}/{loaded.version}", "requested_uri": uri, "model_run_id": loaded.run_id,
         "latent_space": codec.latent_space, "headline_split": split, "reencode_subjects": str(n_reencode),
         "skipped_targets": ",".join(skipped) or "none", **lineage,
     }
@@ -436,7 +441,8 @@ def run_directions(family: str, params: Params, root: Path | None = None) -> Dir
         for name, study in studies.items():
             detailed.update(study.effects.flat_metrics(f"effects.{name}"))
         headline = _finite(headline)
-        _write_json(root / "metrics" / "directions" / f"{family}.json", headline)
+        named = {**headline, "model_version": int(loaded.version), "model_uri": f"models:/{loaded.name}/{loaded.version}"}
+        _write_json(out / "metrics.json" if model_uri else root / "metrics" / "directions" / f"{family}.json", named)
         mlflow.log_metrics({**_finite(detailed), **headline})
         mlflow.log_artifacts(str(out))
         _tag_version(loaded, headline, run.info.run_id, split)

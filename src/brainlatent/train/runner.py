@@ -24,9 +24,11 @@ import torch
 from brainlatent import registry, tracking
 from brainlatent.config import Params, to_flat_dict
 from brainlatent.data.dataset import ProcessedData
+from brainlatent.model_ref import ModelRef, write_ref
 from brainlatent.train import distributed
 from brainlatent.train.device import resolve_device, seed_everything
 from brainlatent.train.loop import LoopConfig, Task, Terminated, deferred_sigterm, resumable_checkpoint, run_loop
+from brainlatent.tuning import TunedValues
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,7 @@ class TrainOutcome:
     run_id: str
     finished: bool
     metrics: dict[str, float]
-    model_version: str | None
-    champion: bool
+    model_version: str | None  # registered as brainlatent-<family>, alias candidate (and trained/<family>.json)
     resumed_from: int | None
     run_url: str
 
@@ -106,9 +107,14 @@ def train_family(
     stop_after_epoch: int | None = None,
     root: Path | None = None,
     register: bool = True,
+    tuned: TunedValues | None = None,
 ) -> TrainOutcome:
     """Train ``family``. Under torchrun (see ``train/distributed.py``) every rank calls this; rank 0 alone
-    uses MLflow, the checkpoint, the registry and the DVC outputs, and the others return its run id."""
+    uses MLflow, the checkpoint, the registry and the DVC outputs, and the others return its run id.
+
+    ``tuned`` (from :func:`brainlatent.tuning.resolve_tuned`, already folded into ``params``) is recorded: its
+    source and overrides as run tags, the values used as ``trained_with`` in metrics/train/<family>.json (a
+    column of `dvc exp show` beside the params.yaml value)."""
     root = (root or tracking.project_root()).resolve()
     cfg = params.family(family)
     device = distributed.init(resolve_device(params.device))
@@ -133,16 +139,16 @@ def train_family(
             resume_from=ckpt,
         )
         distributed.barrier()  # rank 0 registers the model and writes the outputs meanwhile
-        return TrainOutcome(family, run_id, result.finished, {}, None, False, result.resumed_from, "")
+        return TrainOutcome(family, run_id, result.finished, {}, None, result.resumed_from, "")
     with deferred_sigterm():
         return _train_rank0(
             family, params, task, data, train_x, val_x, ckpt_path, root, device, resume, stop_after_epoch,
-            register,
+            register, tuned,
         )
 
 
 def _train_rank0(
-    family, params, task, data, train_x, val_x, ckpt_path, root, device, resume, stop_after_epoch, register
+    family, params, task, data, train_x, val_x, ckpt_path, root, device, resume, stop_after_epoch, register, tuned
 ) -> TrainOutcome:
     cfg = params.family(family)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
@@ -170,6 +176,10 @@ def _train_rank0(
         mlflow.set_tag("device", str(device))
     # Not a param: the process count does not change what is trained, and checkpoints move between counts.
     mlflow.set_tag("world_size", str(distributed.world_size()))
+    tuned_metrics = {}
+    if tuned is not None:
+        mlflow.set_tags(tuned.mlflow_tags())
+        tuned_metrics["trained_with"] = {k: list(v) if isinstance(v, tuple) else v for k, v in tuned.used.items()}
     fixed = val_x[: params.train.n_fixed]
     affine = data.grid.affine
     if ckpt is None and task.shows_inputs:  # unchanged across epochs: once per run, not per artifact epoch
@@ -196,15 +206,20 @@ def _train_rank0(
             resume_from=ckpt, on_epoch_end=on_epoch_end, checkpoint_extra={"run_id": run.info.run_id},
         )
         final = {k: v for k, v in result.history[-1].items() if k != "epoch"}
-        version, champion = None, False
+        version = None
         if result.finished and register:
-            version, champion = registry.log_and_register(
+            version, _ = registry.log_and_register(
                 task.model_for_registry(), family, task.model_for_registry().config_dict(), final,
                 tags={**lineage, "run_id": run.info.run_id, "volume_affine": json.dumps(affine.tolist())},
             )
             mlflow.set_tag("model_version", version)
+            # What evaluate@ and directions@ read: the version this run made, never an alias.
+            write_ref(root, ModelRef(family, registry.registered_name(family), version, run.info.run_id))
         if result.finished:
-            _write_outputs(root, family, {**final, "epochs": result.epochs_done}, result.history)
+            outputs = {**final, "epochs": result.epochs_done, **tuned_metrics}
+            if version is not None:
+                outputs["model_version"] = int(version)
+            _write_outputs(root, family, outputs, result.history)
             mlflow.end_run()
         else:
             mlflow.set_tag("state", f"stopped after epoch {result.epochs_done}; resume with --resume")
@@ -218,6 +233,5 @@ def _train_rank0(
         raise
     distributed.barrier()
     return TrainOutcome(
-        family, run.info.run_id, result.finished, final, version, champion, result.resumed_from,
-        tracking.run_url(run),
+        family, run.info.run_id, result.finished, final, version, result.resumed_from, tracking.run_url(run),
     )
