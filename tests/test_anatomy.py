@@ -50,7 +50,9 @@ def test_atlas_on_grid_is_centred_on_the_template_brain(tpl):
     assert anatomy.atlas_on_grid(GRID) is atlas  # cached
     np.testing.assert_allclose(atlas.grid.center_mm, tpl.center_mm)
     np.testing.assert_allclose(atlas.grid.voxel_mm, GRID.voxel_mm)
-    for roi in (atlas.brain, atlas.ventricle_roi, atlas.cortex_roi, atlas.wm_core, atlas.gm, atlas.wm, *atlas.regions.values()):
+    rois = (atlas.brain, atlas.ventricle_roi, atlas.cortex_roi, atlas.wm_core, atlas.gm, atlas.wm,
+            *atlas.regions.values())
+    for roi in rois:
         assert roi.shape == GRID.shape and roi.min() >= 0.0 and roi.max() <= 1.0
     # Anti-aliased resampling keeps volumes.
     assert atlas.brain.sum() * GRID.voxel_volume_mm3 == pytest.approx(tpl.brain_mask.sum(), rel=0.01)

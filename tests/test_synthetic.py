@@ -190,7 +190,8 @@ def test_effect_maps_show_the_planted_effects(cohort):
     near = (dist < 3 * region.sigma_mm).reshape(grid.shape)
     assert (local[near] ** 2).sum() > 0.95 * (local**2).sum()  # confined to the temporal poles
     meta = json.loads((cohort / "cohort.json").read_text())["effects"]["sex_local"]
-    assert meta["male_to_female_region_volume_ratio_measured"] == pytest.approx(1 + CFG.template.local_sex_effect, abs=0.03)
+    ratio = meta["male_to_female_region_volume_ratio_measured"]
+    assert ratio == pytest.approx(1 + CFG.template.local_sex_effect, abs=0.03)
 
 
 # ----------------------------------------------------------------------------------- robustness
@@ -252,7 +253,8 @@ def test_tissue_recipe_is_seeded_and_recorded(tissue_cohort, tmp_path):
 
     meta = json.loads((tissue_cohort / "cohort.json").read_text())
     assert meta["recipe"] == "tissue" and meta["config"] == json.loads(json.dumps(dataclasses.asdict(TISSUE)))
-    assert meta["effects"]["sex_local"]["region"] == "occipital_poles" and meta["effects"]["sex_local"]["adds_brain_volume"]
+    local = meta["effects"]["sex_local"]
+    assert local["region"] == "occipital_poles" and local["adds_brain_volume"]
     assert anatomy.sex_region_of(tissue_cohort) == "occipital_poles"
     truth = pd.read_csv(tissue_cohort / "ground_truth.csv")
     assert list(truth.columns) == list(synthetic.GROUND_TRUTH_COLUMNS)
@@ -267,7 +269,8 @@ def test_tissue_contrast_is_another_scanners(tissue_cohort, cohort):
     def gm_wm(root: Path, voxel_mm: float) -> float:
         img = nib.load(root / "effect_maps" / "reference_t1w.nii.gz").get_fdata()
         grid = synthetic.output_grid(voxel_mm)
-        gm, wm = (np.median(img[anatomy.resample_array(m, tpl.affine, grid) > 0.5]) for m in (tpl.gm * tpl.cortex, tpl.wm_core))
+        gm, wm = (np.median(img[anatomy.resample_array(roi, tpl.affine, grid) > 0.5])
+                  for roi in (tpl.gm * tpl.cortex, tpl.wm_core))
         return gm / wm
 
     t = TISSUE.tissue

@@ -4,13 +4,14 @@ Two jobs:
 
 1. :func:`load_template`: the 1 mm MNI152 2009a T1 template, its GM/WM probability maps and brain mask
    (shipped offline by nilearn) plus regions derived from them: the lateral ventricles (nilearn ships no
-   ventricle mask), a dilated ventricle ROI, the cerebral cortex, a deep white-matter core, the bilateral
-   temporal-pole region of the synthetic cohort's local sex effect, and the brain's centre of mass.
+   ventricle mask), a dilated ventricle ROI, the cerebral cortex, a deep white-matter core, the regions of
+   the synthetic recipes' local sex effects (:data:`LOCAL_REGIONS`), and the brain's centre of mass.
 2. :func:`atlas_on_grid` maps those regions onto any processing :class:`~brainlatent.grid.Grid` and
-   :func:`measure_volumes` measures brain, lateral-ventricle and cortical grey-matter volumes from
-   intensities alone. No per-subject segmentation: the same measurement applies to real scans, generated
-   samples and latent traversals, as long as they are normalised like ``prepare`` does (percentiles of the
-   brain voxels mapped to [0, 1], see :func:`tissue_levels`).
+   :func:`measure_volumes` measures brain, lateral-ventricle, cortical grey-matter and sex-region volumes
+   from intensities alone. No per-subject segmentation: the same measurement applies to real scans,
+   generated samples and latent traversals, as long as they are normalised like ``prepare`` does
+   (percentiles of the brain voxels mapped to [0, 1]); the tissue intensities it reads against are fitted to
+   the volumes (:func:`estimate_tissue_levels`), so any T1 contrast works.
 
 Processed brains are centred on their own centre of mass, so the atlas is placed on
 ``grid.centered_at(template.center_mm)``: the same box centred on the template brain's centre of mass.
@@ -213,8 +214,9 @@ def load_template() -> Template:
 
 @dataclass(frozen=True)
 class TissueLevels:
-    """Typical CSF, GM and WM intensities of a brain normalised like ``prepare`` does (brain-voxel
-    percentiles -> [0, 1]); measured on the template, whose contrast the synthetic cohort shares."""
+    """Typical CSF, GM and WM intensities of brains normalised like ``prepare`` does (brain-voxel
+    percentiles -> [0, 1]): fitted to volumes (:func:`estimate_tissue_levels`) or the template's own
+    (:func:`tissue_levels`)."""
 
     csf: float
     gm: float
@@ -223,6 +225,7 @@ class TissueLevels:
 
 @lru_cache(maxsize=8)
 def tissue_levels(percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> TissueLevels:
+    """The MNI template's contrast at 1 mm (pure-tissue medians), normalised with ``percentiles``."""
     tpl = load_template()
     lo, hi = np.percentile(tpl.t1[tpl.brain_mask], percentiles)
 

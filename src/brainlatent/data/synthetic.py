@@ -228,13 +228,16 @@ def _local_effect(recipe: str, effect: float, tpl: anatomy.Template, region: ana
     lo = nib.affines.apply_affine(tpl.affine, ijk.min(axis=0)) - 40.0
     hi = nib.affines.apply_affine(tpl.affine, ijk.max(axis=0)) + 40.0
     velocity = fields.source_velocity(region.centers_mm, region.sigma_mm, lo, hi, _SOURCE_SPACING_MM)
-    rate = math.log1p(effect) / fields.source_mean_divergence(region.sigma_mm, region.radius_mm)
+    target = math.log1p(effect)
+    rate = target / fields.source_mean_divergence(region.sigma_mm, region.radius_mm)
     female = _region_volume(region, None)
-    for _ in range(2):
-        ratio = _region_volume(region, fields.exp(velocity, -rate)) / female
-        rate *= math.log1p(effect) / math.log(ratio)
-    male = fields.exp(velocity, -rate)
-    return {1: male}, rate, _region_volume(region, male) / female
+    for attempt in range(3):
+        male = fields.exp(velocity, -rate)
+        ratio = _region_volume(region, male) / female
+        if abs(math.log(ratio) - target) < 0.01 * abs(target) or attempt == 2:
+            return {1: male}, rate, ratio
+        rate *= target / math.log(ratio)
+    raise AssertionError("unreachable")
 
 
 def _outside_norm(field: LatticeField, tpl: anatomy.Template) -> float:
