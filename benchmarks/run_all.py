@@ -25,6 +25,7 @@ SCRIPTS = [
     ["bench_training.py", "--shape", "64", "80", "64", "--families", "stylegan", "--batch", "4", "--steps", "2"],
     ["bench_compile.py"],
     ["bench_lazy_r1.py"],
+    ["bench_adversarial_steps.py"],
     ["bench_inversion.py"],
     ["bench_memory.py"],
     ["bench_preprocess.py", "--n", "2", "--repeats", "2"],
