@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from brainlatent.models.base import build_model
@@ -20,6 +21,7 @@ from brainlatent.models.gan import (
     wgan_g_loss,
     wgan_gp_d_loss,
 )
+from brainlatent.models.layers import UpBlock, conv3d_avgpool, upsample_conv3d
 from conftest import blobs
 
 SHAPE = (16, 16, 16)
@@ -45,6 +47,28 @@ def linear_critic(shape, weight_norm: float) -> nn.Module:
 class ConstantCritic(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0], 1), 3.0)
+
+
+# ------------------------------------------------------------------------------ fused resampling convs
+@pytest.mark.parametrize("shape", [(3, 4, 5), (5, 2, 3)])
+def test_resampling_convolutions_equal_resampling_around_a_convolution(shape):
+    """One stride-2 (transposed) convolution each, equal to the two steps they replace, borders included."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *shape, dtype=torch.float64)
+    w, b = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    up = F.conv3d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    assert torch.allclose(upsample_conv3d(x, w, b), up, atol=1e-10)
+    down = F.avg_pool3d(F.conv3d(x, w, b, padding=1), 2)
+    assert torch.allclose(conv3d_avgpool(x, w, b), down, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(6, 8, 4), (5, 7, 4)])
+def test_up_block_is_upsampling_then_two_conv_blocks(size):
+    torch.manual_seed(0)
+    block = UpBlock(3, 2, size, "group").double()
+    upsample, first, second = block
+    x = torch.randn(2, 3, 3, 4, 2, dtype=torch.float64)
+    assert torch.allclose(block(x), second(first(upsample(x))), atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------------ shapes

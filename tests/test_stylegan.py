@@ -9,20 +9,23 @@ import torch
 import torch.nn.functional as F
 
 from brainlatent.models.base import MODEL_FAMILIES, build_model, load_model, model_checkpoint
-from brainlatent.models.equalized import Blur3d, EqualizedConv3d, EqualizedLinear, PixelNorm
+from brainlatent.models.equalized import Blur3d, EqualizedConv3d, EqualizedLinear, PixelNorm, activate
 from brainlatent.models.stylegan import (
     AdaIN,
     Discriminator,
+    DiscriminatorBlock,
     Generator,
     MappingNetwork,
     MinibatchStd,
     StyleGAN,
+    SynthesisLayer,
     default_n_levels,
     discriminator_loss,
     downsample,
     generator_loss,
     level_shapes,
     reals_at_level,
+    style_epilogue,
     upsample,
 )
 
@@ -84,12 +87,55 @@ def test_equalized_conv_gain():
     assert torch.allclose(conv(x), F.conv3d(x, conv.weight * conv.weight_gain, conv.bias * 0.5, padding=1), atol=1e-5)
 
 
-def test_blur_is_the_normalised_binomial_filter():
-    x = torch.randn(2, 3, 5, 6, 7)
-    k1 = torch.tensor([1.0, 2.0, 1.0])
+def binomial_blur(x):
+    """The definition: a depthwise 3x3x3 [1, 2, 1]^3 / 64 convolution with zero padding."""
+    k1 = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype)
     kernel = torch.einsum("i,j,k->ijk", k1, k1, k1) / 64.0
-    expected = F.conv3d(x, kernel.expand(3, 1, 3, 3, 3), padding=1, groups=3)
-    assert torch.allclose(Blur3d()(x), expected, atol=1e-6)
+    return F.conv3d(x, kernel.expand(x.shape[1], 1, 3, 3, 3), padding=1, groups=x.shape[1])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_blur_is_the_normalised_binomial_filter_in_both_layouts(layout):
+    x = torch.randn(2, 3, 5, 6, 7).contiguous(memory_format=layout)
+    out = Blur3d()(x)
+    assert torch.allclose(out, binomial_blur(x), atol=1e-6)
+    assert out.is_contiguous(memory_format=layout)
+
+
+def test_blur_gradient_is_the_blurred_gradient_and_twice_differentiable():
+    """The hand-written backward (the filter is self-adjoint) against autograd's, and R1's double backward."""
+    x = torch.randn(2, 2, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Blur3d(), (x,))
+    assert torch.autograd.gradgradcheck(Blur3d(), (x,))
+    xc = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    assert torch.autograd.gradcheck(Blur3d(), (xc,))
+
+
+def test_lrelu_layers_fold_the_activation_gain_into_their_weights():
+    """sqrt(2) * lrelu(y) is computed as lrelu(sqrt(2) * y): the same outputs as activate(...)."""
+    torch.manual_seed(0)
+    conv = EqualizedConv3d(3, 4, 3, activation="lrelu")
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 3, 4, 5, 4)
+    reference = activate(F.conv3d(x, conv.effective_weight(), conv.bias * conv.bias_gain, padding=1), "lrelu")
+    assert torch.allclose(conv(x), reference, atol=1e-5)
+    linear = EqualizedLinear(6, 5, activation="lrelu", lr_mul=0.1, bias_init=0.3)
+    z = torch.randn(3, 6)
+    assert torch.allclose(linear(z), activate(F.linear(z, linear.effective_weight(), linear.bias * 0.1), "lrelu"), atol=1e-5)
+
+
+def test_up_and_down_convolutions_equal_resampling_around_the_convolution():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, 4, 5, dtype=torch.float64)
+    up = EqualizedConv3d(3, 2, 3, up=True).double()
+    torch.nn.init.normal_(up.bias)
+    w, b = up.effective_weight(), up.bias * up.bias_gain
+    assert torch.allclose(up(x), F.conv3d(upsample(x), w, b, padding=1), atol=1e-10)
+    down = EqualizedConv3d(3, 2, 3, down=True, activation="lrelu").double()
+    w, b = down.effective_weight(), down.bias * down.bias_gain
+    assert torch.allclose(down(x), activate(downsample(F.conv3d(x, w, b, padding=1)), "lrelu"), atol=1e-10)
+    with pytest.raises(ValueError, match="up/down"):
+        EqualizedConv3d(3, 2, 1, up=True)
 
 
 def test_lr_mul_slows_effective_weight_updates_under_adam():
@@ -140,6 +186,74 @@ def test_adain_output_has_style_mean_and_std():
     assert torch.allclose(out.mean(dim=(2, 3, 4)), shift, atol=1e-4)
     assert torch.allclose(out.std(dim=(2, 3, 4), unbiased=False), scale.abs(), atol=1e-4)
     assert scale.std() > 0.5  # a real test: styles differ across samples and channels
+
+
+def composed_epilogue(x, scale, shift, eps, noise=None, strength=None, bias=None, slope=None):
+    """style_epilogue's definition written with autograd's ops."""
+    if noise is not None:
+        x = x + noise * strength.view(1, -1, 1, 1, 1)
+    if bias is not None:
+        x = x + bias.view(1, -1, 1, 1, 1)
+    if slope is not None:
+        x = F.leaky_relu(x, slope)
+    mean = x.mean(dim=(2, 3, 4), keepdim=True)
+    var = x.var(dim=(2, 3, 4), keepdim=True, unbiased=False)
+    return (x - mean) * torch.rsqrt(var + eps) * scale[..., None, None, None] + shift[..., None, None, None]
+
+
+@pytest.mark.parametrize("noise_batch", [3, 1, None])
+def test_style_epilogue_forward_and_backward_match_the_composed_definition(noise_batch):
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, 3, 4, 2, **f64)
+    strength, bias = torch.randn(4, **f64), torch.randn(4, **f64)
+    scale, shift = torch.randn(3, 4, **f64), torch.randn(3, 4, **f64)
+    noise = None if noise_batch is None else torch.randn(noise_batch, 1, 3, 4, 2, dtype=torch.float64)
+    args = (x, scale, shift, 1e-8)
+    kwargs = dict(noise=noise, strength=strength, bias=bias, slope=0.2)
+    out = style_epilogue(*args, **kwargs)
+    expected = composed_epilogue(*args, **kwargs)
+    assert torch.allclose(out, expected, atol=1e-10)
+    grad = torch.randn_like(out)
+    inputs = (x, scale, shift, bias) if noise is None else (x, scale, shift, bias, strength)
+    ours = torch.autograd.grad(out, inputs, grad)
+    reference = torch.autograd.grad(expected, inputs, grad)
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda *t: style_epilogue(*t, 1e-8, noise=noise, strength=strength), (x, scale, shift))
+
+
+def test_style_epilogue_keeps_the_input_dtype_and_computes_in_float32():
+    x = (3.0 * torch.randn(2, 3, 4, 4, 4) + 5.0).bfloat16()
+    scale, shift = torch.ones(2, 3), torch.zeros(2, 3)
+    out = style_epilogue(x, scale, shift, 1e-8)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), composed_epilogue(x.float(), scale, shift, 1e-8), atol=2e-2)
+
+
+def test_synthesis_layer_computes_v1s_order_of_operations():
+    """upsample -> conv -> blur -> noise -> bias -> sqrt(2) * lrelu -> AdaIN, written out step by step."""
+    torch.manual_seed(0)
+    layer = SynthesisLayer(3, 4, 8, (6, 4, 8), conv="up").double()
+    with torch.no_grad():
+        for p in (layer.noise.weight, layer.bias):
+            p.normal_()
+    x, w = torch.randn(2, 3, 3, 2, 4, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    h = binomial_blur(F.conv3d(upsample(x), layer.conv.effective_weight(), padding=1))
+    h = h + layer.noise.noise_const * layer.noise.weight.view(1, -1, 1, 1, 1) + layer.bias.view(1, -1, 1, 1, 1)
+    expected = composed_epilogue(activate(h, "lrelu"), *layer.adain.style(w), layer.adain.eps)
+    assert torch.allclose(layer(x, w, "const"), expected, atol=1e-10)
+
+
+def test_discriminator_block_is_conv_lrelu_blur_conv_pool_lrelu():
+    torch.manual_seed(0)
+    block = DiscriminatorBlock(3, 5).double()
+    with torch.no_grad():
+        block.conv1.bias.normal_()
+    x = torch.randn(2, 3, 4, 6, 4, dtype=torch.float64)
+    h = block.conv0(x)
+    h = F.conv3d(binomial_blur(h), block.conv1.effective_weight(), block.conv1.bias, padding=1)
+    assert torch.allclose(block(x), activate(downsample(h), "lrelu"), atol=1e-10)
 
 
 def test_adain_style_starts_at_identity():
