@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from brainlatent import registry
-from brainlatent.train.runner import train_family
+from brainlatent.train.runner import make_task, train_family
 
 
 def test_gan_trains_registers_and_samples_by_alias(tiny_processed, tiny_params):
@@ -39,11 +46,6 @@ def test_stylegan_grows_progressively_and_logs_mixing_and_truncation(tiny_proces
     assert model.decode(w).shape == (2, 1, 16, 16, 16)
 
 
-import dataclasses
-
-import pytest
-
-from brainlatent.train.runner import make_task
 
 
 @pytest.mark.parametrize("family", ["ae", "vae", "gan", "stylegan"])
@@ -57,3 +59,32 @@ def test_bf16_autocast_training_steps_are_finite(family, tiny_params):
     for step in range(2):
         losses = task.train_step(x, 0, step)
         assert all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("family", ["gan", "stylegan"])
+def test_each_phase_computes_only_the_gradients_it_uses(family, tiny_params):
+    """The D step's fake batch is made without a generator graph; the G step backpropagates through D to
+    reach G without computing D's weight gradients (D's next step would discard them)."""
+    params = dataclasses.replace(tiny_params, **{family: dataclasses.replace(tiny_params.family(family), n_critic=1)})
+    task = make_task(family, params, (16, 16, 16), torch.device("cpu"))
+    task.steps_per_epoch = 4
+    task.on_epoch_start(0)
+    generator_grad_mode = []
+    task.model.generator.register_forward_pre_hook(lambda m, a: generator_grad_mode.append(torch.is_grad_enabled()))
+    d_grads = collections.Counter()
+    for name, p in task.model.discriminator.named_parameters():
+        p.register_hook(lambda g, name=name: d_grads.update([name]))
+    task.train_step(task.prepare_batch(torch.rand(4, 1, 16, 16, 16)), 0, 1)  # D step, then G step
+    assert generator_grad_mode == [False, True]
+    assert d_grads and max(d_grads.values()) == 1
+
+
+def test_adversarial_step_benchmark_runs_its_quick_smoke_run():
+    """benchmarks/bench_adversarial_steps.py --quick: the seed comparison and the phase table, tiny sizes."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_adversarial_steps.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True,
+                          cwd=script.parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r.split("|")[2].strip() for r in rows[:3]] == ["G", "D", "R1"]
+    assert {r.split("|")[1].strip() for r in rows[3:]} == {"stylegan", "gan"}

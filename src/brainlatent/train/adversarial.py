@@ -11,6 +11,8 @@ seed-fixed distribution distance in voxel space; lower is better).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,18 @@ PROXY_SEED = 1234
 
 def _pooled(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool3d(x.float(), kernel_size=2, ceil_mode=True).flatten(1)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Within: ``module``'s parameters need no gradient. The generator step backpropagates through the
+    discriminator only to reach the generator; the discriminator's own weight gradients, which its next
+    step would discard (``zero_grad``), are not computed (stylegan2-ada-pytorch toggles them per phase)."""
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        module.requires_grad_(True)
 
 
 def lazy_r1_gamma(cfg, step: int) -> float:
@@ -79,7 +93,7 @@ class GANTask(_AdversarialTask):
         from brainlatent.models import gan as G
 
         z = torch.randn(len(x), m.latent_dim, device=self.device)
-        with self.autocast():
+        with torch.no_grad(), self.autocast():  # D's step never backpropagates into the generator
             fake = m.generator(z)
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
@@ -92,10 +106,11 @@ class GANTask(_AdversarialTask):
         out = {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
         if step % cfg.n_critic == 0:
             self.opt_g.zero_grad(set_to_none=True)
-            with self.autocast():
-                scores = m.discriminator(m.generator(torch.randn(len(x), m.latent_dim, device=self.device)))
-            g = G.wgan_g_loss(scores) if cfg.loss == "wgan-gp" else G.ns_g_loss(scores)
-            g.backward()
+            with frozen(m.discriminator):
+                with self.autocast():
+                    scores = m.discriminator(m.generator(torch.randn(len(x), m.latent_dim, device=self.device)))
+                g = G.wgan_g_loss(scores) if cfg.loss == "wgan-gp" else G.ns_g_loss(scores)
+                g.backward()
             self.opt_g.step()
             m.update_ema(cfg.ema_decay)
             self.last_g = g.detach()
@@ -141,7 +156,7 @@ class StyleGANTask(_AdversarialTask):
         real = m.reals_at_level(x, level, alpha)
         G, D = m.generator, m.discriminator
         z = torch.randn(len(x), m.z_dim, device=self.device)
-        with self.autocast():
+        with torch.no_grad(), self.autocast():  # D's step never backpropagates into the generator
             fake = G(z, level, alpha, mixing_prob=cfg.mixing_prob)
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
@@ -155,10 +170,11 @@ class StyleGANTask(_AdversarialTask):
         if step % cfg.n_critic == 0:
             self.opt_g.zero_grad(set_to_none=True)
             z = torch.randn(len(x), m.z_dim, device=self.device)
-            with self.autocast():
-                fake, ws = G(z, level, alpha, mixing_prob=cfg.mixing_prob, return_ws=True)
-                g_loss = S.generator_loss(D, fake, level, alpha, loss=cfg.loss)
-            g_loss.backward()
+            with frozen(D):
+                with self.autocast():
+                    fake, ws = G(z, level, alpha, mixing_prob=cfg.mixing_prob, return_ws=True)
+                    g_loss = S.generator_loss(D, fake, level, alpha, loss=cfg.loss)
+                g_loss.backward()
             self.opt_g.step()
             G.update_w_avg(ws[:, 0].detach().float(), beta=cfg.w_avg_beta)
             m.update_ema(cfg.ema_decay)
