@@ -92,8 +92,13 @@ class EqualizedLinear(nn.Module):
         return self.weight * self.weight_gain
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias * (self.bias_gain * self.act_gain)
-        y = F.linear(x, self.weight * (self.weight_gain * self.act_gain), bias)
+        gain = self.weight_gain * self.act_gain
+        if self.bias is not None and x.ndim == 2:
+            # One addmm scales both terms: no scaled copies of the weight and bias per call.
+            y = torch.addmm(self.bias, x, self.weight.t(), beta=self.bias_gain * self.act_gain, alpha=gain)
+        else:
+            bias = None if self.bias is None else self.bias * (self.bias_gain * self.act_gain)
+            y = F.linear(x, self.weight * gain, bias)
         return _activate_prescaled(y, self.activation)
 
     def extra_repr(self) -> str:
@@ -146,13 +151,13 @@ class EqualizedConv3d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias * (self.bias_gain * self.act_gain)
-        weight = self.weight * (self.weight_gain * self.act_gain)
+        gain = self.weight_gain * self.act_gain
         if self.up:
-            y = upsample_conv3d(x, weight, bias)
+            y = upsample_conv3d(x, self.weight, bias, gain)
         elif self.down:
-            y = conv3d_avgpool(x, weight, bias)
+            y = conv3d_avgpool(x, self.weight, bias, gain)
         else:
-            y = F.conv3d(x, weight, bias, padding=self.kernel_size // 2)
+            y = F.conv3d(x, self.weight * gain, bias, padding=self.kernel_size // 2)
         return _activate_prescaled(y, self.activation)
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ All reshapes go through einops (``reshape`` semantics), so the modules accept ``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -82,29 +83,53 @@ def _pair_sum(kernel: torch.Tensor) -> torch.Tensor:
     return kernel
 
 
+@functools.lru_cache(maxsize=16)
+def _resampling_map(kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(27, 64): a 3x3x3 kernel's taps -> the 4x4x4 kernel of :func:`upsample_conv3d` (``kind="up"``: flipped,
+    pair-summed) or :func:`conv3d_avgpool` (``"down"``: pair-summed / 8). As a matrix, one matmul per call
+    derives the kernel instead of a dozen small pad/add operations."""
+    basis = torch.eye(27, dtype=torch.float64).view(27, 1, 3, 3, 3)
+    mapped = _pair_sum(basis.flip(2, 3, 4)) if kind == "up" else _pair_sum(basis) / 8
+    return mapped.view(27, 64).to(dtype=dtype, device=device)
+
+
+def _resampled_kernel(weight: torch.Tensor, kind: str, gain: float) -> torch.Tensor:
+    """gain * weight (C_out, C_in, 3, 3, 3) mapped to (C_out, C_in, 4, 4, 4) by :func:`_resampling_map`."""
+    if weight.shape[2:] != (3, 3, 3):
+        raise ValueError(f"fused resampling convolutions need a 3x3x3 kernel, got {tuple(weight.shape)}")
+    mapping = _resampling_map(kind, weight.dtype, weight.device)
+    if gain != 1.0:
+        mapping = mapping * gain
+    return torch.matmul(weight.flatten(2), mapping).view(*weight.shape[:2], 4, 4, 4)
+
+
 def _fused_resampling(x: torch.Tensor) -> bool:
     # MPS lacks 3D transposed convolutions in some torch releases: there the two steps run as written.
     return x.device.type != "mps"
 
 
-def upsample_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv3d(nearest_x2(x), weight, bias, padding=1)`` for a 3x3x3 kernel, as one stride-2 transposed
-    convolution at the low resolution with a 4x4x4 kernel (sums of the 3x3x3 taps that read the same input
-    voxel): 64 instead of 8 x 27 = 216 multiply-adds per input voxel and channel pair, no upsampled copy.
-    Equal up to rounding, borders included. (B, C_in, X, Y, Z) -> (B, C_out, 2X, 2Y, 2Z)."""
+def upsample_conv3d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gain: float = 1.0
+) -> torch.Tensor:
+    """``conv3d(nearest_x2(x), gain * weight, bias, padding=1)`` for a 3x3x3 kernel, as one stride-2
+    transposed convolution at the low resolution with a 4x4x4 kernel (sums of the 3x3x3 taps that read the
+    same input voxel): 64 instead of 8 x 27 = 216 multiply-adds per input voxel and channel pair, no
+    upsampled copy. Equal up to rounding, borders included. (B, C_in, X, Y, Z) -> (B, C_out, 2X, 2Y, 2Z)."""
     if not _fused_resampling(x):
-        return F.conv3d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
-    kernel = _pair_sum(weight.flip(2, 3, 4)).transpose(0, 1)
+        return F.conv3d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight * gain, bias, padding=1)
+    kernel = _resampled_kernel(weight, "up", gain).transpose(0, 1)
     return F.conv_transpose3d(x, kernel, bias, stride=2, padding=1)
 
 
-def conv3d_avgpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``avg_pool3d(conv3d(x, weight, bias, padding=1), 2)`` for a 3x3x3 kernel, as one stride-2 convolution
-    with the 4x4x4 kernel that averages the 3x3x3 taps over each pooling window: an eighth of the outputs,
-    equal up to rounding. (B, C_in, X, Y, Z) -> (B, C_out, X // 2, Y // 2, Z // 2)."""
+def conv3d_avgpool(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gain: float = 1.0
+) -> torch.Tensor:
+    """``avg_pool3d(conv3d(x, gain * weight, bias, padding=1), 2)`` for a 3x3x3 kernel, as one stride-2
+    convolution with the 4x4x4 kernel that averages the 3x3x3 taps over each pooling window: an eighth of
+    the outputs, equal up to rounding. (B, C_in, X, Y, Z) -> (B, C_out, X // 2, Y // 2, Z // 2)."""
     if not _fused_resampling(x):
-        return F.avg_pool3d(F.conv3d(x, weight, bias, padding=1), 2)
-    return F.conv3d(x, _pair_sum(weight) / 8, bias, stride=2, padding=1)
+        return F.avg_pool3d(F.conv3d(x, weight * gain, bias, padding=1), 2)
+    return F.conv3d(x, _resampled_kernel(weight, "down", gain), bias, stride=2, padding=1)
 
 
 def _num_groups(channels: int, max_groups: int = 8) -> int:
