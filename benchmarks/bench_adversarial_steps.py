@@ -5,8 +5,8 @@ Part ``seed`` (issue 22): the seed project's generator and discriminator (``Styl
 same size: batch 4, a 32^3 output grown from a 4^3 constant through three doublings, z = w = 128, mapping
 depth 8, the same width C at every level, fp32. A generator step is forward + backward of a fixed loss +
 Adam; a discriminator step is the non-saturating loss on a real and a fake batch + backward + Adam; an R1
-step adds the R1 penalty's double backward (both critics through gan.py's ``ns_d_loss``, so the losses are
-the same code). Ours runs as it trains (style mixing 0.9, random noise), in both memory layouts.
+step adds the R1 penalty's double backward (both critics through ``models/adversarial.py: ns_d_loss``,
+so the losses are the same code). Ours runs as it trains (style mixing 0.9, random noise), in both memory layouts.
 
 Part ``steps``: our training task's phases as ``train_step`` runs them (StyleGAN at its final level, the
 DCGAN family), at the default shape and widths of params.yaml and at 64 x 80 x 64: the discriminator step
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainlatent.config import load_params
-from brainlatent.models.gan import ns_d_loss
+from brainlatent.models.adversarial import ns_d_loss
 from brainlatent.models.stylegan import Discriminator, Generator
 from brainlatent.train.device import adam
 from brainlatent.train.runner import make_task

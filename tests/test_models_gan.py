@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainlatent.models.base import build_model
-from brainlatent.models.gan import (
-    GAN,
+from brainlatent.models.adversarial import (
     gradient_penalty,
     ns_d_loss,
     ns_g_loss,
@@ -21,6 +19,8 @@ from brainlatent.models.gan import (
     wgan_g_loss,
     wgan_gp_d_loss,
 )
+from brainlatent.models.base import build_model
+from brainlatent.models.gan import GAN
 from brainlatent.models.layers import UpBlock, conv3d_avgpool, upsample_conv3d
 from conftest import blobs
 

@@ -121,7 +121,8 @@ def test_lrelu_layers_fold_the_activation_gain_into_their_weights():
     assert torch.allclose(conv(x), reference, atol=1e-5)
     linear = EqualizedLinear(6, 5, activation="lrelu", lr_mul=0.1, bias_init=0.3)
     z = torch.randn(3, 6)
-    assert torch.allclose(linear(z), activate(F.linear(z, linear.effective_weight(), linear.bias * 0.1), "lrelu"), atol=1e-5)
+    reference = activate(F.linear(z, linear.effective_weight(), linear.bias * 0.1), "lrelu")
+    assert torch.allclose(linear(z), reference, atol=1e-5)
 
 
 def test_up_and_down_convolutions_equal_resampling_around_the_convolution():
@@ -220,7 +221,10 @@ def test_style_epilogue_forward_and_backward_match_the_composed_definition(noise
     reference = torch.autograd.grad(expected, inputs, grad)
     for a, b in zip(ours, reference):
         assert torch.allclose(a, b, atol=1e-8)
-    assert torch.autograd.gradcheck(lambda *t: style_epilogue(*t, 1e-8, noise=noise, strength=strength), (x, scale, shift))
+    def epilogue(*tensors):
+        return style_epilogue(*tensors, 1e-8, noise=noise, strength=strength)
+
+    assert torch.autograd.gradcheck(epilogue, (x, scale, shift))
 
 
 def test_style_epilogue_keeps_the_input_dtype_and_computes_in_float32():
@@ -440,10 +444,10 @@ def test_update_ema_lerps_parameters_and_copies_buffers():
         g.synthesis.const.add_(1.0)
     g.update_w_avg(torch.randn(4, 16), beta=0.0)
     p_g, p_e = g.synthesis.const.detach().clone(), ema.synthesis.const.detach().clone()
-    model.update_ema(beta=0.75)
+    model.update_ema(decay=0.75)
     assert torch.allclose(ema.synthesis.const, 0.75 * p_e + 0.25 * p_g, atol=1e-6)
     assert torch.equal(ema.w_avg, g.w_avg)
-    model.update_ema(beta=0.0)
+    model.update_ema(decay=0.0)
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), g.state_dict().values()))
 
 
@@ -467,7 +471,7 @@ def test_wrapper_latent_model_contract_and_checkpoint_round_trip():
     clone = build_model("stylegan", model.config_dict())
     assert clone.config_dict() == model.config_dict()
     model.generator.update_w_avg(torch.randn(4, 16), beta=0.0)
-    model.update_ema(beta=0.0)
+    model.update_ema(decay=0.0)
     restored = load_model(model_checkpoint(model))
     assert torch.equal(restored.w_avg, model.w_avg)
     assert torch.equal(restored.decode(w), model.decode(w))
@@ -509,6 +513,6 @@ def test_tiny_stylegan_overfits_a_handful_of_volumes():
         g_loss.backward()
         opt_g.step()
         g.update_w_avg(ws[:, 0])
-        model.update_ema(beta=0.9)
+        model.update_ema(decay=0.9)
     after = sample_error()
     assert after < 0.2 * before, (before, after)

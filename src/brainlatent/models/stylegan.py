@@ -10,7 +10,7 @@ Follows the official v1 design (NVlabs/stylegan) with the equalized-LR conventio
   arguments; at ``alpha < 1`` the output is ``lerp(upsample(to_volume[step-1](prev)), to_volume[step](cur),
   alpha)`` and the discriminator mirrors it with ``from_volume`` layers;
 * discriminator: ``from_volume -> [conv -> blur -> conv -> avgpool]*`` then minibatch standard deviation,
-  conv, two FC layers; WGAN-GP (+ drift) or non-saturating logistic + R1 losses (gan.py's, bound to the
+  conv, two FC layers; WGAN-GP (+ drift) or non-saturating logistic + R1 losses (adversarial.py's, bound to the
   current step and alpha);
 * style mixing regularisation, truncation trick around a tracked ``w_avg``, generator EMA.
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainlatent.inversion import InversionResult, invert
+from brainlatent.models.adversarial import ns_d_loss, ns_g_loss, update_ema, wgan_g_loss, wgan_gp_d_loss
 from brainlatent.models.base import LatentModel, register_family
 from brainlatent.models.equalized import (
     LRELU_GAIN,
@@ -45,7 +46,6 @@ from brainlatent.models.equalized import (
     EqualizedLinear,
     PixelNorm,
 )
-from brainlatent.models.gan import ns_d_loss, ns_g_loss, update_ema, wgan_g_loss, wgan_gp_d_loss
 from brainlatent.models.layers import Shape3, as_shape3
 
 NoiseMode = Literal["random", "const", "none"]
@@ -641,7 +641,7 @@ class Discriminator(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- losses
-# The adversarial losses and EMA are gan.py's; here they are bound to the current (step, alpha).
+# The adversarial losses and EMA are adversarial.py's; here they are bound to the current (step, alpha).
 def discriminator_loss(
     D: Discriminator,
     real: Tensor,
@@ -657,8 +657,8 @@ def discriminator_loss(
     """Discriminator loss at (step, alpha): ``{"loss": float32 scalar, ...detached parts}``.
 
     ``ns-r1``: softplus(D(fake)) + softplus(-D(real)) + r1_gamma / 2 * R1 (v1's D_logistic_simplegp,
-    :func:`gan.ns_d_loss`). ``wgan-gp``: D(fake) - D(real) + gp_weight * GP + drift * D(real)^2 (v1's
-    D_wgan_gp, :func:`gan.wgan_gp_d_loss`). ``real`` must already be at (step, alpha) (see
+    :func:`adversarial.ns_d_loss`). ``wgan-gp``: D(fake) - D(real) + gp_weight * GP + drift * D(real)^2 (v1's
+    D_wgan_gp, :func:`adversarial.wgan_gp_d_loss`). ``real`` must already be at (step, alpha) (see
     :func:`reals_at_level`); ``fake`` is detached.
     """
     critic = functools.partial(D, step=step, alpha=alpha)
@@ -783,12 +783,12 @@ class StyleGAN(LatentModel):
         return self
 
     # -- training helpers -----------------------------------------------------------------------------
-    def update_ema(self, beta: float = 0.999) -> None:
-        """``ema <- beta * ema + (1 - beta) * generator``; buffers (w_avg, const noise) are copied.
+    def update_ema(self, decay: float) -> None:
+        """``ema <- decay * ema + (1 - decay) * generator``; buffers (w_avg, const noise) are copied.
 
         Call after each generator step.
         """
-        update_ema(self.generator_ema, self.generator, beta)
+        update_ema(self.generator_ema, self.generator, decay)
 
     def reals_at_level(self, x: Tensor, step: int, alpha: float) -> Tensor:
         """Full-resolution volumes -> what D sees at (step, alpha); see :func:`reals_at_level`."""

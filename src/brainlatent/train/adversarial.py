@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from brainlatent.metrics.generative import mmd_rbf
+from brainlatent.models import adversarial as losses
 from brainlatent.models.base import build_model
 from brainlatent.train.device import adam
 from brainlatent.train.loop import Task
@@ -90,17 +91,15 @@ class GANTask(_AdversarialTask):
 
     def train_step(self, x, epoch, step):
         cfg, m = self.cfg, self.model
-        from brainlatent.models import gan as G
-
         z = torch.randn(len(x), m.latent_dim, device=self.device)
         with torch.no_grad(), self.autocast():  # D's step never backpropagates into the generator
             fake = m.generator(z)
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
             if cfg.loss == "wgan-gp":
-                d = G.wgan_gp_d_loss(m.discriminator, x, fake, gp_weight=cfg.gp_weight)
+                d = losses.wgan_gp_d_loss(m.discriminator, x, fake, gp_weight=cfg.gp_weight)
             else:
-                d = G.ns_d_loss(m.discriminator, x, fake, r1_gamma=lazy_r1_gamma(cfg, step))
+                d = losses.ns_d_loss(m.discriminator, x, fake, r1_gamma=lazy_r1_gamma(cfg, step))
         d["loss"].backward()
         self.opt_d.step()
         out = {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
@@ -109,7 +108,7 @@ class GANTask(_AdversarialTask):
             with frozen(m.discriminator):
                 with self.autocast():
                     scores = m.discriminator(m.generator(torch.randn(len(x), m.latent_dim, device=self.device)))
-                g = G.wgan_g_loss(scores) if cfg.loss == "wgan-gp" else G.ns_g_loss(scores)
+                g = losses.wgan_g_loss(scores) if cfg.loss == "wgan-gp" else losses.ns_g_loss(scores)
                 g.backward()
             self.opt_g.step()
             m.update_ema(cfg.ema_decay)
