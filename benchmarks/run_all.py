@@ -29,6 +29,7 @@ SCRIPTS = [
     ["bench_inversion.py"],
     ["bench_memory.py"],
     ["bench_preprocess.py", "--n", "2", "--repeats", "2"],
+    ["bench_synthetic.py", "--n", "4"],
     ["bench_ae_architecture.py", "--processed", str(PROCESSED)],
 ]
 

@@ -6,12 +6,13 @@ import dataclasses
 import json
 import math
 
+import mlflow
 import pytest
 import torch
-from conftest import tiny_params_dict
+from conftest import tiny_params_dict, write_processed
 from mlflow.tracking import MlflowClient
 
-from brainlatent import registry
+from brainlatent import registry, tracking
 from brainlatent.config import params_from_dict
 from brainlatent.data.dataset import ProcessedData
 from brainlatent.evaluation import (
@@ -182,6 +183,37 @@ def test_gan_evaluation_and_the_champion_decision(project, params):
     # FIDs from another protocol (here: fewer samples) are never compared with the old ones.
     other = evaluate_family("gan", _with_eval(params, n_samples=6), project, model_uri=f"models:/brainlatent-gan/{loser}")
     assert other.champion.moved and champion() == other.model_version
+
+
+def test_samples_that_are_not_brains_fail_the_quality_gate_and_never_become_champion(project, caplog):
+    """A cohort with enough evaluation scans for the sample-quality metrics (12 val, 24 train): the AE's
+    evaluation scores its reconstructions as the floor; a GAN whose generator saturates (every voxel white)
+    fails the gate loudly, is tagged so and does not take the champion alias."""
+    write_processed(project, n=48)
+    params = _params(evaluate={"champion_metric": {"ae": "mse", "vae": "intensity_w1", "gan": "intensity_w1",
+                                                   "stylegan": "intensity_w1"}})
+    train_featurenet(params, project)
+    train_family("ae", params, root=project)
+    ae = evaluate_family("ae", params, project)
+    assert {f"floor_recon.{k}" for k in ("c2st_auc", "intensity_w1", "coverage")} <= set(ae.metrics)
+
+    train_family("gan", params, root=project)
+    gan = registry.load_model("models:/brainlatent-gan/1")
+    with torch.no_grad():
+        gan.model.generator_ema.out.bias.fill_(30.0)  # sigmoid(30): a saturated white box, not a brain
+    tracking.configure(project)
+    with mlflow.start_run(experiment_id=tracking.experiment_id("saturated", project)):
+        bad, _ = registry.log_and_register(gan.model, "gan", gan.model.config_dict(), {})
+    with caplog.at_level("WARNING", logger="brainlatent.evaluation"):
+        out = evaluate_family("gan", params, project, model_uri=f"models:/brainlatent-gan/{bad}")
+    assert "THE SAMPLES ARE NOT BRAINS" in caplog.text
+    m = out.metrics
+    assert m["intensity_w1"] > params.evaluate.gate_intensity_ratio * m["floor_real.intensity_w1"]
+    assert m["c2st_auc"] > m["floor_real.c2st_auc"] and m["coverage"] < m["floor_real.coverage"]
+    tags = MlflowClient().get_model_version("brainlatent-gan", bad).tags
+    assert tags["eval.quality_gate"] == "fail" and "real-vs-real floor" in tags["eval.quality_gate_reason"]
+    assert out.champion.champion != bad and out.champion.reason.startswith("not champion: its samples failed")
+    assert "champion" not in MlflowClient().get_registered_model("brainlatent-gan").aliases
 
 
 def test_unrankable_champion_metric_is_refused_by_name():

@@ -339,12 +339,56 @@ class StyleGANConfig(_FamilyConfig):
     mixing_prob: Fraction = 0.9
     w_avg_beta: Fraction = 0.995
     ema_decay: Fraction = 0.99
-    epochs_per_level: PositiveInt = 3  # progressive growing: epochs at each resolution level
+    # Progressive growing: epochs at each resolution level (fractional for tuning trials, which compress the
+    # schedule into tune.epochs: tuning.trial_family_config), the first fade_fraction of them fading it in.
+    epochs_per_level: PositiveFloat = 3
     fade_fraction: Fraction = 0.5  # share of a new level's epochs spent fading it in
-    epochs: PositiveInt = 20
+    epochs: PositiveInt = 20  # must reach and train the full resolution: >= levels * epochs_per_level
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 2e-3
     lr_d: PositiveFloat = 2e-3
+
+    def levels(self, volume_shape: tuple[int, int, int]) -> int:
+        """Resolution levels for volumes of ``volume_shape`` (``n_levels``, or the default for that shape)."""
+        from brainlatent.models.stylegan import default_n_levels
+
+        return default_n_levels(volume_shape) if self.n_levels is None else self.n_levels
+
+    def schedule_problem(self, n_levels: int, epochs: float, source: str = "") -> str | None:
+        """Why ``epochs`` cannot train the full resolution with ``n_levels`` levels, or None.
+
+        Level ``l`` starts at epoch ``l * epochs_per_level`` (train/adversarial.py), so the last one starts at
+        ``(n_levels - 1) * epochs_per_level`` and is faded in over ``fade_fraction * epochs_per_level``. Fewer
+        epochs than that never train the full resolution at all (with exactly that many the last level is
+        never entered); we ask, as progressive growing does, that the last level get at least a whole level's
+        budget: ``epochs >= n_levels * epochs_per_level``. ``source`` names where ``n_levels`` came from.
+        """
+        need = n_levels * self.epochs_per_level
+        if epochs >= need - 1e-9:
+            return None
+        last = (n_levels - 1) * self.epochs_per_level
+        return (f"{epochs:g} epochs cannot train StyleGAN's full resolution: with stylegan.n_levels = {n_levels}"
+                f"{source} and stylegan.epochs_per_level = {self.epochs_per_level:g} the last level starts at epoch "
+                f"{last:g} and fades in until epoch {last + self.fade_fraction * self.epochs_per_level:g}; need "
+                f">= {need:g} epochs (n_levels * epochs_per_level), or fewer levels / a smaller epochs_per_level")
+
+    def check_schedule(self, volume_shape: tuple[int, int, int], epochs: float | None = None,
+                       key: str = "stylegan.epochs") -> None:
+        """ValueError naming ``key`` (and the schedule's keys) when ``epochs`` (default ``self.epochs``) cannot
+        train the last level for volumes of ``volume_shape`` (n_levels null: the default for that shape)."""
+        source = "" if self.n_levels is not None else f" (null: the default for data.shape {list(volume_shape)})"
+        problem = self.schedule_problem(self.levels(volume_shape), self.epochs if epochs is None else epochs,
+                                        source)
+        if problem:
+            raise ValueError(f"{key}: {problem}")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "StyleGANConfig":
+        if self.n_levels is not None:  # null: needs data.shape (check_schedule, called by train and tune)
+            problem = self.schedule_problem(self.n_levels, self.epochs)
+            if problem:
+                raise ValueError(f"epochs: {problem}")
+        return self
 
 
 FAMILY_CONFIGS: dict[str, type] = {"ae": AEConfig, "vae": VAEConfig, "gan": GANConfig, "stylegan": StyleGANConfig}
@@ -423,10 +467,15 @@ class EvaluateConfig:
     ms_ssim_pairs: PositiveInt = 50
     kid_subset_size: PositiveInt = 32
     inversion_steps: PositiveInt = 50  # GAN families: reconstruction through inversion
+    # The quality gate (evaluation.quality_gate): samples are "not brains" when their in-head intensity
+    # distribution is more than this many times further from the reals than other real scans are, or when they
+    # cover less than this share of the real scans. Such a version never takes the champion alias.
+    gate_intensity_ratio: PositiveFloat = 10.0
+    gate_min_coverage: Fraction = 0.25
     # The champion rule: per family, the evaluation metric a new version must beat (direction from
     # metrics.registry) to take alias `champion` (champion.py).
     champion_metric: dict[str, str] = dataclasses.field(
-        default_factory=lambda: {"ae": "mse", "vae": "fid", "gan": "fid", "stylegan": "fid"}
+        default_factory=lambda: {"ae": "mse", "vae": "intensity_w1", "gan": "intensity_w1", "stylegan": "intensity_w1"}
     )
 
     @model_validator(mode="after")
@@ -463,8 +512,24 @@ class DirectionsConfig:
     direction: Literal["gradient", "pattern"] = "gradient"
     max_step_sd: PositiveFloat = 2.0  # traversal grid: symmetric, in SDs of the latent projection
     n_steps: Annotated[int, Field(ge=3)] = 5
-    n_traversal_subjects: PositiveInt = 8  # held-out subjects traversed (strips/GIFs for the first few)
+    n_traversal_subjects: PositiveInt = 8  # test subjects traversed (strips/GIFs for the first few)
     n_strip_subjects: PositiveInt = 2
+    # Size control: the subjects.csv column regressed out of the latents of the size-controlled probes. The
+    # default, eTIV from the affine registration to the template, is one a local effect barely moves; the
+    # native brain-mask volume contains any local effect that adds tissue (and stays a baseline probe). Any
+    # positive numeric column given with the cohort works (e.g. a `tiv` column, HCP's FS_IntraCranial_Vol).
+    size_covariate: str = "etiv_mm3"
+    size_control: Literal["linear", "spline"] = "linear"  # spline: a cubic spline in the covariate (4 knots)
+    # Effectiveness check: add the registered feature network's P(male) / expected age group to what is
+    # measured along every traversal (counterfactual.py); skipped with a warning when none is registered.
+    effectiveness_featurenet: bool = True
+
+    @field_validator("size_covariate")
+    @classmethod
+    def _covariate_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected the name of a numeric subjects.csv column, e.g. etiv_mm3")
+        return value
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -42,10 +42,11 @@ from mlflow.tracking import MlflowClient
 
 from brainlatent import champion, model_ref, registry, tracking
 from brainlatent.champion import ChampionDecision
+from brainlatent.anatomy import sex_region_of
 from brainlatent.config import EvaluateConfig, Params, to_flat_dict
 from brainlatent.data.dataset import ProcessedData
 from brainlatent.grid import Grid
-from brainlatent.metrics import anatomical, generative
+from brainlatent.metrics import anatomical, generative, quality
 from brainlatent.metrics.reconstruction import reconstruction_per_volume
 from brainlatent.models.base import LatentModel
 from brainlatent.models.featurenet import (
@@ -317,15 +318,21 @@ def reconstruction_metrics(reconstructions: torch.Tensor, targets: torch.Tensor)
 
 
 def anatomy_metrics(
-    samples: torch.Tensor, reals: torch.Tensor, grid: Grid, percentiles: tuple[float, float]
+    samples: torch.Tensor, reals: torch.Tensor, grid: Grid, percentiles: tuple[float, float],
+    sex_region: str | None = None,
 ) -> dict[str, float]:
-    """Anatomical plausibility (docs/metrics.md) on (N, 1, X, Y, Z) volumes. A measure that is constant or
-    not finite over the real scans (e.g. a region outside a tiny field of view) cannot normalise the W1
-    distance and is skipped with a warning rather than failing the whole evaluation."""
-    from brainlatent.anatomy import measure_volumes  # lazy: loads and resamples the MNI template
+    """Anatomical plausibility (docs/metrics.md) on (N, 1, X, Y, Z) volumes. Both sets are measured with the
+    tissue levels of the *real* scans (samples with a wrong contrast must not be measured against their own),
+    and the sex-region measure uses the cohort's local sex region. A measure that is constant or not finite
+    over the real scans (e.g. a region outside a tiny field of view) cannot normalise the W1 distance and is
+    skipped with a warning rather than failing the whole evaluation."""
+    from brainlatent.anatomy import DEFAULT_SEX_REGION, estimate_tissue_levels, measure_volumes  # lazy: the template
 
-    real = measure_volumes(reals[:, 0].numpy(), grid, percentiles)
-    fake = measure_volumes(samples[:, 0].numpy(), grid, percentiles)
+    real_np = reals[:, 0].numpy()
+    levels = estimate_tissue_levels(real_np, grid)
+    region = sex_region or DEFAULT_SEX_REGION
+    real = measure_volumes(real_np, grid, percentiles, levels=levels, sex_region=region)
+    fake = measure_volumes(samples[:, 0].numpy(), grid, percentiles, levels=levels, sex_region=region)
     usable = [c for c in real.columns if np.isfinite(real[c]).sum() >= 2 and np.nanstd(real[c].to_numpy()) > 0]
     skipped = sorted(set(real.columns) - set(usable))
     if skipped:
@@ -344,6 +351,7 @@ def generative_metrics(
     seed: int,
     percentiles: tuple[float, float] = (0.5, 99.5),
     device: str | torch.device = "cpu",
+    sex_region: str | None = None,
 ) -> dict[str, float]:
     """FID, KID, RBF-MMD (feature space), MS-SSIM diversity, anatomy and attribute distances of ``samples``
     (N, 1, X, Y, Z) against ``reals`` (M, 1, X, Y, Z)."""
@@ -355,7 +363,7 @@ def generative_metrics(
         **generative.kid(f_s, f_r, subset_size=subset, seed=seed),
         **generative.mmd_rbf(f_s, f_r),
         **generative.ms_ssim_diversity(samples, reals, n_pairs=cfg.ms_ssim_pairs, seed=seed),
-        **anatomy_metrics(samples, reals, grid, percentiles),
+        **anatomy_metrics(samples, reals, grid, percentiles, sex_region),
     }
     if extractor.predicts_attributes:
         out.update(anatomical.attribute_distances(
@@ -365,12 +373,85 @@ def generative_metrics(
     return out
 
 
+# The floors every sample-quality number is shown beside (metrics/quality.py): training-split scans in the role of
+# samples (what a generator that reproduced real brains would score) and, in evaluate@ae, the autoencoder's
+# reconstructions of the same scans. Both are scored against the same reference split as the samples.
+FLOOR_REAL = "floor_real."
+FLOOR_RECON = "floor_recon."
+
+
+def floor_scans(data: ProcessedData, n: int, seed: int) -> torch.Tensor:
+    """``n`` seeded training-split scans (n, 1, X, Y, Z) float32 (all of them when the split is smaller)."""
+    rows = data.split_indices("train")
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(rows, size=min(n, len(rows)), replace=False))
+    return torch.from_numpy(np.asarray(data.volumes[picked], np.float32))[:, None]
+
+
+def quality_gate(metrics: dict[str, float], cfg: EvaluateConfig) -> tuple[bool, str]:
+    """Whether samples are brains at all, judged against the real-vs-real floor of the same evaluation.
+
+    Fails when the in-head intensity distribution is more than ``cfg.gate_intensity_ratio`` times further from
+    the reals than other real scans are (noise, saturation, wrong contrast), or when the samples cover fewer
+    than ``cfg.gate_min_coverage`` of the real scans (blobs far from every brain, one brain repeated).
+    Returns (passed, one-line reason with the numbers).
+    """
+    w1, floor_w1 = metrics["intensity_w1"], metrics[f"{FLOOR_REAL}intensity_w1"]
+    ratio = w1 / max(floor_w1, 1e-12)
+    problems = []
+    if ratio > cfg.gate_intensity_ratio:
+        problems.append(f"intensity_w1 {w1:.3g} is {ratio:.0f}x the real-vs-real floor {floor_w1:.3g} "
+                        f"(limit {cfg.gate_intensity_ratio:g}x)")
+    if metrics["coverage"] < cfg.gate_min_coverage:
+        problems.append(f"coverage {metrics['coverage']:.2f} of the real scans (minimum {cfg.gate_min_coverage:g})")
+    if problems:
+        return False, "; ".join(problems)
+    return True, (f"intensity_w1 {ratio:.1f}x the real-vs-real floor (limit {cfg.gate_intensity_ratio:g}x), "
+                  f"coverage {metrics['coverage']:.2f} (minimum {cfg.gate_min_coverage:g})")
+
+
 def evaluation_protocol(params: Params, extractor_ident: str, data_sha256: str) -> str:
     """A short hash of everything that makes two evaluations comparable: the feature extractor, the real
-    reference set (split and data content), sample count, metric settings and seed."""
-    settings = {k: v for k, v in to_flat_dict(params.evaluate).items() if not k.startswith("champion_metric.")}
+    reference set (split and data content), sample count, metric settings and seed (not the champion metric
+    nor the quality gate's limits)."""
+    # The champion rule and the gate's limits decide on the numbers; they do not change them.
+    settings = {k: v for k, v in to_flat_dict(params.evaluate).items()
+                if not k.startswith(("champion_metric.", "gate_"))}
     spec = {"extractor": extractor_ident, "data": data_sha256, "evaluate": settings, "seed": params.seed}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sample_quality(family: str, model: LatentModel, samples: torch.Tensor | None, reals: torch.Tensor,
+                    data: ProcessedData, cfg: EvaluateConfig, seed: int, batch: int,
+                    metrics: dict[str, float]) -> tuple[bool, str] | None:
+    """Add the sample-quality metrics (metrics/quality.py) and their floors to ``metrics``; return the quality
+    gate's (passed, reason) for a family that samples, None otherwise.
+
+    The reference is ``reals`` (the evaluation split). Floors: ``floor_real.*`` (training scans) for every
+    family that samples, ``floor_recon.*`` (the autoencoder's reconstructions of the same training scans) in
+    evaluate@ae. Skipped, with a warning, when a set is smaller than quality.MIN_VOLUMES (tiny test cohorts).
+    """
+    if samples is None and family != "ae":
+        return None
+    floor = floor_scans(data, cfg.n_samples, seed)
+    if min(len(reals), len(floor)) < quality.MIN_VOLUMES:
+        log.warning("%s: sample-quality metrics skipped: %d evaluation and %d training scans, %d of each needed",
+                    family, len(reals), len(floor), quality.MIN_VOLUMES)
+        return None
+    reference = quality.QualityReference(reals, seed=seed)
+    if samples is None:  # the autoencoder: its reconstructions are the floor the samplers are compared with
+        recons = reconstruct(model, floor, cfg.inversion_steps, batch)
+        metrics.update({f"{FLOOR_RECON}{k}": v for k, v in reference.score(recons, seed=seed).items()})
+        return None
+    metrics.update({f"{FLOOR_REAL}{k}": v for k, v in reference.score(floor, seed=seed).items()})
+    metrics.update(reference.score(samples, seed=seed))
+    passed, reason = quality_gate(metrics, cfg)
+    if passed:
+        log.info("%s: samples pass the quality gate: %s", family, reason)
+    else:
+        log.warning("%s: THE SAMPLES ARE NOT BRAINS: %s. This version will not take the champion alias.",
+                    family, reason)
+    return passed, reason
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -434,13 +515,15 @@ def evaluate_family(family: str, params: Params, root: Path | None = None, model
         tracking.log_volumes(reals[:k, 0].numpy(), affine, "volumes/reals", [f"real_{i:02d}" for i in range(k)])
         tracking.log_volumes(recons[:k, 0].numpy(), affine, "volumes/reconstructions",
                              [f"reconstruction_{i:02d}" for i in range(k)])
-        if model.generative:
-            samples = generate(model, cfg.n_samples, params.seed, batch)
+        samples = generate(model, cfg.n_samples, params.seed, batch) if model.generative else None
+        if samples is not None:
             metrics.update(generative_metrics(samples, reals, extractor, data.grid, cfg, params.seed,
-                                              params.data.intensity_percentiles, device))
+                                              params.data.intensity_percentiles, device,
+                                              sex_region_of(data.ground_truth_dir)))
             k = min(params.train.n_samples, len(samples))
             tracking.log_volumes(samples[:k, 0].numpy(), affine, "volumes/samples",
                                  [f"sample_{i:02d}" for i in range(k)])
+        gate = _sample_quality(family, model, samples, reals, data, cfg, params.seed, batch, metrics)
         mlflow.log_metrics(metrics)
         tracking.log_json(metrics, "metrics.json")
 
@@ -449,6 +532,9 @@ def evaluate_family(family: str, params: Params, root: Path | None = None, model
         version_tags.update(
             {"eval.run_id": run.info.run_id, "eval.protocol": protocol, "eval.featurenet": extractor.ident}
         )
+        if gate is not None:
+            version_tags.update({champion.GATE_TAG: "pass" if gate[0] else "fail", "eval.quality_gate_reason": gate[1]})
+            mlflow.set_tags({"quality_gate": "pass" if gate[0] else "fail", "quality_gate_reason": gate[1]})
         for key, value in version_tags.items():
             client.set_model_version_tag(loaded.name, str(loaded.version), key, value)
 
