@@ -40,6 +40,9 @@ def _cohort(project) -> None:
         rows = np.flatnonzero(subjects["split"] == split)
         subjects.loc[rows, "age_group"] = [AGE_GROUPS[k % 4] for k in range(len(rows))]
     subjects["age"] = subjects["age_group"].map(GROUP_AGE)
+    if "brain_mask_volume_mm3" not in subjects:  # the processed contract before `prepare` wrote eTIV
+        subjects["brain_mask_volume_mm3"] = subjects["brain_volume_mm3"]
+        subjects["etiv_mm3"] = 1.25 * subjects["brain_mask_volume_mm3"]
     subjects.to_csv(out / "subjects.csv", index=False)
 
 
@@ -68,14 +71,31 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
     headline = json.loads((project / "metrics" / "directions" / "ae.json").read_text())
     # The version train@ae registered (trained/ae.json), named in the metrics file.
     assert headline.pop("model_version") == 1 and headline.pop("model_uri") == "models:/brainlatent-ae/1"
-    assert headline == pytest.approx(outcome.metrics)
-    for key in ("sex_auc", "sex_auc_low", "sex_auc_high", "sex_cv_auc", "sex_p_value", "age_old_auc",
-                "age_group_spearman", "sex_size_controlled_auc", "sex_pca_voxels_auc", "sex_brain_volume_auc",
-                "sex_probe_monotonicity", "encode_psnr_db", "time_total_s"):
+    assert {k: v for k, v in headline.items() if not isinstance(v, str)} == pytest.approx(outcome.metrics)
+    for key in ("sex_auc", "sex_auc_low", "sex_auc_high", "sex_cv_auc", "sex_cv_auc_low", "sex_cv_auc_high",
+                "sex_p_value", "age_old_auc", "age_group_spearman", "sex_size_controlled_auc",
+                "sex_size_controlled_cv_auc_high", "sex_pca_voxels_auc", "sex_brain_mask_volume_auc",
+                "sex_probe_monotonicity", "encode_psnr_db", "time_total_s",
+                # counterfactual checks: per model, then per direction
+                "cf_composition_mae", "cf_composition_cycle_mae", "cf_sex_zero_step_max",
+                "cf_sex_reversibility_mae", "cf_sex_reversibility_ratio", "cf_age_group_effectiveness",
+                "cf_sex_effectiveness"):
         assert key in headline, key
-    assert all(not isinstance(v, (dict, list)) for v in headline.values())  # flat
+    # What the numbers are: the untouched test split, probes fitted on train + val, the covariate named.
+    labels = {"heldout_split": "test", "fit_splits": "train+val", "size_covariate": "etiv_mm3",
+              "size_control": "linear", "cf_sex_effectiveness_predictor": "brain_volume_mm3",
+              "cf_age_group_effectiveness_predictor": "ventricle_volume_mm3"}
+    assert {k: headline.pop(k) for k in labels} == labels
+    assert headline.pop("cv_interval").startswith("corrected resampled t")
+    predictors = {k: headline.pop(k) for k in list(headline) if k.endswith("_effectiveness_predictor")}
+    assert predictors == {"cf_age_old_effectiveness_predictor": "ventricle_volume_mm3"}  # no other predictor here
+    assert all(not isinstance(v, (dict, list, str)) for v in headline.values())  # flat numbers
     assert headline["sex_auc_low"] <= headline["sex_auc"] <= headline["sex_auc_high"]
-    assert headline["n_fit"] == 12 and headline["n_heldout"] == 12
+    assert headline["sex_cv_auc_low"] <= headline["sex_cv_auc"] <= headline["sex_cv_auc_high"]
+    assert headline["n_fit"] == 18 and headline["n_heldout"] == 6  # train + val | test
+    assert headline["cf_sex_zero_step_max"] == 0.0  # the AE decodes deterministically
+    assert 0 <= headline["cf_sex_reversibility_ratio"] and -1 <= headline["cf_sex_effectiveness"] <= 1
+    assert headline["sex_size_controlled_cv_auc_high"] >= 0.5
     assert not any(k.endswith("_map_r") for k in headline)  # no ground truth in this cohort
     assert _direction_files(project, "ae") == DIRECTION_NAMES
     sex = Direction.load(out / "directions" / "sex.json")
@@ -92,7 +112,8 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
     assert len(summary) == 5 * len(DIRECTION_NAMES) and {"mean_spearman", "change_per_sd"} <= set(summary.columns)
     assert sorted(effects["step"].unique()) == [-2.0, 0.0, 2.0]
     probes = pd.read_csv(out / "probes.csv")
-    assert {"pca_voxels", "brain_volume", "latent", "latent_size_controlled"} == set(probes["features"])
+    assert {"pca_voxels", "brain_mask_volume", "latent", "latent_size_controlled"} == set(probes["features"])
+    assert (probes["n_heldout"].where(probes["features"] != "pca_voxels", 6) == 6).all()
     mean_diff = nib.load(out / "maps" / "age_group_mean_difference.nii.gz")
     np.testing.assert_allclose(mean_diff.affine, Grid.load(project / "data/processed/grid.json").affine)
     traversal = nib.load(next((out / "traversals").glob("sex_*.nii.gz")))
@@ -103,6 +124,10 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
     run = mlflow.get_run(outcome.run_id)
     assert run.data.tags["model"] == "ae" and run.data.tags["model_version"] == "1"
     assert run.data.tags["model_name"] == "brainlatent-ae" and run.data.tags["model_uri"] == "models:/brainlatent-ae/1"
+    assert run.data.tags["heldout_split"] == "test" and run.data.tags["heldout_untouched"] == "true"
+    assert run.data.tags["size_covariate"] == "etiv_mm3" and run.data.params["directions.size_covariate"] == "etiv_mm3"
+    assert run.data.tags["effectiveness_featurenet"].startswith("none")  # no feature net registered here
+    assert "cf.age_group.reversibility_ratio" in run.data.metrics
     assert run.data.metrics["sex_auc"] == pytest.approx(headline["sex_auc"])
     assert "sex.latent.heldout_auc_low" in run.data.metrics and "sex.pca_voxels.heldout_auc" in run.data.metrics
     artifacts = {f.path for f in MlflowClient().list_artifacts(outcome.run_id)}
@@ -124,19 +149,38 @@ def _write_ground_truth(project, planted: dict[str, np.ndarray]) -> None:
 
 def test_ground_truth_checks_recover_a_planted_map(project, ae):
     """Plant each direction's own difference map: the stage must find r = 1 (a deterministic rerun) and
-    compare the size-controlled and raw sex directions on the planted local sex map."""
+    compare the size-controlled and raw sex directions on the planted local sex map. A positive-control label
+    (`planted`) is probed like sex, and its map checked against planted_effect.nii.gz."""
+    processed = project / "data" / "processed"
+    subjects = pd.read_csv(processed / "subjects.csv", dtype={"subject_id": str})
+    subjects["planted"] = (subjects["index"] % 3 == 1).astype(int)  # both labels in train+val and in test
+    subjects.to_csv(processed / "subjects.csv", index=False)
     first = run_directions("ae", ae, root=project)
+    assert _direction_files(project, "ae") == DIRECTION_NAMES | {"planted", "planted_size_controlled"}
     maps = project / "directions" / "ae" / "maps"
     age_map = nib.load(maps / "age_group_mean_difference.nii.gz").get_fdata()
     local_map = nib.load(maps / "sex_size_controlled_mean_difference.nii.gz").get_fdata()
-    grid = Grid.load(project / "data" / "processed" / "grid.json")
+    planted_map = nib.load(maps / "planted_size_controlled_mean_difference.nii.gz").get_fdata()
+    grid = Grid.load(processed / "grid.json")
     mask = atlas_on_grid(grid).brain > 0.5
     rng = np.random.default_rng(0)
     sex_map = rng.normal(size=age_map.shape)
-    _write_ground_truth(project, {"age": age_map, "sex": sex_map, "sex_local": local_map})
+    _write_ground_truth(project, {"age": age_map, "sex": sex_map, "sex_local": local_map, "planted": planted_map})
 
     second = run_directions("ae", ae, root=project)
     m = second.metrics
+    assert "planted_auc" in m and "planted_p_value" in m and "planted_size_controlled_auc" in m
+    assert m["planted_map_r_size_controlled"] == pytest.approx(1.0, abs=1e-4)
+    raw_planted = nib.load(maps / "planted_mean_difference.nii.gz").get_fdata()
+    assert m["planted_map_r"] == pytest.approx(map_correlation(raw_planted, planted_map, mask), abs=1e-4)
+    assert m["planted_size_controlled_better"] == float(m["planted_map_r"] < m["planted_map_r_size_controlled"])
+    # Counterfactual checks against the planted maps: effectiveness from the map projection, minimality.
+    headline = json.loads((project / "metrics" / "directions" / "ae.json").read_text())
+    assert headline["cf_planted_effectiveness_predictor"] == "planted_map_projection"
+    assert headline["cf_sex_size_controlled_effectiveness_predictor"] == "sex_local_map_projection"
+    assert -1 <= m["cf_planted_size_controlled_effectiveness"] <= 1
+    assert 0 <= m["cf_planted_size_controlled_minimality_outside_share"] <= 1
+    assert 0 < m["cf_planted_size_controlled_minimality_chance"] < 1
     assert m["age_map_r"] == pytest.approx(1.0, abs=1e-4)
     assert m["sex_local_map_r_size_controlled"] == pytest.approx(1.0, abs=1e-4)
     raw_sex = nib.load(maps / "sex_mean_difference.nii.gz").get_fdata()

@@ -72,7 +72,13 @@ class DirectionCheck:
 _AE_VAE = ("ae", "vae")
 DIRECTION_CHECKS = (
     DirectionCheck("sex_auc", "sex: probe AUC on held-out latents", 0.90, _AE_VAE),
-    DirectionCheck("sex_brain_volume_auc", "sex: baseline AUC, brain volume alone"),
+    DirectionCheck("sex_brain_mask_volume_auc", "sex: baseline AUC, native brain-mask volume alone"),
+    DirectionCheck("sex_size_controlled_auc", "sex at fixed head size (eTIV or the named covariate): test AUC"),
+    # Never significantly below chance: a covariate that holds the local effect would reverse the sign.
+    DirectionCheck("sex_size_controlled_auc_high", "sex at fixed head size: upper 95% bound, test split", 0.5,
+                   FAMILIES),
+    DirectionCheck("sex_size_controlled_cv_auc_high", "sex at fixed head size: upper 95% bound, CV (train+val)",
+                   0.5, FAMILIES),
     DirectionCheck("age_old_auc", "young/old: probe AUC on held-out latents", 0.85, _AE_VAE),
     DirectionCheck("age_old_pca_voxels_auc", "young/old: baseline AUC, PCA of the voxels"),
     DirectionCheck("age_ventricle_monotonicity", "age direction: ventricle volume rises (mean Spearman)", 0.9,
@@ -84,6 +90,21 @@ DIRECTION_CHECKS = (
     DirectionCheck("sex_local_map_r_size_controlled", "size-controlled sex direction: the same (r)"),
     DirectionCheck("sex_local_size_controlled_better", "size control recovers the local sex effect better (1 = yes)",
                    1.0, _AE_VAE),
+    DirectionCheck("planted_auc", "positive control: probe AUC of the planted label, test split"),
+    DirectionCheck("planted_map_r", "positive control: direction map vs planted effect (r)"),
+    DirectionCheck("planted_size_controlled_better", "positive control: size control recovers it better (1 = yes)"),
+    # Counterfactual checks (directions/counterfactual.py): reported, no targets yet.
+    DirectionCheck("cf_composition_mae", "counterfactual composition: mean |decode(encode(x)) - x| in the brain"),
+    DirectionCheck("cf_age_group_reversibility_ratio", "age direction: reversibility (+d, -d) residual / change"),
+    DirectionCheck("cf_age_group_effectiveness", "age direction: effectiveness, signed monotonicity of an "
+                   "independent predictor"),
+    DirectionCheck("cf_sex_effectiveness", "sex direction: effectiveness (same)"),
+    DirectionCheck("cf_sex_size_controlled_effectiveness", "size-controlled sex direction: effectiveness (same)"),
+    DirectionCheck("cf_sex_size_controlled_minimality_outside_share", "size-controlled sex direction: share of "
+                   "the change outside the planted local region"),
+    DirectionCheck("cf_sex_size_controlled_minimality_chance", "the same for a change spread evenly (chance)"),
+    DirectionCheck("cf_planted_minimality_outside_share", "positive control: share of the change outside the "
+                   "planted region"),
 )
 # Axis sliced and (horizontal, vertical) axes of each panel, as in viz/montage.py (RAS, origin lower).
 _PLANES = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
@@ -363,7 +384,8 @@ def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], war
     return "\n".join(lines)
 
 
-_DIRECTIONS_NOTE = ("From `metrics/directions/<family>.json` (held-out subjects; docs/directions_method.md). "
+_DIRECTIONS_NOTE = ("From `metrics/directions/<family>.json` (held out: the test split, which no model selection "
+                    "sees; CV: train + val; docs/directions_method.md). "
                     "Targets are the checks on the embedded synthetic cohort; ground-truth rows appear only "
                     "where the cohort has planted effects.")
 

@@ -41,7 +41,7 @@ from filelock import FileLock
 from optuna.trial import TrialState
 
 from brainlatent import tracking
-from brainlatent.config import FAMILY_CONFIGS, Params, TuneConfig
+from brainlatent.config import FAMILY_CONFIGS, Params, StyleGANConfig, TuneConfig
 from brainlatent.registry import VALIDATION_METRICS
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,31 @@ def parse_space(tune: TuneConfig, families: dict[str, Any]) -> dict[str, dict[st
     return out
 
 
+def trial_family_config(cfg: Any, tune_epochs: int, values: dict[str, Any] | None = None) -> Any:
+    """The family section a tuning trial trains: ``values`` (the sampled parameters) applied, ``tune_epochs``
+    epochs. StyleGAN's progressive-growing schedule is compressed with the run, ``epochs_per_level`` scaled by
+    ``tune_epochs / epochs``: a trial spends the same share of its epochs at each resolution as the training
+    it stands for, so it reaches and trains the full resolution (a valid training schedule gives a valid
+    trial schedule) instead of comparing values on the coarsest level only. ValueError (pydantic's) for
+    sampled values that make the training configuration invalid."""
+    base = dataclasses.replace(cfg, **values) if values else cfg
+    changes: dict[str, Any] = {"epochs": tune_epochs}
+    if isinstance(base, StyleGANConfig):
+        changes["epochs_per_level"] = base.epochs_per_level * tune_epochs / base.epochs
+    return dataclasses.replace(base, **changes)
+
+
+def check_schedules(params: Params, family: str) -> None:
+    """StyleGAN only: ValueError naming the keys when ``stylegan.epochs`` or a trial's ``tune.epochs`` cannot
+    train the last resolution level for ``data.shape`` (``StyleGANConfig.check_schedule``)."""
+    cfg = params.family(family)
+    if isinstance(cfg, StyleGANConfig):
+        shape = tuple(params.data.shape)
+        cfg.check_schedule(shape)
+        trial = trial_family_config(cfg, params.tune.epochs)
+        trial.check_schedule(shape, key=f"tune.epochs (epochs_per_level {trial.epochs_per_level:g} in a trial)")
+
+
 def objective_metric(family: str) -> tuple[str, str]:
     """(validation metric, "minimize" | "maximize") of ``family``: what its training reports every epoch."""
     if family not in VALIDATION_METRICS:
@@ -275,6 +300,19 @@ class TunedValues:
 
 def resolve_tuned(params: Params, family: str, root: Path | None = None) -> TunedValues:
     """``params`` with ``family``'s section updated by ``tuned/<family>.json`` (the `train` stage's input).
+
+    The result is what training will use: a StyleGAN schedule that cannot train the last resolution level
+    for ``data.shape`` is refused here, naming the keys (``StyleGANConfig.check_schedule``).
+    """
+    tuned = _fold_tuned(params, family, root)
+    cfg = tuned.params.family(family)
+    if isinstance(cfg, StyleGANConfig):
+        cfg.check_schedule(tuple(params.data.shape), key=f"stylegan.epochs (training, from {tuned.source})")
+    return tuned
+
+
+def _fold_tuned(params: Params, family: str, root: Path | None = None) -> TunedValues:
+    """``params`` with ``family``'s section updated by ``tuned/<family>.json`` (see :func:`resolve_tuned`).
 
     Applies only when ``family`` is in ``tune.families`` and the file exists and is not ``skipped``. Keys in
     ``tune.pinned`` keep their params.yaml value. A tuned value that replaces a different params.yaml value is
@@ -398,7 +436,9 @@ class _Objective:
         self.device = resolve_device(params.device)
 
     def trial_params(self, values: dict[str, Any]) -> Params:
-        cfg = dataclasses.replace(self.params.family(self.family), epochs=self.params.tune.epochs, **values)
+        cfg = trial_family_config(self.params.family(self.family), self.params.tune.epochs, values)
+        if isinstance(cfg, StyleGANConfig):
+            cfg.check_schedule(tuple(self.grid.shape), key="tune.epochs")
         return dataclasses.replace(self.params, **{self.family: cfg})
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -475,8 +515,9 @@ class _Objective:
 def _identity(family: str, params: Params, raw_space: dict[str, Any], data_sha: str) -> dict[str, Any]:
     """What makes trials of one study comparable. A worker with another identity must not join the study."""
     metric, direction = objective_metric(family)
-    fixed = {k: v for k, v in dataclasses.asdict(params.family(family)).items()
-             if k not in raw_space and k != "epochs"}
+    # The trial's own section: for StyleGAN its compressed schedule depends on the training epochs too.
+    trial = trial_family_config(params.family(family), params.tune.epochs)
+    fixed = {k: v for k, v in dataclasses.asdict(trial).items() if k not in raw_space and k != "epochs"}
     return {
         "family": family, "metric": metric, "direction": direction, "space": raw_space,
         "epochs": params.tune.epochs, "fixed": json.loads(json.dumps(fixed)), "seed": params.seed,
@@ -623,8 +664,9 @@ def tune_family(family: str, params: Params, *, root: Path | None = None) -> Tun
         write_json_atomic(_summary(family, None, metric, direction), path)
         log.info("%s is not in tune.families: not tuned (%s marks it skipped)", family, path)
         return TuneResult(family, True, None, metric, direction, None, {}, None, 0, 0, 0, None, path)
-    try:  # e.g. a progressive-growing schedule that does not fit in tune.epochs: fail now, not in every trial
-        dataclasses.replace(params.family(family), epochs=tune.epochs)
+    check_schedules(params, family)  # StyleGAN: a schedule that cannot reach the last level fails now, by name
+    try:
+        trial_family_config(params.family(family), tune.epochs)
     except ValueError as err:
         raise ValueError(f"tune.epochs: {tune.epochs} epochs per trial is not valid for {family}: {err}") from None
     if not specs:

@@ -2,12 +2,13 @@
 
   probes.py      probe pipelines (latent, size-controlled, PCA-of-voxels and brain-volume baselines)
   evaluation.py  repeated nested CV, subject-bootstrap CIs, permutation p-values, held-out scores
-  targets.py     labels from subjects.csv (sex, age_old, age_group)
+  targets.py     labels (sex, age_old, age_group, planted) and covariates (size, brain-mask volume) from subjects.csv
   suite.py       every probe of one model -> table, fitted probes, directions
   direction.py   the ``Direction`` (unit raw-latent vector, SD step scale, JSON artifacts)
   traversal.py   decode along a direction; voxel-wise group difference maps
   effects.py     measures, re-encoded probe output and predictions along traversals; monotonicity
-  groundtruth.py agreement with the effects planted in the synthetic cohort
+  groundtruth.py agreement with planted effects (synthetic cohort, positive controls)
+  counterfactual.py  composition, reversibility, effectiveness and minimality of every direction
 
 Method and conventions: docs/directions_method.md.
 """
@@ -18,13 +19,13 @@ from .evaluation import Estimate, ProbeResult, evaluate_probe
 from .groundtruth import PLANTED_AGE_SIGNS, effect_agreement, effect_maps, ground_truth_metrics, map_correlation
 from .probes import CovariateResidualizer, ProbeSettings, make_probe, probe_probability
 from .suite import ProbeSuite, run_probe_suite
-from .targets import TARGETS, Target, brain_volume, target_labels
+from .targets import TARGETS, Target, available_targets, brain_mask_volume, covariate, target_labels
 from .traversal import DifferenceMap, decode_batched, group_difference_map, symmetric_steps, traverse
 
 __all__ = [
     "TARGETS", "PLANTED_AGE_SIGNS", "CovariateResidualizer", "DifferenceMap", "Direction", "Estimate",
     "Monotonicity", "ProbeResult", "ProbeSettings", "ProbeSuite", "Target", "TraversalEffects",
-    "brain_volume", "cosine", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
+    "available_targets", "brain_mask_volume", "covariate", "cosine", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
     "evaluate_probe", "ground_truth_metrics", "group_difference_map", "make_probe", "map_correlation",
     "monotonicity", "probe_probability", "raw_gradient", "run_probe_suite", "symmetric_steps", "target_labels",
     "traversal_effects", "traverse",

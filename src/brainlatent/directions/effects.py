@@ -77,6 +77,30 @@ def measure_traversals(traversals: np.ndarray, steps: np.ndarray, measure: Measu
     return pd.concat(frames, ignore_index=True)
 
 
+def reencode_traversals(
+    traversals: np.ndarray, encode: VolumeFn, batch_size: int = 8, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Re-encode every traversed volume ``(S, K, X, Y, Z)`` -> latents ``(S, K, L)`` float64. The probe output
+    and the reversibility check (counterfactual.py) both read them: one encoding per volume serves both."""
+    s, k = traversals.shape[:2]
+    latents = apply_batched(traversals.reshape(s * k, *traversals.shape[2:]), encode, batch_size, device)
+    return latents.reshape(s, k, -1).astype(np.float64)
+
+
+def probe_on_latents(latents: np.ndarray, probe: Pipeline, covariates: np.ndarray | None = None) -> np.ndarray:
+    """The probe applied to latents ``(S, K, L)`` -> ``(S, K)`` P(positive) (ordinal: group index).
+
+    ``covariates (S, c)``: for size-controlled probes, each subject's covariates (its size covariate), held
+    fixed along its traversal: the direction was defined at fixed size.
+    """
+    s, k = latents.shape[:2]
+    flat = latents.reshape(s * k, -1).astype(np.float64)
+    if covariates is not None:
+        covariates = np.asarray(covariates, np.float64).reshape(s, -1)
+        flat = np.hstack([flat, np.repeat(covariates, k, axis=0)])
+    return probe_probability(probe, flat).reshape(s, k)
+
+
 def reencoded_probe_output(
     traversals: np.ndarray,
     encode: VolumeFn,
@@ -85,18 +109,8 @@ def reencoded_probe_output(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Re-encode every traversed volume and apply the probe -> ``(S, K)`` P(positive) (ordinal: group index).
-
-    ``covariates (S, c)``: for size-controlled probes, each subject's covariates (brain volume), held
-    fixed along its traversal: the direction was defined at fixed size.
-    """
-    s, k = traversals.shape[:2]
-    latents = apply_batched(traversals.reshape(s * k, *traversals.shape[2:]), encode, batch_size, device)
-    latents = latents.reshape(s * k, -1).astype(np.float64)
-    if covariates is not None:
-        covariates = np.asarray(covariates, np.float64).reshape(s, -1)
-        latents = np.hstack([latents, np.repeat(covariates, k, axis=0)])
-    return probe_probability(probe, latents).reshape(s, k)
+    """Re-encode every traversed volume and apply the probe -> ``(S, K)`` (see :func:`probe_on_latents`)."""
+    return probe_on_latents(reencode_traversals(traversals, encode, batch_size, device), probe, covariates)
 
 
 def predictions(
@@ -176,16 +190,22 @@ def traversal_effects(
     subject_ids: list[str] | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    reencoded: np.ndarray | None = None,
 ) -> TraversalEffects:
     """Measure traversals ``(S, K, X, Y, Z)`` along ``steps (K,)``; each given callable adds quantities.
 
     ``measure`` adds its columns; ``encode`` + ``probe`` add ``probe_output`` (the probe re-applied to the
-    re-encoded volumes); ``predict`` adds ``predicted``.
+    re-encoded volumes), or ``reencoded (S, K, L)`` + ``probe`` when the volumes were re-encoded already
+    (:func:`reencode_traversals`); ``predict`` adds ``predicted``.
     """
     traversals, steps = _check_traversals(traversals, steps)
     s, k = traversals.shape[:2]
-    if (encode is None) != (probe is None):
-        raise ValueError("traversal_effects: re-encoding needs both encode and probe")
+    if encode is not None and reencoded is not None:
+        raise ValueError("traversal_effects: give encode or reencoded latents, not both")
+    if (encode is None and reencoded is None) != (probe is None):
+        raise ValueError("traversal_effects: re-encoding needs both encode (or reencoded latents) and probe")
+    if reencoded is not None and np.shape(reencoded)[:2] != (s, k):
+        raise ValueError(f"reencoded latents: expected ({s}, {k}, L), got {np.shape(reencoded)}")
     ids = list(subject_ids) if subject_ids is not None else [str(i) for i in range(s)]
     if len(ids) != s:
         raise ValueError(f"subject_ids: expected {s} ids, got {len(ids)}")
@@ -196,9 +216,10 @@ def traversal_effects(
         measured = measure_traversals(traversals, steps, measure)
         table = pd.concat([table, measured], axis=1)
         quantities += list(measured.columns)
-    if encode is not None:
-        table["probe_output"] = reencoded_probe_output(traversals, encode, probe, probe_covariates,
-                                                       batch_size, device).ravel()
+    if probe is not None:
+        if reencoded is None:
+            reencoded = reencode_traversals(traversals, encode, batch_size, device)
+        table["probe_output"] = probe_on_latents(reencoded, probe, probe_covariates).ravel()
         quantities.append("probe_output")
     if predict is not None:
         table["predicted"] = predictions(traversals, predict, batch_size, device).ravel()

@@ -1,17 +1,21 @@
-"""Cross-validated, bootstrapped and permutation-tested evaluation of one probe.
+"""Cross-validated, permutation-tested and held-out evaluation of one probe.
 
 Protocol (docs/directions_method.md):
-  1. ``n_repeats`` x stratified ``n_splits``-fold CV (seeded shuffles). Every fold fits the whole pipeline
-     (transform, scaler, head with its inner CV) on the training part and scores the held-out part, giving
-     out-of-fold scores ``(R, N)``.
-  2. Point estimate of each metric = mean over repeats of the metric of that repeat's pooled out-of-fold
-     scores. 95% CI = percentile interval of the same statistic over a stratified bootstrap of subjects
-     (the fitted fold models are kept; only the evaluation is resampled, so the CI reflects test-set
-     sampling, not refitting variability).
-  3. p-value: ``sklearn.model_selection.permutation_test_score`` with the same pipeline and one seeded
-     stratified split, scoring ROC AUC (binary) or Spearman (ordinal); p = (1 + #perm >= obs) / (1 + n_perm).
+  1. ``n_repeats`` x stratified ``n_splits``-fold CV (``RepeatedStratifiedKFold``, seeded). Every fold fits the
+     whole pipeline (transform, scaler, head with its inner CV) on the training part and scores the held-out
+     part, giving one metric value per fold (``J = n_repeats * n_splits`` of them) and out-of-fold scores
+     ``(R, N)``.
+  2. Point estimate of each metric = mean of the J per-fold values. 95% CI = the corrected resampled t
+     interval of Nadeau & Bengio (Machine Learning 52, 2003; Bouckaert & Frank 2004 for repeated k-fold):
+     ``mean +- t_{J-1} * sqrt((1/J + n_test/n_train) * S^2)`` with ``S^2`` the variance of the J values. The
+     ``n_test/n_train`` term accounts for the overlap of the training sets, so the interval includes the
+     variance of refitting the probe on other subjects, not only of scoring a fixed set of fold models.
+  3. p-value: ``sklearn.model_selection.permutation_test_score`` with the same pipeline and the same repeated
+     CV (same splitter, same seed), scoring ROC AUC (binary) or Spearman (ordinal) as the mean over the J
+     folds: the statistic it tests is exactly the CV point estimate. p = (1 + #perm >= obs) / (1 + n_perm).
   4. Held out: when test features are given, the pipeline is fitted on all fitting rows and scored once on
-     the test rows (bootstrap CI over test subjects).
+     the test rows; 95% CI = percentile interval over a stratified bootstrap of the test subjects (one fitted
+     model is being evaluated, so its uncertainty is that of the finite test set).
 
 Metrics: binary -> ``auc``, ``balanced_accuracy`` (threshold p = 0.5); ordinal -> ``spearman`` (score vs
 group index), ``auc`` (mean over the cumulative splits ``group >= k``), ``balanced_accuracy`` (score
@@ -25,14 +29,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import spearmanr
+from scipy.stats import t as student_t
 from sklearn.base import clone
 from sklearn.metrics import make_scorer
-from sklearn.model_selection import StratifiedKFold, cross_validate, permutation_test_score
+from sklearn.model_selection import RepeatedStratifiedKFold, cross_validate, permutation_test_score
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 from . import metrics as M
 from .probes import ProbeSettings, Task, chosen_regularisation, decision_scores
+
+# The range of each metric: corrected-t intervals are clipped to it.
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {"auc": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0),
+                                                  "spearman": (-1.0, 1.0)}
+CV_INTERVAL = "corrected resampled t (Nadeau & Bengio 2003)"
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class ProbeResult:
     regularisation: dict[str, float]  # median over outer folds of the chosen C / alpha
     heldout: dict[str, Estimate] | None = None
     oof_scores: np.ndarray = field(default=None, repr=False)  # (R, N) out-of-fold decision scores
+    fold_metrics: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # metric -> (J,) per fold
+    n_heldout: int = 0  # subjects in the held-out set (0: none)
 
     def flat_metrics(self) -> dict[str, float]:
         """``{"<target>.<features>.cv_auc": ..., "..._low": ..., "p_value": ...}`` for MLflow / DVC metrics."""
@@ -74,6 +86,7 @@ class ProbeResult:
                 out[f"{key}.{split}_{name}_low"] = est.low
                 out[f"{key}.{split}_{name}_high"] = est.high
         out[f"{key}.p_value"] = self.p_value
+        out[f"{key}.n_heldout"] = float(self.n_heldout)
         for name, value in self.regularisation.items():
             out[f"{key}.{name}"] = value
         return out
@@ -81,7 +94,7 @@ class ProbeResult:
     def summary_row(self) -> dict[str, object]:
         """One row of the results table (one column per metric, CI as ``low``/``high`` columns)."""
         row: dict[str, object] = {"target": self.target, "task": self.task, "features": self.features,
-                                  "n": self.n_subjects, "p_value": self.p_value}
+                                  "n": self.n_subjects, "n_heldout": self.n_heldout, "p_value": self.p_value}
         for split, metrics in (("cv", self.cv), ("heldout", self.heldout or {})):
             for name, est in metrics.items():
                 row[f"{split}_{name}"] = est.value
@@ -133,7 +146,8 @@ def score_metrics(y: np.ndarray, scores: np.ndarray, task: Task, n_classes: int)
 def bootstrap_estimates(
     y: np.ndarray, scores: np.ndarray, task: Task, n_classes: int, settings: ProbeSettings, seed: int
 ) -> dict[str, Estimate]:
-    """Point estimates (mean over repeats) and stratified subject-bootstrap CIs for scores ``(R, N)``."""
+    """Point estimates (mean over rows) and stratified subject-bootstrap CIs for scores ``(R, N)`` of one set of
+    subjects (the held-out set: ``R = 1``)."""
     scores = np.atleast_2d(scores)
     point = {k: float(np.mean(v)) for k, v in score_metrics(y, scores, task, n_classes).items()}
     idx = M.stratified_bootstrap_indices(y, settings.n_bootstrap, np.random.default_rng(seed))  # (B, N)
@@ -141,25 +155,64 @@ def bootstrap_estimates(
     return {k: Estimate(point[k], *M.percentile_interval(v.mean(0), settings.ci_level)) for k, v in boot.items()}
 
 
+def corrected_t_interval(values: np.ndarray, test_over_train: float, level: float) -> Estimate:
+    """Mean of per-fold ``values (J,)`` with the corrected resampled t interval (module docstring, step 2).
+
+    ``test_over_train``: the ratio of held-out to training rows in one fold (``1 / (n_splits - 1)`` for
+    k-fold). NaN folds (a metric undefined on that fold) are left out.
+    """
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"))
+    mean = float(values.mean())
+    if values.size < 2:
+        return Estimate(mean, float("nan"), float("nan"))
+    se = np.sqrt((1.0 / values.size + test_over_train) * values.var(ddof=1))
+    half = float(student_t.ppf(0.5 + level / 2.0, df=values.size - 1) * se)
+    return Estimate(mean, mean - half, mean + half)
+
+
+def cv_splitter(settings: ProbeSettings) -> RepeatedStratifiedKFold:
+    """The repeated stratified CV of every probe: the CV estimate, its interval and the permutation test
+    all use exactly these splits."""
+    return RepeatedStratifiedKFold(n_splits=settings.n_splits, n_repeats=settings.n_repeats,
+                                   random_state=settings.seed)
+
+
+def cv_estimates(fold_metrics: dict[str, np.ndarray], settings: ProbeSettings) -> dict[str, Estimate]:
+    """Per-fold metric values -> :class:`Estimate` (mean, corrected-t CI clipped to the metric's range)."""
+    out = {}
+    for name, values in fold_metrics.items():
+        est = corrected_t_interval(values, 1.0 / (settings.n_splits - 1), settings.ci_level)
+        lo, hi = METRIC_BOUNDS.get(name, (-np.inf, np.inf))
+        out[name] = Estimate(est.value, float(np.clip(est.low, lo, hi)), float(np.clip(est.high, lo, hi)))
+    return out
+
+
 def _spearman_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(spearmanr(y_true, y_pred).statistic)
 
 
 def cross_validated_scores(
-    probe: Pipeline, X: np.ndarray, y: np.ndarray, settings: ProbeSettings
-) -> tuple[np.ndarray, list[dict[str, float]]]:
-    """Out-of-fold decision scores ``(n_repeats, N)`` and each outer fold's chosen regularisation."""
+    probe: Pipeline, X: np.ndarray, y: np.ndarray, task: Task, settings: ProbeSettings
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict[str, float]]]:
+    """Out-of-fold decision scores ``(n_repeats, N)``, every metric per fold ``{name: (J,)}`` and each fold's
+    chosen regularisation, over the splits of :func:`cv_splitter`."""
     scores = np.full((settings.n_repeats, len(y)), np.nan)
+    n_classes = int(y.max()) + 1
+    per_fold: dict[str, list[float]] = {}
     chosen: list[dict[str, float]] = []
-    for r in range(settings.n_repeats):
-        cv = StratifiedKFold(settings.n_splits, shuffle=True, random_state=settings.seed + r)
-        out = cross_validate(probe, X, y, cv=cv, return_estimator=True, return_indices=True,
-                             n_jobs=settings.n_jobs)
-        for fitted, test in zip(out["estimator"], out["indices"]["test"]):
-            scores[r, test] = decision_scores(fitted, X[test])
-            chosen.append(chosen_regularisation(fitted))
+    out = cross_validate(probe, X, y, cv=cv_splitter(settings), return_estimator=True, return_indices=True,
+                         n_jobs=settings.n_jobs)
+    for j, (fitted, test) in enumerate(zip(out["estimator"], out["indices"]["test"])):
+        fold_scores = decision_scores(fitted, X[test])
+        scores[j // settings.n_splits, test] = fold_scores
+        for name, value in score_metrics(y[test], fold_scores, task, n_classes).items():
+            per_fold.setdefault(name, []).append(float(value))
+        chosen.append(chosen_regularisation(fitted))
     assert np.all(np.isfinite(scores)), "every subject is scored once per repeat"
-    return scores, chosen
+    return scores, {k: np.asarray(v) for k, v in per_fold.items()}, chosen
 
 
 def _single_threaded_blas(func):
@@ -195,16 +248,15 @@ def evaluate_probe(
     y = check_labels(y, task, settings.n_splits, what=f"{target or 'probe'} labels")
     X = _check_features(X, len(y), what=f"{target or 'probe'} {features or 'features'}")
     n_classes = int(y.max()) + 1
-    scores, chosen = cross_validated_scores(probe, X, y, settings)
-    cv_metrics = bootstrap_estimates(y, scores, task, n_classes, settings, seed=settings.seed)
+    scores, per_fold, chosen = cross_validated_scores(probe, X, y, task, settings)
+    cv_metrics = cv_estimates(per_fold, settings)
 
     p_value, perm_score = float("nan"), float("nan")
     if settings.n_permutations > 0:
+        # The statistic under test is the CV point estimate itself: mean over the same J folds.
         scoring = "roc_auc" if task == "binary" else make_scorer(_spearman_score)
         perm_score, _, p_value = permutation_test_score(
-            probe, X, y,
-            cv=StratifiedKFold(settings.n_splits, shuffle=True, random_state=settings.seed),
-            n_permutations=settings.n_permutations, scoring=scoring,
+            probe, X, y, cv=cv_splitter(settings), n_permutations=settings.n_permutations, scoring=scoring,
             random_state=settings.seed, n_jobs=settings.n_jobs,
         )
 
@@ -229,5 +281,6 @@ def evaluate_probe(
         class_counts={int(c): int(n) for c, n in zip(classes, counts)},
         cv=cv_metrics, p_value=float(p_value), permutation_score=float(perm_score),
         n_permutations=settings.n_permutations, regularisation=regularisation,
-        heldout=heldout, oof_scores=scores,
+        heldout=heldout, oof_scores=scores, fold_metrics=per_fold,
+        n_heldout=0 if y_test is None else len(y_test),
     )

@@ -4,17 +4,22 @@ experiment for one registered model version, end to end.
 1. **Encode** every subject of the processed cohort with the version ``train@<family>`` registered
    (``trained/<family>.json``; ``model_uri`` names another by hand) through
    :class:`~brainlatent.directions.apply.LatentCodec` (GAN families by inversion).
-2. **Probe** sex, age_old and age_group (and sex at fixed brain volume) with repeated CV on the *train*
-   split, then score once on the held-out val + test subjects (the headline numbers); PCA-of-voxels and
-   brain-volume baselines under the same protocol (``run_probe_suite``).
+2. **Probe** sex, age_old, age_group (and ``planted``, a positive control, when subjects.csv has the column;
+   sex and planted also at fixed head size, ``directions.size_covariate``) with repeated CV on the *train +
+   val* subjects, then score once on the *test* split (the headline numbers): the one split no champion
+   selection, tuning, early stopping, feature-net training or default choice sees. PCA-of-voxels and
+   brain-mask-volume baselines under the same protocol (``run_probe_suite``).
 3. **Directions** from the fitted latent probes, saved as JSON with the model version they belong to.
-4. **Traverse** held-out subjects along every direction and decode: strips, GIFs, 4D NIfTIs, group-mean
+4. **Traverse** test subjects along every direction and decode: strips, GIFs, 4D NIfTIs, group-mean
    difference and paired-t maps.
-5. **Effects** along each traversal: brain / ventricle / cortical-GM / sex-region volumes and the probe
-   re-applied to re-encoded volumes, each with its monotonicity.
-6. **Ground truth** (synthetic cohort): difference maps against the planted effect maps; sign and
-   monotonicity of the ventricle change along the age directions.
-7. **Outputs**: ``directions/<family>/`` (DVC), ``metrics/directions/<family>.json`` (flat headline
+5. **Effects** along each traversal: brain / ventricle / cortical-GM / sex-region volumes, projections on
+   the planted maps, the feature network's predictions (when one is registered) and the probe re-applied to
+   re-encoded volumes, each with its monotonicity.
+6. **Counterfactual checks** of every direction (counterfactual.py): composition, reversibility,
+   effectiveness, minimality.
+7. **Ground truth** (synthetic cohort, positive controls): difference maps against the planted effect maps;
+   sign and monotonicity of the ventricle change along the age directions.
+8. **Outputs**: ``directions/<family>/`` (DVC), ``metrics/directions/<family>.json`` (flat headline
    numbers), one MLflow run in ``brainlatent-directions``, headline tags on the model version.
 
 Cost: for GAN families every encoding is an inversion (``directions.inversion_steps`` Adam steps). The
@@ -44,20 +49,27 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_curve
 
 from brainlatent import model_ref, registry, tracking
-from brainlatent.anatomy import atlas_on_grid, load_effect_map, measure_volumes
+from brainlatent.anatomy import (
+    atlas_on_grid,
+    estimate_tissue_levels,
+    load_effect_map,
+    measure_volumes,
+    sex_region_of,
+)
 from brainlatent.config import Params, to_flat_dict
 from brainlatent.data.dataset import ProcessedData
 from brainlatent.grid import Grid
 from brainlatent.inversion import psnr
 
+from . import counterfactual as cf
 from .apply import LatentCodec
 from .direction import Direction
-from .effects import TraversalEffects, traversal_effects
-from .evaluation import ProbeResult, check_labels
+from .effects import TraversalEffects, reencode_traversals, traversal_effects
+from .evaluation import CV_INTERVAL, ProbeResult, check_labels
 from .groundtruth import PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation
 from .probes import ProbeSettings, decision_scores
 from .suite import ProbeSuite, run_probe_suite
-from .targets import TARGETS, brain_volume, target_labels
+from .targets import PLANTED, TARGETS, available_targets, covariate, target_labels
 from .traversal import DifferenceMap, group_difference_map, symmetric_steps, traverse
 
 log = logging.getLogger(__name__)
@@ -67,7 +79,13 @@ GROUND_TRUTH_MAPS: dict[str, str] = {
     "age": "age_effect.nii.gz",
     "sex": "sex_effect.nii.gz",
     "sex_local": "sex_local_effect.nii.gz",
+    "planted": "planted_effect.nii.gz",  # a positive control planted into any cohort (label column `planted`)
 }
+# The untouched evaluation split: the probes are fitted (and cross-validated) on FIT_SPLITS and scored once
+# on HELDOUT_SPLIT. Validation subjects are seen by model selection (early stopping, tuning, the champion
+# rule) but never by the probes, so fitting the probes on them costs the test split nothing.
+FIT_SPLITS = ("train", "val")
+HELDOUT_SPLIT = "test"
 AGE_DIRECTIONS = ("age_group", "age_old")
 ROC_TARGETS = ("sex", "age_old")
 BY_HAND_DIR = "by_uri"  # directions/by_uri/<name>-v<version>: runs on a version named with --model-uri
@@ -76,9 +94,9 @@ DECODE_BATCH = 16
 MIN_REENCODE_SUBJECTS = 2
 # Headline numbers also written as model-version tags ``directions.<key>`` (a registry look-up shows them).
 VERSION_TAG_KEYS = (
-    "sex_auc", "sex_size_controlled_auc", "age_old_auc", "age_group_spearman", "sex_brain_volume_auc",
-    "age_map_r", "sex_map_r", "sex_local_map_r_raw", "sex_local_map_r_size_controlled",
-    "age_ventricle_monotonicity", "encode_psnr_db",
+    "sex_auc", "sex_size_controlled_auc", "age_old_auc", "age_group_spearman", "sex_brain_mask_volume_auc",
+    "planted_auc", "age_map_r", "sex_map_r", "sex_local_map_r_raw", "sex_local_map_r_size_controlled",
+    "planted_map_r", "age_ventricle_monotonicity", "encode_psnr_db",
 )  # fmt: skip
 
 
@@ -100,6 +118,7 @@ class DirectionStudy:
     traversals: np.ndarray  # (S, K, X, Y, Z) float32
     difference: DifferenceMap  # last step minus first step
     effects: TraversalEffects
+    counterfactual: dict[str, float | str]  # counterfactual.direction_checks of this direction
 
 
 def probe_settings(params: Params) -> ProbeSettings:
@@ -107,19 +126,21 @@ def probe_settings(params: Params) -> ProbeSettings:
     c = params.directions
     return ProbeSettings(n_splits=c.n_splits, n_repeats=c.n_repeats, C=c.probe_C, n_bootstrap=c.n_bootstrap,
                          n_permutations=c.n_permutations, pca_components=c.pca_components, seed=params.seed,
-                         direction=c.direction)
+                         direction=c.direction, size_control=c.size_control)
 
 
 # ------------------------------------------------------------------------------------------- cohort
 def feasible_targets(subjects: pd.DataFrame, n_splits: int) -> tuple[list[str], dict[str, str]]:
-    """Targets whose train-split labels can fill ``n_splits`` stratified folds, and why the others cannot.
+    """Targets of ``subjects`` (the fitting subjects) whose labels can fill ``n_splits`` stratified folds, and
+    why the others cannot.
 
     A small cohort may lack an age group's worth of subjects; that probe is skipped (and tagged), not fatal.
     """
     ok, skipped = [], {}
-    for name, target in TARGETS.items():
+    for name in available_targets(subjects):
         try:
-            check_labels(target_labels(subjects, name), target.task, n_splits, what=f"{name} labels (train split)")
+            check_labels(target_labels(subjects, name), TARGETS[name].task, n_splits,
+                         what=f"{name} labels ({'+'.join(FIT_SPLITS)} splits)")
         except ValueError as err:
             skipped[name] = str(err)
         else:
@@ -128,18 +149,44 @@ def feasible_targets(subjects: pd.DataFrame, n_splits: int) -> tuple[list[str], 
 
 
 def traversal_rows(heldout: np.ndarray, n_total: int, n: int, seed: int) -> np.ndarray:
-    """Row indices of the subjects to traverse: ``n`` seeded held-out subjects (all subjects if < 2 held out)."""
+    """Row indices of the subjects to traverse: ``n`` seeded test subjects (all subjects if < 2 held out)."""
     pool = heldout if len(heldout) >= 2 else np.arange(n_total)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False))
 
 
-def encoding_psnr(codec: LatentCodec, latents: np.ndarray, volumes: np.ndarray) -> np.ndarray:
-    """``(N,)`` PSNR (dB, peak 1) of ``decode(latents)`` against ``volumes (N, X, Y, Z)``: how much of each
-    scan its latent holds (for GANs: how good the inversion is)."""
-    recon = codec.decode_latents(latents, DECODE_BATCH)
-    target = np.asarray(volumes, np.float32)
-    return psnr(torch.from_numpy(recon), torch.from_numpy(target), data_range=1.0).numpy()
+def traversal_measure(params: Params, root: Path, data: ProcessedData, planted: dict[str, np.ndarray],
+                      mask: np.ndarray, device) -> tuple[Any, str]:
+    """What is measured on every traversed volume, and which feature network (``"none (...)"``: why not).
+
+    The anatomical volumes (with the cohort's own tissue levels, not each volume's, and the cohort's local
+    sex region: cohort.json, the temporal poles for real data), the projection on every planted map, and,
+    when ``directions.effectiveness_featurenet`` and a FeatureNet is registered, its P(male) and expected age
+    group: the independent predictors of the effectiveness check (counterfactual.py).
+    """
+    measures = [functools.partial(measure_volumes, grid=data.grid,
+                                  percentiles=tuple(float(p) for p in params.data.intensity_percentiles),
+                                  levels=estimate_tissue_levels(data.volumes, data.grid),
+                                  sex_region=sex_region_of(data.ground_truth_dir))]
+    if planted:
+        measures.append(cf.map_projection_measure(planted, mask))
+    ident = "none (directions.effectiveness_featurenet is false)"
+    if params.directions.effectiveness_featurenet:
+        from brainlatent.evaluation import resolve_feature_extractor
+
+        try:
+            extractor = resolve_feature_extractor(params, root, device)
+        except ValueError as err:
+            ident = f"none ({err})"
+        else:
+            if extractor.predicts_attributes:
+                measures.append(cf.featurenet_measure(extractor.extractor, device))
+                ident = extractor.ident
+            else:
+                ident = f"none ({extractor.ident} has no sex / age heads)"
+        if ident.startswith("none"):
+            log.warning("effectiveness: no feature network predictions: %s", ident)
+    return cf.combine_measures(*measures), ident
 
 
 # --------------------------------------------------------------------------------------- traversals
@@ -149,27 +196,41 @@ def _merge_effects(measured: TraversalEffects, reencoded: TraversalEffects) -> T
     return TraversalEffects(per_step=per_step, summary=pd.concat([measured.summary, reencoded.summary]))
 
 
-def study_direction(
-    direction: Direction,
-    probe,
-    latents: np.ndarray,
-    subjects: pd.DataFrame,
-    steps: np.ndarray,
-    codec: LatentCodec,
-    measure,
-    n_reencode: int,
-) -> DirectionStudy:
-    """Traverse ``latents (S, D)`` of ``subjects`` along ``direction``; measure; re-encode the first ``n_reencode``."""
-    traversals = traverse(latents, direction, steps, codec.decode, batch_size=DECODE_BATCH, device=codec.device)
-    ids = subjects["subject_id"].astype(str).tolist()
-    measured = traversal_effects(traversals, steps, measure=measure, subject_ids=ids)
-    covariates = brain_volume(subjects) if direction.metadata.get("features") == "latent_size_controlled" else None
-    reencoded = traversal_effects(
-        traversals[:n_reencode], steps, encode=codec.encode, probe=probe,
-        probe_covariates=None if covariates is None else covariates[:n_reencode],
-        subject_ids=ids[:n_reencode], batch_size=ENCODE_BATCH, device=codec.device,
-    )
-    return DirectionStudy(direction, traversals, group_difference_map(traversals), _merge_effects(measured, reencoded))
+@dataclass(frozen=True)
+class TraversalContext:
+    """What every direction's traversal shares: the traversed subjects and how their volumes are judged."""
+
+    latents: np.ndarray  # (S, D) the traversed test subjects' latents
+    subjects: pd.DataFrame  # their subjects.csv rows (index reset)
+    reconstructions: np.ndarray  # (S, X, Y, Z) decode(latents)
+    steps: np.ndarray  # (K,) in SDs
+    measure: Any  # volumes (N, X, Y, Z) -> DataFrame (anatomy, map projections, feature net)
+    mask: np.ndarray  # (X, Y, Z) bool: the brain voxels the counterfactual distances are taken over
+    planted: dict[str, np.ndarray]  # ground-truth maps by GROUND_TRUTH_MAPS key (empty for a real cohort)
+    n_reencode: int  # subjects whose traversals are re-encoded (probe output, reversibility)
+    size_covariate: str
+
+
+def study_direction(direction: Direction, probe, codec: LatentCodec, ctx: TraversalContext) -> DirectionStudy:
+    """Traverse the context's subjects along ``direction``; measure; re-encode the first ``ctx.n_reencode``
+    (probe output, reversibility); run the counterfactual checks."""
+    traversals = traverse(ctx.latents, direction, ctx.steps, codec.decode, batch_size=DECODE_BATCH,
+                          device=codec.device)
+    ids = ctx.subjects["subject_id"].astype(str).tolist()
+    n = ctx.n_reencode
+    measured = traversal_effects(traversals, ctx.steps, measure=ctx.measure, subject_ids=ids)
+    controlled = direction.metadata.get("features") == "latent_size_controlled"
+    covariates = covariate(ctx.subjects, ctx.size_covariate)[:n] if controlled else None
+    reencoded = reencode_traversals(traversals[:n], codec.encode, ENCODE_BATCH, codec.device)
+    probed = traversal_effects(traversals[:n], ctx.steps, reencoded=reencoded, probe=probe,
+                               probe_covariates=covariates, subject_ids=ids[:n])
+    effects = _merge_effects(measured, probed)
+    inputs = cf.CounterfactualInputs(direction, ctx.latents, traversals, ctx.steps, ctx.reconstructions,
+                                     reencoded, effects)
+    intended = ctx.planted.get(cf.INTENDED_MAP.get(direction.name, ""))
+    checks = cf.direction_checks(inputs, codec.decode, ctx.mask, intended,
+                                 cf.EFFECTIVENESS.get(direction.name, ()), DECODE_BATCH, codec.device)
+    return DirectionStudy(direction, traversals, group_difference_map(traversals), effects, checks)
 
 
 def _save_nifti_4d(volumes: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -207,10 +268,8 @@ def write_study(out: Path, name: str, study: DirectionStudy, ids: list[str], ste
 
 
 # ------------------------------------------------------------------------------------- ground truth
-def ground_truth_checks(gt_dir: Path | None, grid: Grid, studies: dict[str, DirectionStudy]) -> dict[str, float]:
-    """``gt.<direction>.<map>_map_r`` for every direction x planted map (inside the template brain mask),
-    the planted-sign checks along the age directions, and the size-control comparison on the local sex map.
-    Empty when there is no ground truth (real cohorts)."""
+def load_ground_truth(gt_dir: Path | None, grid: Grid) -> dict[str, np.ndarray]:
+    """The planted effect maps of ``gt_dir`` on ``grid``, by ``GROUND_TRUTH_MAPS`` key (empty: real cohort)."""
     if gt_dir is None:
         return {}
     maps = {}
@@ -218,7 +277,21 @@ def ground_truth_checks(gt_dir: Path | None, grid: Grid, studies: dict[str, Dire
         if (gt_dir / fname).is_file():
             maps[key] = load_effect_map(gt_dir / fname, grid)
         else:
-            log.warning("ground truth: %s not found; %s map checks skipped", gt_dir / fname, key)
+            log.info("ground truth: %s not found; %s map checks skipped", gt_dir / fname, key)
+    return maps
+
+
+# Size control should recover a local effect better than the raw direction: (target, the local map).
+SIZE_CONTROL_COMPARISONS = (("sex", "sex_local"), (PLANTED, "planted"))
+
+
+def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[str, DirectionStudy]
+                        ) -> dict[str, float]:
+    """``gt.<direction>.<map>_map_r`` for every direction x planted map (inside the template brain mask),
+    the planted-sign checks along the age directions, and the size-control comparisons on the local maps
+    (``gt.<map>.size_controlled_better``). Empty when there is no ground truth (real cohorts)."""
+    if not maps:
+        return {}
     mask = atlas_on_grid(grid).brain > 0.5
     out: dict[str, float] = {}
     for name, study in studies.items():
@@ -231,11 +304,12 @@ def ground_truth_checks(gt_dir: Path | None, grid: Grid, studies: dict[str, Dire
         if name in AGE_DIRECTIONS:
             checks = ground_truth_metrics(summary=study.effects.summary, expected_signs=PLANTED_AGE_SIGNS)
             out.update({f"gt.{name}.{k}": v for k, v in checks.items()})
-    raw, controlled = out.get("gt.sex.sex_local_map_r"), out.get("gt.sex_size_controlled.sex_local_map_r")
-    if raw is not None and controlled is not None:
-        # The issue's claim, measured: size control recovers the planted local sex effect better.
-        out["gt.sex_local.size_controlled_minus_raw_r"] = controlled - raw
-        out["gt.sex_local.size_controlled_better"] = float(controlled > raw)
+    for target, key in SIZE_CONTROL_COMPARISONS:
+        raw, controlled = out.get(f"gt.{target}.{key}_map_r"), out.get(f"gt.{target}_size_controlled.{key}_map_r")
+        if raw is not None and controlled is not None:
+            # The issue's claim, measured: size control recovers the local effect better.
+            out[f"gt.{key}.size_controlled_minus_raw_r"] = controlled - raw
+            out[f"gt.{key}.size_controlled_better"] = float(controlled > raw)
     return out
 
 
@@ -251,25 +325,30 @@ def _probe_metric(results: dict[tuple[str, str], ProbeResult], target: str, feat
 
 def headline_metrics(suite: ProbeSuite, studies: dict[str, DirectionStudy], gt: dict[str, float],
                      split: str) -> dict[str, float]:
-    """The flat headline numbers (held-out probe scores when there is a held-out set, else CV)."""
+    """The flat headline numbers: held-out (test split) probe scores when there is a test split, else CV;
+    CV scores with their corrected-t intervals and permutation p-values beside them; effects along the
+    traversals; counterfactual checks (``cf_<direction>_<check>``); ground truth."""
     results = {(r.target, r.features): r for r in suite.results}
     out: dict[str, float] = {}
 
     def put(prefix: str, values: dict[str, float]) -> None:
         out.update({f"{prefix}{suffix}": v for suffix, v in values.items()})
 
-    for target in TARGETS:
-        put(f"{target}_auc", _probe_metric(results, target, "latent", "auc", split))
-        cv = _probe_metric(results, target, "latent", "auc", "cv")
+    def probe(prefix: str, target: str, features: str, metric: str = "auc") -> None:
+        put(prefix, _probe_metric(results, target, features, metric, split))
+        cv = _probe_metric(results, target, features, metric, "cv")
         if cv:
-            out[f"{target}_cv_auc"] = cv[""]
-            out[f"{target}_p_value"] = results[(target, "latent")].p_value
-        for baseline in ("pca_voxels", "brain_volume"):
+            put(f"{prefix.removesuffix('_' + metric)}_cv_{metric}", cv)
+            out[f"{prefix.removesuffix('_' + metric)}_p_value"] = results[(target, features)].p_value
+
+    for target in TARGETS:
+        probe(f"{target}_auc", target, "latent")
+        for baseline in ("pca_voxels", "brain_mask_volume"):
             value = _probe_metric(results, target, baseline, "auc", split)
             if value:
                 out[f"{target}_{baseline}_auc"] = value[""]
-    put("sex_size_controlled_auc", _probe_metric(results, "sex", "latent_size_controlled", "auc", split))
-    put("age_group_spearman", _probe_metric(results, "age_group", "latent", "spearman", split))
+        probe(f"{target}_size_controlled_auc", target, "latent_size_controlled")
+    probe("age_group_spearman", "age_group", "latent", "spearman")
 
     for name, study in studies.items():
         summary = study.effects.summary
@@ -278,6 +357,9 @@ def headline_metrics(suite: ProbeSuite, studies: dict[str, DirectionStudy], gt: 
         if name in AGE_DIRECTIONS:
             out[f"{name}_ventricle_monotonicity"] = float(summary.loc["ventricle_volume_mm3", "mean_spearman"])
             out[f"{name}_ventricle_relative_change"] = float(summary.loc["ventricle_volume_mm3", "relative_change"])
+        for check, value in study.counterfactual.items():
+            if isinstance(value, float) and "." not in check and check != "composition_cycle_mae":
+                out[f"cf_{name}_{check}"] = value
     if "age_group_ventricle_monotonicity" in out:
         out["age_ventricle_monotonicity"] = out["age_group_ventricle_monotonicity"]
 
@@ -285,6 +367,9 @@ def headline_metrics(suite: ProbeSuite, studies: dict[str, DirectionStudy], gt: 
                         ("sex_map_r", "gt.sex.sex_map_r"), ("sex_local_map_r_raw", "gt.sex.sex_local_map_r"),
                         ("sex_local_map_r_size_controlled", "gt.sex_size_controlled.sex_local_map_r"),
                         ("sex_local_size_controlled_better", "gt.sex_local.size_controlled_better"),
+                        ("planted_map_r", "gt.planted.planted_map_r"),
+                        ("planted_map_r_size_controlled", "gt.planted_size_controlled.planted_map_r"),
+                        ("planted_size_controlled_better", "gt.planted.size_controlled_better"),
                         ("age_ventricle_sign_correct", "gt.age_group.ventricle_volume_mm3.sign_correct")):
         if source in gt:
             out[key] = gt[source]
@@ -349,16 +434,21 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
     codec = LatentCodec.for_model(loaded.model, cfg.latent_space, cfg.inversion_steps)
     settings = probe_settings(params)
 
-    fit_rows = data.split_indices("train")
-    heldout_rows = np.concatenate([data.split_indices("val"), data.split_indices("test")])
-    heldout_rows.sort()
+    fit_rows = np.sort(np.concatenate([data.split_indices(s) for s in FIT_SPLITS]))
+    heldout_rows = data.split_indices(HELDOUT_SPLIT)
     split = "heldout" if len(heldout_rows) else "cv"
     if not len(heldout_rows):
-        log.warning("%s: no val/test subjects; headline numbers are cross-validated only", data.root)
+        log.warning("%s: no %s subjects; headline numbers are cross-validated only", data.root, HELDOUT_SPLIT)
+    if params.evaluate.split == HELDOUT_SPLIT:
+        log.warning("evaluate.split is %r: the champion decision sees the split the directions hold out, so their "
+                    "held-out numbers are not untouched (tag heldout_untouched=false)", HELDOUT_SPLIT)
     subjects = data.subjects
     targets, skipped = feasible_targets(subjects.iloc[fit_rows], settings.n_splits)
     for name, why in skipped.items():
         log.warning("directions: probe %r skipped: %s", name, why)
+    size_control_targets = tuple(t for t in ("sex", PLANTED) if t in targets)
+    if size_control_targets:
+        covariate(subjects, cfg.size_covariate)  # ValueError naming the column before any work
 
     # The pipeline's model writes the DVC outputs; a version named by hand (model_uri) writes beside them, so the
     # pipeline's results stay those of the model it trained.
@@ -370,11 +460,17 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
     trav_rows = traversal_rows(heldout_rows, len(subjects), cfg.n_traversal_subjects, params.seed)
     n_strip = min(cfg.n_strip_subjects, len(trav_rows))
     n_reencode = len(trav_rows) if not codec.inverts else min(len(trav_rows), max(MIN_REENCODE_SUBJECTS, n_strip))
+    labels = {  # what the numbers are: strings in metrics/directions/<family>.json, tags in MLflow
+        "heldout_split": HELDOUT_SPLIT if split == "heldout" else "none (cross-validated only)",
+        "fit_splits": "+".join(FIT_SPLITS), "size_covariate": cfg.size_covariate, "size_control": cfg.size_control,
+        "cv_interval": CV_INTERVAL,
+    }
     tags = {
         "model": family, "stage": "directions", "model_name": loaded.name, "model_version": str(loaded.version),
         "model_uri": f"models:/{loaded.name}/{loaded.version}", "requested_uri": uri, "model_run_id": loaded.run_id,
         "latent_space": codec.latent_space, "headline_split": split, "reencode_subjects": str(n_reencode),
-        "skipped_targets": ",".join(skipped) or "none", **lineage,
+        "skipped_targets": ",".join(skipped) or "none", **labels,
+        "heldout_untouched": str(params.evaluate.split != HELDOUT_SPLIT).lower(), **lineage,
     }
     exp_id = tracking.experiment_id(tracking.DIRECTIONS_EXPERIMENT, root)
     run_name = f"{family}-v{loaded.version}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -382,7 +478,8 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
     try:
         mlflow.log_params({**to_flat_dict(cfg, "directions."), "seed": params.seed, "device": str(device),
                            "data.shape": list(data.grid.shape), "latent_dim": codec.dim,
-                           "n_fit": len(fit_rows), "n_heldout": len(heldout_rows)})
+                           "n_fit": len(fit_rows), "n_heldout": len(heldout_rows),
+                           "evaluate.split": params.evaluate.split})
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -390,7 +487,9 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
         timings["encode_s"] = time.perf_counter() - t0
         # On the traversed subjects only: a decoder pass over the whole cohort would cost as much as the
         # traversals themselves on a CPU.
-        encode_psnr = encoding_psnr(codec, latents[trav_rows], data.volumes[trav_rows])
+        originals = np.asarray(data.volumes[trav_rows], np.float32)
+        reconstructions = codec.decode_latents(latents[trav_rows], DECODE_BATCH)  # (S, X, Y, Z)
+        encode_psnr = psnr(torch.from_numpy(reconstructions), torch.from_numpy(originals), data_range=1.0).numpy()
 
         t0 = time.perf_counter()
         volumes = np.asarray(data.volumes, np.float32)  # (N, X, Y, Z): the PCA-of-voxels baseline
@@ -400,7 +499,7 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
             test_latents=latents[heldout_rows] if has_test else None,
             test_subjects=subjects.iloc[heldout_rows] if has_test else None,
             test_volumes=volumes[heldout_rows] if has_test else None,
-            targets=tuple(targets), size_control_targets=("sex",) if "sex" in targets else (),
+            targets=tuple(targets), size_control_targets=size_control_targets, size_covariate=cfg.size_covariate,
         )
         timings["probes_s"] = time.perf_counter() - t0
         results = {(r.target, r.features): r for r in suite.results}
@@ -417,18 +516,27 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
         steps = symmetric_steps(cfg.max_step_sd, cfg.n_steps)
         trav_subjects = subjects.iloc[trav_rows].reset_index(drop=True)
         ids = trav_subjects["subject_id"].astype(str).tolist()
-        measure = functools.partial(measure_volumes, grid=data.grid,
-                                    percentiles=tuple(float(p) for p in params.data.intensity_percentiles))
+        planted = load_ground_truth(data.ground_truth_dir, data.grid)
+        mask = atlas_on_grid(data.grid).brain > 0.5
+        measure, featurenet_id = traversal_measure(params, root, data, planted, mask, device)
+        mlflow.set_tag("effectiveness_featurenet", featurenet_id)
+        ctx = TraversalContext(latents[trav_rows], trav_subjects, reconstructions, steps, measure, mask, planted,
+                               n_reencode, cfg.size_covariate)
         studies: dict[str, DirectionStudy] = {}
         for name, direction in suite.directions.items():
             probe = suite.probes[f"{direction.metadata['target']}.{direction.metadata['features']}"]
-            studies[name] = study_direction(direction, probe, latents[trav_rows], trav_subjects, steps, codec,
-                                            measure, n_reencode)
+            studies[name] = study_direction(direction, probe, codec, ctx)
             write_study(out, name, studies[name], ids, steps, data.grid, n_strip)
+        composition = cf.composition(originals, reconstructions, mask=mask)
+        cycles = [st.counterfactual["composition_cycle_mae"] for st in studies.values()
+                  if "composition_cycle_mae" in st.counterfactual]
+        if cycles:  # f(f(x)) vs f(x): the zero step's round trip, the same volumes for every direction
+            composition["composition_cycle_mae"] = cycles[0]
         timings["traversals_s"] = time.perf_counter() - t0
 
-        gt = ground_truth_checks(data.ground_truth_dir, data.grid, studies)
+        gt = ground_truth_checks(planted, data.grid, studies)
         headline = headline_metrics(suite, studies, gt, split)
+        headline.update({f"cf_{k}": v for k, v in composition.items()})
         headline.update({"encode_psnr_db": float(np.mean(encode_psnr)), "n_fit": float(len(fit_rows)),
                          "n_heldout": float(len(heldout_rows)), "n_traversal_subjects": float(len(trav_rows))})
         timings["total_s"] = time.perf_counter() - t_start
@@ -440,12 +548,18 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
                     "encode_psnr_db_max": float(np.max(encode_psnr))}
         for name, study in studies.items():
             detailed.update(study.effects.flat_metrics(f"effects.{name}"))
+            detailed.update({f"cf.{name}.{k}": v for k, v in study.counterfactual.items() if not isinstance(v, str)})
+            predictor = study.counterfactual.get("effectiveness_predictor")
+            if predictor:
+                labels[f"cf_{name}_effectiveness_predictor"] = predictor
+                mlflow.set_tag(f"cf.{name}.effectiveness_predictor", predictor)
         headline = _finite(headline)
-        named = {**headline, "model_version": int(loaded.version), "model_uri": f"models:/{loaded.name}/{loaded.version}"}
+        named = {**headline, **labels, "model_version": int(loaded.version),
+                 "model_uri": f"models:/{loaded.name}/{loaded.version}"}
         _write_json(out / "metrics.json" if model_uri else root / "metrics" / "directions" / f"{family}.json", named)
         mlflow.log_metrics({**_finite(detailed), **headline})
         mlflow.log_artifacts(str(out))
-        _tag_version(loaded, headline, run.info.run_id, split)
+        _tag_version(loaded, headline, run.info.run_id, labels["heldout_split"])
         log.info("directions %s v%s: %s (%.0f s)", family, loaded.version,
                  ", ".join(f"{k}={headline[k]:.3f}" for k in VERSION_TAG_KEYS if k in headline), timings["total_s"])
         mlflow.end_run()
@@ -482,6 +596,6 @@ def _tag_version(loaded: registry.LoadedModel, headline: dict[str, float], run_i
     """Headline numbers as ``directions.<key>`` tags on the model version (shown by a registry look-up)."""
     client = MlflowClient()
     tags = {f"directions.{k}": f"{headline[k]:.4g}" for k in VERSION_TAG_KEYS if k in headline}
-    tags.update({"directions.run_id": run_id, "directions.headline_split": split})
+    tags.update({"directions.run_id": run_id, "directions.heldout_split": split})
     for key, value in tags.items():
         client.set_model_version_tag(loaded.name, loaded.version, key, value)

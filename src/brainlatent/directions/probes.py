@@ -12,11 +12,13 @@ Heads
 
 Feature sets
   latent                  the model's latents ``(N, L)``
-  latent_size_controlled  latents with brain volume regressed out per dimension (``CovariateResidualizer``;
-                          input is ``[latents | covariates]``), so a "sex" probe cannot just read head size
+  latent_size_controlled  latents with the size covariate (``directions.size_covariate``, eTIV by default)
+                          regressed out per dimension (``CovariateResidualizer``, linear or spline in the
+                          covariate; input is ``[latents | covariates]``), so a "sex" probe cannot just read
+                          head size
   pca_voxels              PCA of the voxel intensities ``(N, X*Y*Z)`` (fitted in-fold), then the head:
                           does the latent space beat raw pixels?
-  brain_volume            native brain volume ``(N, 1)`` alone: does it beat plain head size?
+  brain_mask_volume       the native brain-mask volume ``(N, 1)`` alone: does it beat plain head size?
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LinearRegression, LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import SplineTransformer, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 Task = Literal["binary", "ordinal"]
-FeatureSet = Literal["latent", "latent_size_controlled", "pca_voxels", "brain_volume"]
-FEATURE_SETS: tuple[str, ...] = ("latent", "latent_size_controlled", "pca_voxels", "brain_volume")
+FeatureSet = Literal["latent", "latent_size_controlled", "pca_voxels", "brain_mask_volume"]
+FEATURE_SETS: tuple[str, ...] = ("latent", "latent_size_controlled", "pca_voxels", "brain_mask_volume")
 TASKS: tuple[str, ...] = ("binary", "ordinal")
+# How the size covariate is regressed out of the latents: a straight line, or a cubic spline (4 knots at the
+# covariate's quantiles, linear beyond them), for latents that follow head size non-linearly.
+SIZE_CONTROLS: tuple[str, ...] = ("linear", "spline")
+SPLINE_KNOTS = 4
 DIRECTION_KINDS: tuple[str, ...] = ("pattern", "gradient")  # how a fitted probe becomes a direction (direction.py)
 
 
@@ -66,6 +72,7 @@ class ProbeSettings:
     n_jobs: int = 1  # joblib workers for cross-validation and permutations
     seed: int = 0
     direction: str = "gradient"  # how a fitted probe becomes a direction: "gradient" | "pattern" (direction.py)
+    size_control: str = "linear"  # how the size covariate is regressed out: "linear" | "spline"
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> None:
@@ -81,6 +88,8 @@ class ProbeSettings:
             bad("n_permutations", "an integer >= 0")
         if self.direction not in DIRECTION_KINDS:
             bad("direction", f"one of {DIRECTION_KINDS}")
+        if self.size_control not in SIZE_CONTROLS:
+            bad("size_control", f"one of {SIZE_CONTROLS}")
         if self.C is not None and not self.C > 0:
             bad("C", "None (nested CV) or a positive float")
         if not self.Cs or min(self.Cs) <= 0:
@@ -98,12 +107,15 @@ class CovariateResidualizer(TransformerMixin, BaseEstimator):
     """Regress covariates out of every feature, with the regression fitted on the training rows only.
 
     Input ``X`` is ``(N, F + n_covariates)``: features first, covariates in the last columns. Output is
-    the ``(N, F)`` residuals ``X_f - (a + B X_c)``. Written as a transformer (not a pre-processing step)
-    so that it is re-fitted inside every cross-validation fold.
+    the ``(N, F)`` residuals ``X_f - g(X_c)``: ``g`` linear (``kind="linear"``: ``a + B X_c``) or an additive
+    cubic spline of each covariate (``kind="spline"``: scikit-learn's ``SplineTransformer``, ``SPLINE_KNOTS``
+    knots at the covariate's quantiles, linear extrapolation, then least squares). Written as a transformer
+    (not a pre-processing step) so that it is re-fitted inside every cross-validation fold.
     """
 
-    def __init__(self, n_covariates: int = 1):
+    def __init__(self, n_covariates: int = 1, kind: str = "linear"):
         self.n_covariates = n_covariates
+        self.kind = kind
 
     def _split(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X = np.asarray(X, float)
@@ -114,8 +126,15 @@ class CovariateResidualizer(TransformerMixin, BaseEstimator):
         return X[:, : -self.n_covariates], X[:, -self.n_covariates :]
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "CovariateResidualizer":
+        if self.kind not in SIZE_CONTROLS:
+            raise ValueError(f"CovariateResidualizer.kind: expected one of {SIZE_CONTROLS}, got {self.kind!r}")
         features, covariates = self._split(X)
-        self.regression_ = LinearRegression().fit(covariates, features)
+        if self.kind == "spline":
+            basis = SplineTransformer(n_knots=SPLINE_KNOTS, degree=3, knots="quantile", extrapolation="linear",
+                                      include_bias=False)
+            self.regression_ = make_pipeline(basis, LinearRegression()).fit(covariates, features)
+        else:
+            self.regression_ = LinearRegression().fit(covariates, features)
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -152,10 +171,11 @@ def make_probe(task: Task, features: FeatureSet, settings: ProbeSettings, n_trai
     """
     head = ("head", linear_head(task, settings))
     scale = ("scale", StandardScaler())
-    if features in ("latent", "brain_volume"):
+    if features in ("latent", "brain_mask_volume"):
         return Pipeline([scale, head])
     if features == "latent_size_controlled":
-        return Pipeline([("residualise", CovariateResidualizer(n_covariates=1)), scale, head])
+        residualise = CovariateResidualizer(n_covariates=1, kind=settings.size_control)
+        return Pipeline([("residualise", residualise), scale, head])
     if features == "pca_voxels":
         if n_train is None:
             raise ValueError("make_probe(features='pca_voxels') needs n_train to cap the number of components")

@@ -1,4 +1,5 @@
-"""All probes of one model: every target on latents, size-controlled latents and the two baselines.
+"""All probes of one model: every target on latents, size-controlled latents and the two baselines
+(PCA of the voxels; the native brain-mask volume).
 
 The one entry point the ``directions`` stage needs for the probing half of the experiment:
 ``run_probe_suite(latents, subjects, settings, volumes=...)`` -> results table, fitted latent probes and
@@ -17,7 +18,7 @@ from sklearn.pipeline import Pipeline
 from .direction import Direction, direction_from_probe
 from .evaluation import ProbeResult, evaluate_probe
 from .probes import ProbeSettings, make_probe
-from .targets import TARGETS, brain_volume, target_labels
+from .targets import BRAIN_MASK_VOLUME, DEFAULT_SIZE_COVARIATE, TARGETS, available_targets, covariate, target_labels
 
 LATENT_FEATURES = ("latent", "latent_size_controlled")
 
@@ -44,14 +45,14 @@ class ProbeSuite:
 
 
 def _features(
-    kind: str, latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarray | None
+    kind: str, latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarray | None, size_covariate: str
 ) -> np.ndarray | None:
     if kind == "latent":
         return latents
     if kind == "latent_size_controlled":
-        return np.hstack([latents, brain_volume(subjects)])
-    if kind == "brain_volume":
-        return brain_volume(subjects)
+        return np.hstack([latents, covariate(subjects, size_covariate)])
+    if kind == "brain_mask_volume":
+        return covariate(subjects, BRAIN_MASK_VOLUME)
     if kind == "pca_voxels":
         return None if volumes is None else np.asarray(volumes, np.float32).reshape(len(volumes), -1)
     raise AssertionError(kind)
@@ -70,12 +71,17 @@ def run_probe_suite(
     test_latents: np.ndarray | None = None,
     test_subjects: pd.DataFrame | None = None,
     test_volumes: np.ndarray | None = None,
-    targets: tuple[str, ...] = tuple(TARGETS),
+    targets: tuple[str, ...] | None = None,
     size_control_targets: tuple[str, ...] = ("sex",),
+    size_covariate: str = DEFAULT_SIZE_COVARIATE,
     baselines: bool = True,
     permute_baselines: bool = False,
 ) -> ProbeSuite:
-    """Probe ``targets`` on ``latents (N, L)`` of the rows of ``subjects`` (subjects.csv columns).
+    """Probe ``targets`` (default: every target ``subjects`` can label, ``available_targets``) on
+    ``latents (N, L)`` of the rows of ``subjects`` (subjects.csv columns).
+
+    ``size_covariate``: the numeric subjects.csv column regressed out of the latents for the
+    ``size_control_targets`` (eTIV by default; ``settings.size_control`` says linear or spline).
 
     ``volumes (N, X, Y, Z)``: the same subjects' processed volumes for the PCA-of-voxels baseline (skipped
     when None). ``test_*``: a separate held-out set (same columns), scored once by probes fitted on all
@@ -95,24 +101,26 @@ def run_probe_suite(
     if volumes is not None and len(volumes) != len(subjects):
         raise ValueError(f"volumes: expected {len(subjects)} volumes, got {len(volumes)}")
 
+    targets = available_targets(subjects) if targets is None else tuple(targets)
     unknown = sorted((set(targets) | set(size_control_targets)) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown probe target(s) {unknown}; expected some of {list(TARGETS)}")
     plan = [(t, "latent") for t in targets]
     plan += [(t, "latent_size_controlled") for t in size_control_targets]
     if baselines:
-        plan += [(t, f) for t in targets for f in ("pca_voxels", "brain_volume")]
+        plan += [(t, f) for t in targets for f in ("pca_voxels", "brain_mask_volume")]
 
     suite = ProbeSuite()
     for target_name, features in plan:
         target = TARGETS[target_name]
-        X = _features(features, latents, subjects, volumes)
+        X = _features(features, latents, subjects, volumes, size_covariate)
         if X is None:
             continue
         y = target_labels(subjects, target_name)
         X_test = y_test = None
         if has_test and not (features == "pca_voxels" and test_volumes is None):
-            X_test = _features(features, np.asarray(test_latents, np.float64), test_subjects, test_volumes)
+            X_test = _features(features, np.asarray(test_latents, np.float64), test_subjects, test_volumes,
+                               size_covariate)
             y_test = target_labels(test_subjects, target_name)
         n_train = len(y) - -(-len(y) // settings.n_splits)  # rows in the smallest outer training fold
         probe = make_probe(target.task, features, settings, n_train=n_train)
@@ -127,13 +135,15 @@ def run_probe_suite(
             key = f"{target_name}.{features}"
             suite.probes[key] = fitted
             name = direction_name(target_name, features)
+            controlled = features == "latent_size_controlled"
+            size = {"size_covariate": size_covariate, "size_control": settings.size_control} if controlled else {}
             suite.directions[name] = direction_from_probe(
                 fitted, latents, name=name, positive=target.positive,
-                covariates=brain_volume(subjects) if features == "latent_size_controlled" else None,
+                covariates=covariate(subjects, size_covariate) if controlled else None,
                 kind=settings.direction,
                 metadata={"target": target_name, "task": target.task, "features": features,
                           "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
                           "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
-                          "n_subjects": result.n_subjects, **result.regularisation},
+                          "n_subjects": result.n_subjects, **size, **result.regularisation},
             )
     return suite
