@@ -823,6 +823,29 @@ class StyleGAN(LatentModel):
         ws = g.truncate(g.broadcast(g.mapping(z)), psi, self.truncation_cutoff)
         return g.synthesis(ws, None, 1.0, noise_mode, generator).clamp(0.0, 1.0)
 
+    @torch.no_grad()
+    def style_mixing_grid(self, generator: torch.Generator, n: int = 2) -> Tensor:
+        """Volumes of a style-mixing grid: sources A_i, sources B_j, then A_i's coarse styles with B_j's fine
+        ones at a crossover halfway through the layers (fixed noise). (n + n + n * n, 1, X, Y, Z) in [0, 1],
+        row-major."""
+        g = self.generator_ema
+        za = torch.randn(n, self.z_dim, generator=generator).to(self.device)
+        zb = torch.randn(n, self.z_dim, generator=generator).to(self.device)
+        wa, wb = g.mapping(za), g.mapping(zb)
+        crossover = g.n_layers // 2
+        vols = [self.synthesize(wa), self.synthesize(wb)]
+        for i in range(n):
+            vols.append(g.synthesis(g.mix_styles(wa[i : i + 1].expand(n, -1), wb, crossover), None, 1.0, "const"))
+        return torch.cat(vols).clamp(0, 1)
+
+    @torch.no_grad()
+    def truncation_sweep(self, generator: torch.Generator, psis=(0.0, 0.25, 0.5, 0.75, 1.0)) -> Tensor:
+        """One z rendered at each truncation psi (psi = 0 is the average w's image), fixed noise.
+        (len(psis), 1, X, Y, Z) in [0, 1]."""
+        g = self.generator_ema
+        ws = g.broadcast(g.mapping(torch.randn(1, self.z_dim, generator=generator).to(self.device)))
+        return torch.cat([g.synthesis(g.truncate(ws, psi), None, 1.0, "const") for psi in psis]).clamp(0, 1)
+
     def project(
         self,
         x: Tensor,

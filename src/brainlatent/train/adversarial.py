@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from brainlatent.metrics.generative import mmd_rbf
 from brainlatent.models import adversarial as losses
+from brainlatent.models import stylegan as S
 from brainlatent.models.base import build_model
 from brainlatent.train.device import adam
 from brainlatent.train.loop import Task
@@ -47,6 +48,16 @@ def lazy_r1_gamma(cfg, step: int) -> float:
 
 
 class _AdversarialTask(Task):
+    """One training step for every adversarial family, as two phases (stylegan2-ada-pytorch's phase list):
+
+    * discriminator, every batch: a fresh fake batch (no generator graph), the critic loss (R1 lazily),
+      a D update;
+    * generator, every ``n_critic`` batches: fakes scored by the frozen discriminator, a G update, then
+      :meth:`after_generator_step` (the EMA; StyleGAN also tracks ``w_avg``).
+
+    A family supplies its parts: :meth:`reals`, :meth:`fakes`, :meth:`critic_loss`, :meth:`generator_loss`.
+    """
+
     def __init__(self, family, cfg, volume_shape, device, bf16=False, channels_last=False):
         super().__init__(device, bf16, channels_last)
         self.family, self.cfg = family, cfg
@@ -60,6 +71,55 @@ class _AdversarialTask(Task):
     def optimizers(self):
         return {"generator": self.opt_g, "discriminator": self.opt_d}
 
+    # -- the family's parts ---------------------------------------------------------------------------
+    def reals(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """The real batch as the discriminator sees it at this step."""
+        return x
+
+    def fakes(self, n: int) -> tuple[torch.Tensor, dict]:
+        """``n`` generated volumes from fresh latents, and what :meth:`after_generator_step` needs."""
+        raise NotImplementedError
+
+    def critic_loss(self, real: torch.Tensor, fake: torch.Tensor, r1_gamma: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def generator_loss(self, fake: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_generator_step(self, extras: dict) -> None:
+        self.model.update_ema(self.cfg.ema_decay)
+
+    # -- the step -------------------------------------------------------------------------------------
+    def train_step(self, x, epoch, step):
+        out = self.discriminator_phase(self.reals(x, epoch, step), lazy_r1_gamma(self.cfg, step))
+        if step % self.cfg.n_critic == 0:
+            self.last_g = self.generator_phase(len(x))
+        out["g_loss"] = getattr(self, "last_g", torch.tensor(0.0))
+        out["loss"] = out["d_loss"]
+        return out
+
+    def discriminator_phase(self, real: torch.Tensor, r1_gamma: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self.autocast():  # D's step never backpropagates into the generator
+            fake, _ = self.fakes(len(real))
+        self.opt_d.zero_grad(set_to_none=True)
+        with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
+            d = self.critic_loss(real, fake, r1_gamma)
+        d["loss"].backward()
+        self.opt_d.step()
+        return {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
+
+    def generator_phase(self, n: int) -> torch.Tensor:
+        self.opt_g.zero_grad(set_to_none=True)
+        with frozen(self.model.discriminator):
+            with self.autocast():
+                fake, extras = self.fakes(n)
+                g_loss = self.generator_loss(fake)
+            g_loss.backward()
+        self.opt_g.step()
+        self.after_generator_step(extras)
+        return g_loss.detach()
+
+    # -- validation and artifacts ---------------------------------------------------------------------
     @torch.no_grad()
     def proxy_samples(self, n: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(PROXY_SEED)
@@ -87,35 +147,20 @@ class _AdversarialTask(Task):
 
 
 class GANTask(_AdversarialTask):
-    """DCGAN-style GAN with WGAN-GP (default) or non-saturating + R1."""
+    """DCGAN-style GAN with WGAN-GP or non-saturating + R1."""
 
-    def train_step(self, x, epoch, step):
-        cfg, m = self.cfg, self.model
-        z = torch.randn(len(x), m.latent_dim, device=self.device)
-        with torch.no_grad(), self.autocast():  # D's step never backpropagates into the generator
-            fake = m.generator(z)
-        self.opt_d.zero_grad(set_to_none=True)
-        with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
-            if cfg.loss == "wgan-gp":
-                d = losses.wgan_gp_d_loss(m.discriminator, x, fake, gp_weight=cfg.gp_weight)
-            else:
-                d = losses.ns_d_loss(m.discriminator, x, fake, r1_gamma=lazy_r1_gamma(cfg, step))
-        d["loss"].backward()
-        self.opt_d.step()
-        out = {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
-        if step % cfg.n_critic == 0:
-            self.opt_g.zero_grad(set_to_none=True)
-            with frozen(m.discriminator):
-                with self.autocast():
-                    scores = m.discriminator(m.generator(torch.randn(len(x), m.latent_dim, device=self.device)))
-                g = losses.wgan_g_loss(scores) if cfg.loss == "wgan-gp" else losses.ns_g_loss(scores)
-                g.backward()
-            self.opt_g.step()
-            m.update_ema(cfg.ema_decay)
-            self.last_g = g.detach()
-        out["g_loss"] = getattr(self, "last_g", torch.tensor(0.0))
-        out["loss"] = out["d_loss"]
-        return out
+    def fakes(self, n):
+        return self.model.generator(torch.randn(n, self.model.latent_dim, device=self.device)), {}
+
+    def critic_loss(self, real, fake, r1_gamma):
+        D, cfg = self.model.discriminator, self.cfg
+        if cfg.loss == "wgan-gp":
+            return losses.wgan_gp_d_loss(D, real, fake, gp_weight=cfg.gp_weight)
+        return losses.ns_d_loss(D, real, fake, r1_gamma=r1_gamma)
+
+    def generator_loss(self, fake):
+        scores = self.model.discriminator(fake)
+        return losses.wgan_g_loss(scores) if self.cfg.loss == "wgan-gp" else losses.ns_g_loss(scores)
 
 
 class StyleGANTask(_AdversarialTask):
@@ -145,42 +190,31 @@ class StyleGANTask(_AdversarialTask):
         self.level, self.alpha = self.schedule(epoch)
         return {"resolution_level": float(self.level), "alpha": self.alpha}
 
-    def train_step(self, x, epoch, step):
-        cfg, m = self.cfg, self.model
-        from brainlatent.models import stylegan as S
-
+    def reals(self, x, epoch, step):
         n_steps = max(getattr(self, "steps_per_epoch", 1), 1)
-        level, alpha = self.schedule(epoch + step / n_steps)
-        self.level, self.alpha = level, alpha
-        real = m.reals_at_level(x, level, alpha)
-        G, D = m.generator, m.discriminator
-        z = torch.randn(len(x), m.z_dim, device=self.device)
-        with torch.no_grad(), self.autocast():  # D's step never backpropagates into the generator
-            fake = G(z, level, alpha, mixing_prob=cfg.mixing_prob)
-        self.opt_d.zero_grad(set_to_none=True)
-        with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
-            d = S.discriminator_loss(
-                D, real, fake, level, alpha, loss=cfg.loss, r1_gamma=lazy_r1_gamma(cfg, step),
-                gp_weight=cfg.gp_weight,
-            )
-        d["loss"].backward()
-        self.opt_d.step()
-        out = {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
-        if step % cfg.n_critic == 0:
-            self.opt_g.zero_grad(set_to_none=True)
-            z = torch.randn(len(x), m.z_dim, device=self.device)
-            with frozen(D):
-                with self.autocast():
-                    fake, ws = G(z, level, alpha, mixing_prob=cfg.mixing_prob, return_ws=True)
-                    g_loss = S.generator_loss(D, fake, level, alpha, loss=cfg.loss)
-                g_loss.backward()
-            self.opt_g.step()
-            G.update_w_avg(ws[:, 0].detach().float(), beta=cfg.w_avg_beta)
-            m.update_ema(cfg.ema_decay)
-            self.last_g = g_loss.detach()
-        out["g_loss"] = getattr(self, "last_g", torch.tensor(0.0))
-        out["loss"] = out["d_loss"]
-        return out
+        self.level, self.alpha = self.schedule(epoch + step / n_steps)
+        return self.model.reals_at_level(x, self.level, self.alpha)
+
+    def fakes(self, n):
+        m = self.model
+        z = torch.randn(n, m.z_dim, device=self.device)
+        fake, ws = m.generator(z, self.level, self.alpha, mixing_prob=self.cfg.mixing_prob, return_ws=True)
+        return fake, {"ws": ws}
+
+    def critic_loss(self, real, fake, r1_gamma):
+        cfg = self.cfg
+        return S.discriminator_loss(
+            self.model.discriminator, real, fake, self.level, self.alpha, loss=cfg.loss, r1_gamma=r1_gamma,
+            gp_weight=cfg.gp_weight,
+        )
+
+    def generator_loss(self, fake):
+        return S.generator_loss(self.model.discriminator, fake, self.level, self.alpha, loss=self.cfg.loss)
+
+    def after_generator_step(self, extras):
+        # w_avg first: the EMA update copies the generator's buffers, w_avg included.
+        self.model.generator.update_w_avg(extras["ws"][:, 0].detach().float(), beta=self.cfg.w_avg_beta)
+        super().after_generator_step(extras)
 
     def sample(self, n, generator):
         """EMA samples at the current level and alpha, upsampled to the full grid (for logging)."""
@@ -202,8 +236,8 @@ class StyleGANTask(_AdversarialTask):
     def artifacts(self, fixed, generator):
         out = super().artifacts(fixed, generator)
         if self.level == self.model.n_levels - 1:
-            out["style_mixing"] = style_mixing_grid(self.model, generator)
-            out["truncation_sweep"] = truncation_sweep(self.model, generator)
+            out["style_mixing"] = self.model.style_mixing_grid(generator).float().cpu()
+            out["truncation_sweep"] = self.model.truncation_sweep(generator).float().cpu()
         return out
 
     def extra_state(self):
@@ -211,32 +245,6 @@ class StyleGANTask(_AdversarialTask):
 
     def load_extra_state(self, state):
         self.level, self.alpha = int(state.get("level", 0)), float(state.get("alpha", 1.0))
-
-
-@torch.no_grad()
-def style_mixing_grid(model, generator: torch.Generator, n: int = 2) -> torch.Tensor:
-    """Volumes of a style-mixing grid: source A_i, source B_j, then A_i's coarse styles with B_j's fine ones
-    at a crossover halfway through the layers. Returns (n + n + n*n, 1, X, Y, Z), row-major."""
-    g = model.generator_ema
-    za = torch.randn(n, model.z_dim, generator=generator).to(model.device)
-    zb = torch.randn(n, model.z_dim, generator=generator).to(model.device)
-    wa, wb = g.mapping(za), g.mapping(zb)
-    crossover = g.n_layers // 2
-    vols = [model.synthesize(wa), model.synthesize(wb)]
-    for i in range(n):
-        mixed = g.mix_styles(wa[i : i + 1].expand(n, -1), wb, crossover)
-        vols.append(g.synthesis(mixed, None, 1.0, "const"))
-    return torch.cat(vols).clamp(0, 1).float().cpu()
-
-
-@torch.no_grad()
-def truncation_sweep(model, generator: torch.Generator, psis=(0.0, 0.25, 0.5, 0.75, 1.0)) -> torch.Tensor:
-    """One z rendered at each truncation psi (psi = 0 is the average w's image). (len(psis), 1, X, Y, Z)."""
-    g = model.generator_ema
-    z = torch.randn(1, model.z_dim, generator=generator).to(model.device)
-    ws = g.broadcast(g.mapping(z))
-    vols = [g.synthesis(g.truncate(ws, psi), None, 1.0, "const") for psi in psis]
-    return torch.cat(vols).clamp(0, 1).float().cpu()
 
 
 def make_adversarial_task(family, cfg, volume_shape, device, bf16=False, channels_last=False) -> Task:
@@ -247,4 +255,4 @@ def make_adversarial_task(family, cfg, volume_shape, device, bf16=False, channel
     raise ValueError(f"unknown adversarial family {family!r}; expected gan or stylegan")
 
 
-__all__ = ["GANTask", "StyleGANTask", "make_adversarial_task", "style_mixing_grid", "truncation_sweep"]
+__all__ = ["GANTask", "StyleGANTask", "make_adversarial_task"]
