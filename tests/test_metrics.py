@@ -269,14 +269,14 @@ def test_attribute_distances():
 
 # ------------------------------------------------------------------------------------------- registry
 def test_every_registered_metric_runs_and_every_direction_is_produced():
-    x = blobs(6, 7)
+    x = blobs(8, 7)  # the sample-quality metrics need >= quality.MIN_VOLUMES volumes per set
     gen = torch.Generator().manual_seed(1)
     inputs = dict(
         reconstructions=(x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1),
         targets=x,
         sample_features=features(30, seed=1),
         real_features=features(30, seed=2),
-        samples=blobs(6, 8),
+        samples=blobs(8, 8),
         reals=x,
         sample_measures=_measures(30, 1),
         real_measures=_measures(30, 2),
