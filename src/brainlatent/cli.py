@@ -7,8 +7,9 @@ the library and prints where its outputs went. The DVC stages in dvc.yaml call e
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 import yaml
@@ -39,6 +40,20 @@ def _load(params_path: Path, overrides: list[str] | None) -> Params:
     return load_params(params_path, parsed)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a user can fix: bad params or input, and a tracking store that cannot be used (server down, no
+    driver). TrackingError is looked up only once tracking.py is imported (only then can it have been raised):
+    importing it here would load MLflow, seconds of start-up, for `--help` and the stages that never track."""
+    tracking = sys.modules.get("brainlatent.tracking")
+    return (ConfigError, ValueError, FileNotFoundError) + ((tracking.TrackingError,) if tracking else ())
+
+
+def _fail(err: Exception) -> NoReturn:
+    """The one `error: ...` line on stderr and exit code 2."""
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from None
+
+
 def _run(fn):
     """Turn user mistakes (ValueError and friends) into one clear line and exit code 2, not a traceback."""
     import time
@@ -46,9 +61,8 @@ def _run(fn):
     start = time.perf_counter()
     try:
         result = fn()
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    except _user_errors() as err:
+        _fail(err)
     typer.echo(f"done in {time.perf_counter() - start:.1f} s")
     return result
 
@@ -300,13 +314,19 @@ def ui(
     """Start the MLflow UI on the project's store (127.0.0.1 by default)."""
     import os
     import subprocess
-    import sys
 
     from brainlatent import tracking
 
     uri = tracking.tracking_uri()
+    try:
+        tracking.configure()  # a server or database that does not answer: one line, not `mlflow server`'s traceback
+        if uri.startswith(("http://", "https://")):
+            raise ValueError(f"MLFLOW_TRACKING_URI is the tracking server {tracking.redact_url(uri)}: open its UI "
+                             "there (`brainlatent ui` serves a SQLite or database store)")
+    except _user_errors() as err:
+        _fail(err)
     art = (tracking.project_root() / "mlartifacts").as_uri()
-    typer.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {tracking.redact_url(uri)})")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", art]

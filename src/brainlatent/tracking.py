@@ -115,8 +115,45 @@ def _is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
 
+# The database back ends MLflow's tracking store supports besides SQLite, with their default ports.
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    """A database store (``postgresql+psycopg2://``, ``mysql+pymysql://``...): its driver imports and its host
+    accepts TCP connections. MLflow retries a refused connection for about two minutes before a traceback."""
+    import socket
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(uri)
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise TrackingError(f"MLFLOW_TRACKING_URI {redact_url(uri)} is not a usable database URL: {err}") from None
+    except ImportError as err:
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI {redact_url(uri)} needs a database driver that is not installed ({err}); for "
+            "PostgreSQL `pip install -e \".[postgres]\"` and write postgresql+psycopg2:// (docs/scaling.md)"
+        ) from None
+    if not url.host:  # a Unix socket: the driver's own error is quick and clear
+        return
+    port = url.port or DATABASE_PORTS[url.get_backend_name()]
+    try:
+        socket.create_connection((url.host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise TrackingError(
+            f"MLflow database {redact_url(uri)} (from MLFLOW_TRACKING_URI) is unreachable at {url.host}:{port}: "
+            f"{err}. Start it, or unset MLFLOW_TRACKING_URI to use the project's local SQLite store."
+        ) from None
+
+
 def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    """Fail fast on an unreachable tracking server or database (MLflow's own client retries for minutes)."""
+    if uri.partition("://")[0].split("+")[0] in DATABASE_PORTS:
+        _check_database(uri, timeout_s)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:
