@@ -165,3 +165,20 @@ def screenshot(chromium: str, url: str, png: Path, profile: Path, budget_ms: int
         f"chromium --screenshot {url} exited {proc.returncode}: {proc.stderr[-3000:]}"
     )
     return png
+
+
+# Chromium with the network cut: no host name resolves and every non-file request goes to a closed local port.
+# A page that needs a CDN (DVC's default plots page) then draws nothing, as on an offline cluster.
+OFFLINE_FLAGS = ("--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9")
+
+
+def render_offline(chromium: str, url: str, png: Path, profile: Path, budget_ms: int = 15000) -> str:
+    """Open ``url`` in headless Chromium with the network unreachable: screenshot to ``png``; returns the DOM."""
+    base = [*chromium_cmd(chromium, profile, budget_ms), *OFFLINE_FLAGS]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, f"chromium --dump-dom {url} exited {dom.returncode}: {dom.stderr[-3000:]}"
+    shot = subprocess.run([*base, f"--screenshot={png}", url], capture_output=True, text=True, timeout=180)
+    assert shot.returncode == 0 and png.is_file(), (
+        f"chromium --screenshot {url} exited {shot.returncode}: {shot.stderr[-3000:]}"
+    )
+    return dom.stdout
