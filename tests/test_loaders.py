@@ -132,3 +132,31 @@ def test_manifest_missing_columns_are_named(tmp_path):
     pd.DataFrame({"subject": ["a"], "path": ["a.nii.gz"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"\['sex', 'age'\]"):
         load_manifest(csv)
+
+
+def test_hcp_covariates_are_carried_and_a_bad_value_names_file_line_and_column(hcp_tree):
+    root, csv = hcp_tree
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[2, "FS_IntraCranial_Vol"] = ""  # 101915, the third data line (line 4 of the file)
+    df.loc[0, "FS_IntraCranial_Vol"] = "1612345.5"
+    df.to_csv(csv, index=False)
+    cohort = load_hcp(root, csv, covariates=("FS_IntraCranial_Vol",))
+    assert [(s.subject_id, dict(s.covariates)) for s in cohort.subjects] == [
+        ("100307", {"FS_IntraCranial_Vol": 1612345.5}), ("100408", {"FS_IntraCranial_Vol": 1.5e6})
+    ]  # fmt: skip
+    reasons = {r.subject_id: r.reason for r in cohort.rejected}
+    assert reasons["101915"] == f"{csv} line 4, column 'FS_IntraCranial_Vol': '' is not a finite number"
+    with pytest.raises(ValueError, match=r"unrestricted.csv: data.covariates names column\(s\) \['tiv'\]"):
+        load_hcp(root, csv, covariates=("tiv",))
+
+
+def test_a_manifest_planted_label_is_carried_and_must_be_0_or_1(tmp_path):
+    for i in range(3):
+        _nifti(tmp_path / f"s{i}.nii.gz")
+    pd.DataFrame(
+        {"subject": ["a", "b", "c"], "path": [f"s{i}.nii.gz" for i in range(3)], "sex": ["F", "M", "F"],
+         "age": [24, 30, 33], "planted": ["1", "0", "2"]}
+    ).to_csv(tmp_path / "m.csv", index=False)  # fmt: skip
+    cohort = load_manifest(tmp_path / "m.csv")
+    assert [dict(s.covariates) for s in cohort.subjects] == [{"planted": 1.0}, {"planted": 0.0}]
+    assert cohort.rejected[0].reason == f"{tmp_path / 'm.csv'} line 4, column 'planted': '2' is not 0 or 1"

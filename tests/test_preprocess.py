@@ -78,8 +78,8 @@ def test_head_size_survives_preprocessing(tmp_path):
     # included).
     ratio = v_large.astype(float).sum() / v_small.astype(float).sum()
     assert ratio == pytest.approx(1.1**3, rel=0.03)
-    assert qc_large.brain_volume_mm3 / qc_small.brain_volume_mm3 == pytest.approx(1.1**3, rel=0.03)
-    assert qc_small.brain_volume_mm3 == pytest.approx(4 / 3 * np.pi * 30 * 38 * 30, rel=0.03)
+    assert qc_large.brain_mask_volume_mm3 / qc_small.brain_mask_volume_mm3 == pytest.approx(1.1**3, rel=0.03)
+    assert qc_small.brain_mask_volume_mm3 == pytest.approx(4 / 3 * np.pi * 30 * 38 * 30, rel=0.03)
     # The explicit fit_bbox option stretches both brains to the box and erases the difference.
     b_small, _ = preprocess_image(small, SHAPE, FOV, fit_bbox=True)
     b_large, _ = preprocess_image(large, SHAPE, FOV, fit_bbox=True)
@@ -172,9 +172,12 @@ def test_prepare_writes_the_data_contract(tmp_path):
     assert list(subjects["index"]) == list(range(12))
     assert set(subjects["split"]) == {"train", "val", "test"}
     # Brain volume grows with the phantom's scale (0.9 -> 1.1, i.e. x1.83 in volume).
-    assert subjects["brain_volume_mm3"].iloc[-1] / subjects["brain_volume_mm3"].iloc[0] == pytest.approx(
+    assert subjects["brain_mask_volume_mm3"].iloc[-1] / subjects["brain_mask_volume_mm3"].iloc[0] == pytest.approx(
         (1.1 / 0.9) ** 3, rel=0.05
     )
+    # eTIV: an affine image of one shape, so it scales exactly like the mask volume.
+    etiv = subjects["etiv_mm3"].to_numpy()
+    assert etiv[-1] / etiv[0] == pytest.approx((1.1 / 0.9) ** 3, rel=0.02)
     grid = Grid.load(out / "grid.json")
     assert grid.shape == SHAPE
     np.testing.assert_allclose(grid.voxel_mm, 6.0)
@@ -280,3 +283,46 @@ def test_montage_orientation_and_nifti(tmp_path):
     img = nib.load(path)
     assert img.get_data_dtype() == np.float32 and np.allclose(img.affine, grid.affine)
     np.testing.assert_array_equal(img.get_fdata(), vol)
+
+
+# ------------------------------------------------------------------------------------------ covariates
+def test_given_covariates_reach_subjects_csv_under_their_names(tmp_path):
+    cfg = manifest_cohort(tmp_path, n=8, covariates=("tiv", "site_scale"))
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    manifest["tiv"] = [1.4e6 + 1e4 * i for i in range(8)]
+    manifest["site_scale"] = [0.5] * 8
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    prepare(cfg)
+    subjects = pd.read_csv(tmp_path / "processed" / "subjects.csv", dtype={"subject_id": str})
+    assert list(subjects.columns) == [*SUBJECT_COLUMNS, "tiv", "site_scale"]
+    assert subjects["tiv"].tolist() == manifest["tiv"].tolist()
+    assert ProcessedData.open(tmp_path / "processed").subjects["tiv"].iloc[3] == 1.43e6
+
+
+def test_a_bad_covariate_value_rejects_the_subject_naming_file_line_and_column(tmp_path):
+    cfg = manifest_cohort(tmp_path, n=8, covariates=("tiv",), max_rejected_fraction=0.5)
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    manifest["tiv"] = ["1.5e6"] * 8
+    manifest.loc[2, "tiv"] = "n/a"
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    result = prepare(cfg)
+    assert result.n_accepted == 7
+    [bad] = result.rejected
+    assert bad.subject_id == "s02"
+    assert bad.reason == f"{tmp_path / 'manifest.csv'} line 4, column 'tiv': 'n/a' is not a finite number"
+
+
+def test_a_covariate_column_that_is_absent_or_reserved_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"manifest.csv: data.covariates names column\(s\) \['tiv'\]"):
+        prepare(manifest_cohort(tmp_path, n=4, covariates=("tiv",)))
+    with pytest.raises(ValueError, match="subjects.csv's own columns"):
+        prepare(manifest_cohort(tmp_path, n=4, covariates=("etiv_mm3",)))
+
+
+def test_a_processed_folder_of_an_older_prepare_asks_for_a_rerun(tmp_path):
+    prepare(manifest_cohort(tmp_path, n=4))
+    path = tmp_path / "processed" / "subjects.csv"
+    old = pd.read_csv(path).drop(columns=["etiv_mm3"]).rename(columns={"brain_mask_volume_mm3": "brain_volume_mm3"})
+    old.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['brain_mask_volume_mm3', 'etiv_mm3'\].*re-run"):
+        ProcessedData.open(tmp_path / "processed")

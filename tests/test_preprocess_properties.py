@@ -119,7 +119,7 @@ def huge_brain() -> tuple[np.ndarray, np.ndarray]:
 def test_output_has_the_grid_shape_dtype_and_range(scratch, brain, shape, fov, percentiles, fit_bbox):
     data, affine = brain
     path = save(data, affine, scratch / "any.nii")
-    volume, qc = preprocess_image(path, shape, fov, percentiles, fit_bbox)
+    volume, qc = preprocess_image(path, shape, fov, percentiles, fit_bbox, head_size=False)
     assert volume.shape == shape and volume.dtype == np.float16
     assert np.isfinite(volume).all() and volume.min() >= 0 and volume.max() <= 1
     # QC measures come from the native image: mask = voxels > 0, percentiles of those voxels.
@@ -127,7 +127,7 @@ def test_output_has_the_grid_shape_dtype_and_range(scratch, brain, shape, fov, p
     native = stored.get_fdata(dtype=np.float32)
     positive = native[native > 0]
     voxel_mm3 = abs(np.linalg.det(stored.affine[:3, :3]))
-    assert qc.brain_volume_mm3 == pytest.approx(positive.size * voxel_mm3, rel=1e-6)
+    assert qc.brain_mask_volume_mm3 == pytest.approx(positive.size * voxel_mm3, rel=1e-6)
     lo, hi = np.percentile(positive, percentiles)
     assert qc.intensity_high == pytest.approx(float(hi), rel=1e-5)
     # Flat brains fall back to low = 0 (documented in intensity_range).
@@ -153,7 +153,7 @@ def test_on_its_own_grid_a_volume_is_just_the_documented_normalisation(scratch, 
     values = np.where(inside, np.abs(values) + np.float32(1e-30), 0).astype(np.float32)
     o = data.draw(orientations())
     stored = save(ornt.apply_orientation(values, o), affine @ ornt.inv_ornt_aff(o, shape), scratch / "own.nii")
-    volume, qc = preprocess_image(stored, shape, tuple(voxel * shape), percentiles)
+    volume, qc = preprocess_image(stored, shape, tuple(voxel * shape), percentiles, head_size=False)
     lo, hi = np.percentile(values[values > 0], percentiles)
     if hi - lo <= 1e-6 * hi:
         lo = 0.0
@@ -173,11 +173,11 @@ def test_reorienting_voxels_with_their_affine_changes_nothing(scratch, data, sha
     a = save(values, affine, scratch / "ras.nii")
     b = save(ornt.apply_orientation(values, o), affine @ ornt.inv_ornt_aff(o, native), scratch / "reoriented.nii")
     fov = (120.0, 140.0, 120.0)
-    va, qa = preprocess_image(a, shape, fov, fit_bbox=fit_bbox)
-    vb, qb = preprocess_image(b, shape, fov, fit_bbox=fit_bbox)
+    va, qa = preprocess_image(a, shape, fov, fit_bbox=fit_bbox, head_size=False)
+    vb, qb = preprocess_image(b, shape, fov, fit_bbox=fit_bbox, head_size=False)
     np.testing.assert_allclose(va.astype(float), vb.astype(float), atol=2e-3)
     np.testing.assert_allclose(qa.center_mm, qb.center_mm, atol=1e-3)
-    assert qa.brain_volume_mm3 == pytest.approx(qb.brain_volume_mm3, rel=1e-5)
+    assert qa.brain_mask_volume_mm3 == pytest.approx(qb.brain_mask_volume_mm3, rel=1e-5)
     assert (qa.intensity_low, qa.intensity_high) == pytest.approx((qb.intensity_low, qb.intensity_high), rel=1e-6)
 
 
@@ -191,8 +191,10 @@ def test_scaling_intensities_changes_nothing(scratch, brain, shape, fit_bbox, po
     scaled = (data.astype(np.float64) * 2.0**power).astype(np.float32)
     assume(np.array_equal(scaled > 0, data > 0))  # no positive voxel flushed to zero
     fov = (120.0, 140.0, 120.0)
-    v1, q1 = preprocess_image(save(data, affine, scratch / "unit.nii"), shape, fov, fit_bbox=fit_bbox)
-    v2, q2 = preprocess_image(save(scaled, affine, scratch / "scaled.nii"), shape, fov, fit_bbox=fit_bbox)
+    v1, q1 = preprocess_image(save(data, affine, scratch / "unit.nii"), shape, fov, fit_bbox=fit_bbox, head_size=False)
+    v2, q2 = preprocess_image(
+        save(scaled, affine, scratch / "scaled.nii"), shape, fov, fit_bbox=fit_bbox, head_size=False
+    )
     np.testing.assert_allclose(v2.astype(float), v1.astype(float), atol=2e-3)
     assert q2.intensity_high == pytest.approx(q1.intensity_high * 2.0**power, rel=1e-5)
     assert q2.intensity_low == pytest.approx(q1.intensity_low * 2.0**power, rel=1e-5, abs=1e-44)
@@ -238,10 +240,10 @@ def test_brain_volume_in_mm3_survives_resampling(scratch, brain, shape, margin):
     assume(min(np.ptp(np.nonzero(native.data), axis=1)) >= 3)
     assume(((native.bbox_max_mm - native.bbox_min_mm) / grid.voxel_mm).min() >= 3)
     assume((grid.voxel_mm / src_voxel).max() < 8)
-    volume, qc = preprocess_image(path, shape, tuple(fov))
+    volume, qc = preprocess_image(path, shape, tuple(fov), head_size=False)
     assert qc.fov_overflow_mm == 0
     measured = volume.astype(np.float64).sum() * grid.voxel_volume_mm3
-    assert measured == pytest.approx(qc.brain_volume_mm3, rel=0.12)
+    assert measured == pytest.approx(qc.brain_mask_volume_mm3, rel=0.12)
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -254,7 +256,7 @@ def test_nan_or_inf_voxels_are_refused_and_counted(scratch, brain, n_bad, bad, s
     data.flat[where] = bad
     path = save(data, affine, scratch / "nan.nii")
     with pytest.raises(BadInputError, match=rf"^{len(where)} NaN/Inf voxel\(s\)$"):
-        preprocess_image(path, (8, 8, 8), (100.0, 100.0, 100.0))
+        preprocess_image(path, (8, 8, 8), (100.0, 100.0, 100.0), head_size=False)
 
 
 @PROPERTY
@@ -263,7 +265,7 @@ def test_an_image_without_positive_voxels_is_refused(scratch, brain, seed):
     data, affine = brain
     negative = -np.abs(np.random.default_rng(seed).standard_normal(data.shape)).astype(np.float32)
     with pytest.raises(BadInputError, match="no positive voxels; expected a brain-extracted image"):
-        preprocess_image(save(negative, affine, scratch / "neg.nii"), (8, 8, 8), (100.0, 100.0, 100.0))
+        preprocess_image(save(negative, affine, scratch / "neg.nii"), (8, 8, 8), (100.0, 100.0, 100.0), head_size=False)
 
 
 def save_with_affine(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -293,7 +295,7 @@ def test_a_singular_or_non_finite_affine_is_refused(scratch, brain, kind, axis):
     path = save_with_affine(data, bad, scratch / "affine.nii")
     assert not np.isfinite(nib.load(path).affine).all() or abs(np.linalg.det(nib.load(path).affine)) < 1e-9
     with pytest.raises(BadInputError, match=r"invalid affine \(singular or non-finite\)"):
-        preprocess_image(path, (8, 8, 8), (100.0, 100.0, 100.0))
+        preprocess_image(path, (8, 8, 8), (100.0, 100.0, 100.0), head_size=False)
 
 
 @PROPERTY
@@ -307,7 +309,7 @@ def test_a_volume_that_is_not_3d_is_refused_with_its_shape(scratch, brain, extra
         expected = "4D image" if len(extra) == 1 else "expected a 3D volume"
     path = save(data, affine, scratch / "dims.nii")
     with pytest.raises(BadInputError, match=expected) as err:
-        preprocess_image(path, (8, 8, 8), (100.0, 100.0, 100.0))
+        preprocess_image(path, (8, 8, 8), (100.0, 100.0, 100.0), head_size=False)
     assert str(tuple(data.shape)) in str(err.value)
     assert isinstance(err.value, ValueError)  # callers catch ValueError for every user mistake
 

@@ -190,6 +190,9 @@ class DataConfig:
     # hcp only: the unrestricted-data CSV (Subject, Gender, Age, ...); relative to the project root.
     hcp_csv: str | None = None
     hcp_image: Literal["T1w", "MNINonLinear"] = "T1w"
+    # Numeric columns of the manifest or the HCP CSV carried into subjects.csv under their own names, e.g.
+    # [tiv] or [FS_IntraCranial_Vol]: a skull-based head size to use as directions.size_covariate.
+    covariates: tuple[str, ...] = ()
     processed_dir: str = "data/processed"
     shape: Shape3 = (24, 32, 24)
     # Box in mm around each brain's centre of mass; must hold the largest brain (brainstem included).
@@ -213,6 +216,8 @@ class DataConfig:
             raise ValueError(f"split_fractions must sum to 1 (train, val, test), got {list(self.split_fractions)}")
         if self.source == "hcp" and not self.hcp_csv:
             raise ValueError("source 'hcp' needs hcp_csv: the path of HCP's unrestricted-data CSV")
+        if any(not c.strip() for c in self.covariates) or len(set(self.covariates)) != len(self.covariates):
+            raise ValueError(f"covariates must be distinct, non-empty column names, got {list(self.covariates)}")
         return self
 
 

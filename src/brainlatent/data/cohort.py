@@ -1,6 +1,7 @@
 """The cohort model every loader produces and the rest of the code consumes.
 
-A cohort is a list of :class:`Subject` (id, image path, sex, HCP age group, numeric age when known) plus the
+A cohort is a list of :class:`Subject` (id, image path, sex, HCP age group, numeric age when known, the
+numeric covariates given with the cohort, e.g. a skull-based ``tiv``) plus the
 list of :class:`Rejection` (subjects a loader or the preprocessing could not use, with the reason). Nothing
 the user had is silently dropped: every subject is either in ``subjects`` or in ``rejected``.
 """
@@ -8,6 +9,7 @@ the user had is silently dropped: every subject is either in ``subjects`` or in 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,8 @@ class Subject:
     sex: str  # "F" or "M"
     age_group: str  # one of AGE_GROUPS
     age: float | None = None  # exact age in years when the source knows it
+    # Named numbers given with the cohort (``data.covariates``, a planted label), carried into subjects.csv.
+    covariates: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     @property
     def is_old(self) -> bool:

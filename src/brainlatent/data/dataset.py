@@ -22,7 +22,7 @@ class ProcessedData:
 
     root: Path
     volumes: np.ndarray  # (N, X, Y, Z) float16 memmap, values in [0, 1]
-    subjects: pd.DataFrame  # contract columns (SUBJECT_COLUMNS), row i describes volumes[i]
+    subjects: pd.DataFrame  # contract columns (SUBJECT_COLUMNS) + given covariates, row i describes volumes[i]
     grid: Grid
 
     @classmethod
@@ -39,7 +39,11 @@ class ProcessedData:
         grid = Grid.load(root / "grid.json")
         absent = [c for c in SUBJECT_COLUMNS if c not in subjects.columns]
         if absent:
-            raise ValueError(f"{root / 'subjects.csv'}: missing column(s) {absent}")
+            raise ValueError(
+                f"{root / 'subjects.csv'}: missing column(s) {absent}: written by an older `prepare` (the native "
+                "mask volume is now brain_mask_volume_mm3, with etiv_mm3 beside it); re-run `brainlatent prepare` "
+                "(or `dvc repro prepare`)"
+            )
         if volumes.ndim != 4 or volumes.shape[0] != len(subjects) or tuple(volumes.shape[1:]) != grid.shape:
             raise ValueError(
                 f"{root}: volumes.npy has shape {volumes.shape}, expected ({len(subjects)}, *{grid.shape}) "
@@ -54,7 +58,7 @@ class ProcessedData:
 
     @property
     def ground_truth_dir(self) -> Path | None:
-        """``<processed>/ground_truth`` for the synthetic cohort, else None."""
+        """``<processed>/ground_truth`` for a synthetic cohort or a positive control, else None."""
         path = self.root / "ground_truth"
         return path if path.is_dir() else None
 

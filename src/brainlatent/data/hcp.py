@@ -6,8 +6,9 @@ Layout (one folder per subject under ``root``)::
     <root>/<Subject>/MNINonLinear/T1w_restore_brain.nii.gz       image="MNINonLinear" (MNI-registered)
 
 plus HCP's *unrestricted* CSV (``Subject, Gender, Age, ...``, one row per subject, many more columns that we
-ignore; ``Subject`` is an integer such as ``100307``; ``Gender`` is M/F; ``Age`` is a range 22-25, 26-30,
-31-35 or 36+). The synthetic cohort writes ``<root>/unrestricted_synthetic.csv`` in the same format.
+ignore except those named in ``data.covariates``, e.g. ``FS_IntraCranial_Vol``: FreeSurfer's eTIV, registered
+with the skull, the head-size covariate a local brain effect cannot move; ``Subject`` is an integer such as
+``100307``; ``Gender`` is M/F; ``Age`` is a range 22-25, 26-30, 31-35 or 36+). The synthetic cohort writes ``<root>/unrestricted_synthetic.csv`` in the same format.
 
 Every subject id seen (in the CSV or as an image folder) ends in ``Cohort.subjects`` or ``Cohort.rejected``:
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainlatent.data.cohort import Cohort, Rejection, age_to_group
-from brainlatent.data.manifest import cohort_from_table, read_table
+from brainlatent.data.manifest import check_covariate_columns, cohort_from_table, read_table
 
 IMAGE_PATHS: dict[str, Path] = {
     "T1w": Path("T1w") / "T1w_acpc_dc_restore_brain.nii.gz",
@@ -41,11 +42,14 @@ SYNTHETIC_EFFECT_MAPS = "effect_maps"
 NOT_DOWNLOADED = "not downloaded"
 
 
-def load_hcp(root: str | Path, csv: str | Path, image: str = "T1w", *, source: str = "hcp") -> Cohort:
+def load_hcp(
+    root: str | Path, csv: str | Path, image: str = "T1w", *, source: str = "hcp", covariates: tuple[str, ...] = ()
+) -> Cohort:
     """Load an HCP-layout folder and its unrestricted CSV into a :class:`Cohort` (rules in the module doc).
 
-    Raises FileNotFoundError if ``root`` or ``csv`` is missing, ValueError for an unknown ``image`` or CSV
-    columns missing (named in the message).
+    ``covariates``: numeric CSV columns carried per subject (a subject with a bad value is rejected, the
+    reason naming file, line and column). Raises FileNotFoundError if ``root`` or ``csv`` is missing,
+    ValueError for an unknown ``image`` or CSV columns missing (named in the message).
     """
     root = Path(root)
     if image not in IMAGE_PATHS:
@@ -54,15 +58,17 @@ def load_hcp(root: str | Path, csv: str | Path, image: str = "T1w", *, source: s
         raise FileNotFoundError(f"HCP root folder not found: {root}")
     csv = Path(csv)
     df = read_table(csv, HCP_COLUMNS, "HCP unrestricted CSV")
+    check_covariate_columns(df, covariates, csv, "HCP unrestricted CSV")
     rel = IMAGE_PATHS[image]
 
     ids = df["Subject"].str.strip()
     table = pd.DataFrame(
-        {"subject": ids, "path": [str(root / s / rel) for s in ids], "sex": df["Gender"], "age": df["Age"]}
-    )
+        {"subject": ids, "path": [str(root / s / rel) for s in ids], "sex": df["Gender"], "age": df["Age"],
+         **{c: df[c] for c in covariates}}
+    )  # fmt: skip
     # An empty id would point at root itself: let cohort_from_table reject it as an empty id.
     downloaded = [(root / s).is_dir() for s in ids]
-    cohort = cohort_from_table(table[downloaded], source=source)
+    cohort = cohort_from_table(table[downloaded], source=source, covariates=covariates, csv_path=csv)
     for sid in dict.fromkeys(ids[[not d for d in downloaded]]):
         cohort.rejected.append(Rejection(sid, f"{NOT_DOWNLOADED}: no folder {root / sid}"))
 
@@ -73,7 +79,7 @@ def load_hcp(root: str | Path, csv: str | Path, image: str = "T1w", *, source: s
     return cohort
 
 
-def load_synthetic(root: str | Path) -> Cohort:
+def load_synthetic(root: str | Path, covariates: tuple[str, ...] = ()) -> Cohort:
     """The synthetic cohort (``brainlatent synth``): HCP layout, T1w images, ``unrestricted_synthetic.csv``.
 
     Exact ages come from ``ground_truth.csv`` (columns ``Subject``, ``age``) where they agree with the range.
@@ -83,7 +89,7 @@ def load_synthetic(root: str | Path) -> Cohort:
         raise FileNotFoundError(
             f"{root / SYNTHETIC_GROUND_TRUTH} not found: is {root} a synthetic cohort? (run `brainlatent synth`)"
         )
-    cohort = load_hcp(root, root / SYNTHETIC_CSV, image="T1w", source="synthetic")
+    cohort = load_hcp(root, root / SYNTHETIC_CSV, image="T1w", source="synthetic", covariates=covariates)
     # The ground truth knows each subject's exact age (the unrestricted CSV, like HCP's, only the range).
     truth = read_table(root / SYNTHETIC_GROUND_TRUTH, ("Subject", "age"), "synthetic ground truth")
     ages = dict(zip(truth["Subject"].str.strip(), pd.to_numeric(truth["age"], errors="coerce")))

@@ -5,7 +5,9 @@ Per subject (parallel across subjects, joblib):
 1. Read the NIfTI as float32 and reorient to the closest canonical RAS orientation (``as_closest_canonical``:
    flips/transposes only, so the array axes follow R, A, S and the block filter below acts along them).
 2. Brain mask = voxels > 0: the inputs are brain-extracted (HCP ``*_brain``), background exactly 0. The
-   native mask gives the brain volume in mm^3, the brain's centre of mass and its bounding box (world mm).
+   native mask gives its volume in mm^3 (``brain_mask_volume_mm3``), the brain's centre of mass and its
+   bounding box (world mm); an affine registration of its outline to the template gives the estimated total
+   intracranial volume (``etiv_mm3``, ``data/headsize.py``).
 3. Resample onto ``Grid.box(shape, fov_mm, centre of mass)``: the same box in millimetres and the same voxel
    size for every subject, so head size survives (``fit_bbox`` instead stretches each brain's bounding box
    to the box, erasing head size; off by default). Downsampling 0.7 mm -> ~5 mm aliases badly with plain
@@ -16,8 +18,15 @@ Per subject (parallel across subjects, joblib):
    clipped; stored as float16.
 
 Bad inputs (unreadable/truncated file, 4D image, NaN/Inf voxels, all-zero image, missing file) are rejected
-with a reason, printed as a warning and recorded in qc.json. Outputs are written to a temporary folder and
-renamed into place, so an interrupted run never leaves a processed folder that looks complete.
+with a reason, printed as a warning and recorded in qc.json.
+
+``subjects.csv`` has one row per accepted subject: :data:`SUBJECT_COLUMNS`, then the covariates given with the
+cohort (``data.covariates`` and a positive control's ``planted`` label) under their own names. Ground truth
+goes to ``ground_truth/``: a synthetic cohort's table, description and effect maps, or a positive control's
+description and ``planted_effect.nii.gz`` (``brainlatent plant``), the maps resampled onto the grid.
+
+Outputs are written to a temporary folder and renamed into place, so an interrupted run never leaves a
+processed folder that looks complete.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from tqdm.auto import tqdm
 
 from brainlatent.config import DataConfig
 from brainlatent.data.cohort import AGE_GROUPS, Cohort, Rejection, Subject
+from brainlatent.data.headsize import estimate_etiv
 from brainlatent.data.hcp import (
     NOT_DOWNLOADED,
     SYNTHETIC_EFFECT_MAPS,
@@ -51,16 +61,21 @@ from brainlatent.data.hcp import (
     load_hcp,
     load_synthetic,
 )
-from brainlatent.data.manifest import load_manifest
+from brainlatent.data.manifest import PLANTED_LABEL, load_manifest
 from brainlatent.grid import Grid
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# brain_mask_volume_mm3: the native mask's volume (contains any local effect that adds brain volume);
+# etiv_mm3: the template's intracranial volume over the determinant of the affine registration to it.
 SUBJECT_COLUMNS: tuple[str, ...] = (
-    "index", "subject_id", "sex", "age_group", "age", "brain_volume_mm3", "split",
+    "index", "subject_id", "sex", "age_group", "age", "brain_mask_volume_mm3", "etiv_mm3", "split",
     "center_x_mm", "center_y_mm", "center_z_mm",
 )  # fmt: skip
+# A positive control's files next to its manifest (written by `brainlatent plant`), copied to ground_truth/.
+PLANT_DESCRIPTION = "planted.json"
+PLANTED_EFFECT_MAP = "planted_effect.nii.gz"
 VOLUME_DTYPE = np.float16
 # Percentiles from every 2nd voxel per axis once a brain has this many voxels: 1/8 of HCP's ~3.5 M brain
 # voxels (0.7 mm) still pins the 0.5/99.5 percentiles to well under 1 % and saves ~70 ms per subject.
@@ -222,7 +237,9 @@ def intensity_range(brain: Brain, percentiles: tuple[float, float]) -> tuple[flo
 class SubjectQC:
     """What preprocessing measured on one subject (everything but the volume)."""
 
-    brain_volume_mm3: float  # native mask volume
+    brain_mask_volume_mm3: float  # native mask volume
+    etiv_mm3: float  # estimated total intracranial volume (data/headsize.py)
+    etiv_fit_rms_mm: float  # how well the affine fitted the brain's outline
     center_mm: tuple[float, float, float]  # native mask centre of mass, world RAS
     intensity_low: float  # the intensity percentiles mapped to 0 and 1
     intensity_high: float
@@ -242,20 +259,31 @@ def preprocess_image(
     fov_mm: tuple[float, float, float],
     percentiles: tuple[float, float] = (0.5, 99.5),
     fit_bbox: bool = False,
+    head_size: bool = True,
 ) -> tuple[np.ndarray, SubjectQC]:
     """Read, reorient, resample and normalise one brain-extracted T1w image.
 
-    Returns the (shape) float16 volume in [0, 1] and its QC measures. Raises BadInputError.
+    Returns the (shape) float16 volume in [0, 1] and its QC measures (``head_size=False``: no eTIV, NaN).
+    Raises BadInputError, also when the affine registration behind the eTIV folds (not a brain).
     """
     brain = read_brain(path)
     grid = subject_grid(brain, shape, fov_mm, fit_bbox)
     lo, hi = intensity_range(brain, percentiles)
+    etiv_mm3 = fit_rms_mm = math.nan
+    if head_size:
+        try:
+            head = estimate_etiv(brain.data > 0, brain.affine, brain.center_mm)
+        except ValueError as err:
+            raise BadInputError(f"head size: {err}") from None
+        etiv_mm3, fit_rms_mm = head.etiv_mm3, head.rms_mm
     volume = resample_to_grid(brain.data, brain.affine, grid)
     volume = np.clip((volume - lo) / (hi - lo), 0.0, 1.0)
     half = grid.fov_mm / 2
     overflow = np.maximum(brain.bbox_max_mm - (grid.center_mm + half), (grid.center_mm - half) - brain.bbox_min_mm)
     qc = SubjectQC(
-        brain_volume_mm3=brain.volume_mm3,
+        brain_mask_volume_mm3=brain.volume_mm3,
+        etiv_mm3=etiv_mm3,
+        etiv_fit_rms_mm=fit_rms_mm,
         center_mm=tuple(float(c) for c in brain.center_mm),
         intensity_low=lo,
         intensity_high=hi,
@@ -274,10 +302,15 @@ def _process_subject(subject: Subject, cfg: DataConfig) -> tuple[np.ndarray, Sub
 
 # ------------------------------------------------------------------------------------------ splits
 def assign_splits(strata: list[str], fractions: tuple[float, float, float], seed: int) -> np.ndarray:
-    """Seeded split labels (train/val/test) stratified by ``strata`` (e.g. ``"F/26-30"``), one per subject.
+    """Seeded split labels (train/val/test) stratified by ``strata`` (e.g. ``"F/26-30"``), one per subject."""
+    return np.array(SPLITS, dtype=object)[deal_groups(strata, fractions, seed)]
+
+
+def deal_groups(strata: list[str], fractions, seed: int) -> np.ndarray:
+    """Seeded group indices (0..len(fractions)-1), stratified by ``strata``, one per subject.
 
     Subjects are ordered by stratum (seeded random order within each) and dealt out one at a time, each to
-    the split furthest below its target share so far. A stratum is a contiguous run of that order, so it
+    the group furthest below its target share so far. A stratum is a contiguous run of that order, so it
     gets its proportional share +-1 subject, and the totals match ``fractions`` to within one subject. We
     write this ourselves because per-stratum rounding and scikit-learn's stratified splitters break on
     strata of one or two subjects, which small cohorts always have.
@@ -286,14 +319,14 @@ def assign_splits(strata: list[str], fractions: tuple[float, float, float], seed
     tie_break = np.random.default_rng(seed).permutation(n)
     order = sorted(range(n), key=lambda i: (strata[i], tie_break[i]))
     target = np.asarray(fractions, dtype=float)
-    dealt = np.zeros(len(SPLITS))
-    labels = np.empty(n, dtype=object)
+    dealt = np.zeros(len(target))
+    groups = np.empty(n, dtype=np.int64)
     for k, i in enumerate(order, start=1):
-        # The deficits sum to 1 > 0, so a split with fraction 0 (deficit 0) is never chosen.
-        s = int(np.argmax(target * k - dealt))
-        dealt[s] += 1
-        labels[i] = SPLITS[s]
-    return labels
+        # The deficits sum to 1 > 0, so a group with fraction 0 (deficit 0) is never chosen.
+        g = int(np.argmax(target * k - dealt))
+        dealt[g] += 1
+        groups[i] = g
+    return groups
 
 
 # ----------------------------------------------------------------------------------------- prepare
@@ -315,12 +348,15 @@ def load_cohort(cfg: DataConfig, project_root: Path | None = None) -> Cohort:
     """The cohort ``cfg.source`` points at (paths relative to ``project_root``, default cwd)."""
     root = Path.cwd() if project_root is None else Path(project_root)
     path = _resolve(cfg.path, root)
+    clash = sorted(set(cfg.covariates) & set(SUBJECT_COLUMNS))
+    if clash:
+        raise ValueError(f"data.covariates {clash}: these names are subjects.csv's own columns; rename them")
     if cfg.source == "synthetic":
-        return load_synthetic(path)
+        return load_synthetic(path, cfg.covariates)
     if cfg.source == "hcp":
         assert cfg.hcp_csv is not None  # DataConfig validation guarantees it
-        return load_hcp(path, _resolve(cfg.hcp_csv, root), image=cfg.hcp_image)
-    return load_manifest(path)
+        return load_hcp(path, _resolve(cfg.hcp_csv, root), image=cfg.hcp_image, covariates=cfg.covariates)
+    return load_manifest(path, cfg.covariates)
 
 
 def prepare(cfg: DataConfig, project_root: Path | None = None) -> PrepareResult:
@@ -363,6 +399,8 @@ def prepare(cfg: DataConfig, project_root: Path | None = None) -> PrepareResult:
         del volumes
         if cohort.source == "synthetic":
             _write_ground_truth(_resolve(cfg.path, root), tmp / "ground_truth", grid)
+        elif PLANTED_LABEL in subjects.columns:
+            _write_planted_truth(_resolve(cfg.path, root).parent, tmp / "ground_truth", grid)
         qc = _qc_report(cfg, cohort, subjects, qcs, rejected, grid, time.perf_counter() - started)
         (tmp / "qc.json").write_text(json.dumps(qc, indent=2))
         _swap_into_place(tmp, out_dir)
@@ -438,14 +476,16 @@ def _check_counts(n_accepted: int, rejected: list[Rejection], max_fraction: floa
 
 
 def _subjects_table(subjects: list[Subject], qcs: list[SubjectQC], splits: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame(
+    covariates = list(dict.fromkeys(name for s in subjects for name in s.covariates))  # the loader's order
+    table = pd.DataFrame(
         {
             "index": np.arange(len(subjects)),
             "subject_id": [s.subject_id for s in subjects],
             "sex": [s.sex for s in subjects],
             "age_group": [s.age_group for s in subjects],
             "age": [s.age if s.age is not None else math.nan for s in subjects],
-            "brain_volume_mm3": [round(q.brain_volume_mm3, 1) for q in qcs],
+            "brain_mask_volume_mm3": [round(q.brain_mask_volume_mm3, 1) for q in qcs],
+            "etiv_mm3": [round(q.etiv_mm3, 1) for q in qcs],
             "split": splits,
             "center_x_mm": [round(q.center_mm[0], 3) for q in qcs],
             "center_y_mm": [round(q.center_mm[1], 3) for q in qcs],
@@ -453,6 +493,11 @@ def _subjects_table(subjects: list[Subject], qcs: list[SubjectQC], splits: np.nd
         },
         columns=list(SUBJECT_COLUMNS),
     )
+    for name in covariates:
+        table[name] = [s.covariates[name] for s in subjects]
+    if PLANTED_LABEL in table.columns:
+        table[PLANTED_LABEL] = table[PLANTED_LABEL].astype(int)
+    return table
 
 
 def _write_montage(volumes: np.ndarray, subjects: pd.DataFrame, n: int, grid: Grid, path: Path) -> None:
@@ -473,16 +518,34 @@ def _write_ground_truth(src_root: Path, out: Path, grid: Grid) -> None:
     maps = sorted((src_root / SYNTHETIC_EFFECT_MAPS).glob("*.nii*"))
     if not maps:
         log.warning("no effect maps in %s", src_root / SYNTHETIC_EFFECT_MAPS)
+    for path in maps:
+        name = path.name if path.name.endswith(".nii.gz") else f"{path.name.removesuffix('.nii')}.nii.gz"
+        _write_effect_map(path, out / name, grid)
+
+
+def _write_planted_truth(src_dir: Path, out: Path, grid: Grid) -> None:
+    """Positive control (a manifest with a ``planted`` column): its description and its effect map."""
+    description = src_dir / PLANT_DESCRIPTION
+    if not description.is_file():
+        log.warning("the manifest has a %r column but %s is missing: no planted ground truth", PLANTED_LABEL,
+                    description)  # fmt: skip
+        return
+    out.mkdir()
+    shutil.copy2(description, out / PLANT_DESCRIPTION)
+    effect_map = src_dir / PLANTED_EFFECT_MAP
+    if not effect_map.is_file():
+        raise ValueError(f"{description} describes a positive control but {effect_map} is missing")
+    _write_effect_map(effect_map, out / PLANTED_EFFECT_MAP, grid)
+
+
+def _write_effect_map(path: Path, out: Path, grid: Grid) -> None:
+    """Resample a 3D effect map (its own template affine, via world coordinates) onto ``grid``."""
     from brainlatent.viz.montage import save_nifti
 
-    for path in maps:
-        img = nib.as_closest_canonical(nib.squeeze_image(nib.load(path)))
-        if img.ndim != 3:
-            raise ValueError(f"{path}: effect maps must be 3D volumes, got shape {img.shape}")
-        # Via world coordinates: the maps carry their own (template) affine.
-        resampled = resample_to_grid(img.get_fdata(dtype=np.float32), img.affine, grid)
-        name = path.name if path.name.endswith(".nii.gz") else f"{path.name.removesuffix('.nii')}.nii.gz"
-        save_nifti(resampled, grid.affine, out / name)
+    img = nib.as_closest_canonical(nib.squeeze_image(nib.load(path)))
+    if img.ndim != 3:
+        raise ValueError(f"{path}: effect maps must be 3D volumes, got shape {img.shape}")
+    save_nifti(resample_to_grid(img.get_fdata(dtype=np.float32), img.affine, grid), grid.affine, out)
 
 
 def _summary(values) -> dict[str, float]:
@@ -520,11 +583,15 @@ def _qc_report(
             "low": _summary([q.intensity_low for q in qcs]),
             "high": _summary([q.intensity_high for q in qcs]),
         },
-        "brain_volume_mm3": {
-            sex: _summary(subjects.loc[subjects["sex"] == sex, "brain_volume_mm3"])
-            for sex in ("F", "M")
-            if (subjects["sex"] == sex).any()
+        **{
+            column: {
+                sex: _summary(subjects.loc[subjects["sex"] == sex, column])
+                for sex in ("F", "M")
+                if (subjects["sex"] == sex).any()
+            }
+            for column in ("brain_mask_volume_mm3", "etiv_mm3")
         },
+        "etiv_fit_rms_mm": _summary([q.etiv_fit_rms_mm for q in qcs]),
         "fov_overflow_mm": {
             sid: round(q.fov_overflow_mm, 2)
             for sid, q in zip(subjects["subject_id"], qcs)
