@@ -182,3 +182,14 @@ def render_offline(chromium: str, url: str, png: Path, profile: Path, budget_ms:
         f"chromium --screenshot {url} exited {shot.returncode}: {shot.stderr[-3000:]}"
     )
     return dom.stdout
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, what: str, expected: str) -> None:
+    """``proc`` (a `brainlatent` command) failed as a user mistake: exit 2, no traceback, and one `error: ...`
+    line holding ``expected`` as the last thing it printed."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"{what}: exit {proc.returncode}, expected 2\n{out[-3000:]}"
+    assert "Traceback" not in out, f"{what} printed a traceback:\n{out[-3000:]}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], f"{what}: expected one `error: ...{expected}...` line:\n{out}"
+    assert proc.stderr.rstrip().endswith(errors[0]), f"{what}: the error line is not the last word:\n{out}"

@@ -16,7 +16,7 @@ import pytest
 import typer
 
 from brainlatent.cli import app
-from e2e_utils import free_port, stop_process_group, wait_healthy
+from e2e_utils import assert_one_error_line, free_port, stop_process_group, wait_healthy
 
 CLI = Path(sys.executable).parent / "brainlatent"
 
@@ -45,15 +45,6 @@ def _run(args: list[str], cwd: Path, env_uri: str) -> subprocess.CompletedProces
     return subprocess.run([str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _assert_one_error_line(proc: subprocess.CompletedProcess, what: str, expected: str) -> None:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, f"{what}: exit {proc.returncode}, expected 2\n{out[-3000:]}"
-    assert "Traceback" not in out, f"{what} printed a traceback:\n{out[-3000:]}"
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], f"{what}: expected one `error: ...{expected}...` line:\n{out}"
-    assert proc.stderr.rstrip().endswith(errors[0]), f"{what}: the error line is not the last word:\n{out}"
-
-
 def test_every_command_is_classified():
     """A new command must be added to TRACKED (and so tested below) or to UNTRACKED."""
     commands = set(typer.main.get_command(app).commands)
@@ -70,7 +61,7 @@ def test_every_tracked_command_says_the_server_is_down_in_one_line(project):
     with ThreadPoolExecutor(max_workers=3) as pool:
         procs = dict(zip(TRACKED, pool.map(lambda name: _run([name, *TRACKED[name]], project, uri), TRACKED)))
     for name, proc in procs.items():
-        _assert_one_error_line(proc, f"brainlatent {name}",
+        assert_one_error_line(proc, f"brainlatent {name}",
                                f"MLflow tracking server {uri} (from MLFLOW_TRACKING_URI) is unreachable")
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
 
@@ -89,7 +80,7 @@ def test_ui_on_a_reachable_tracking_server_points_there(project, tmp_path):
         proc = _run(["ui", "--port", "1"], project, f"http://127.0.0.1:{port}")
     finally:
         stop_process_group(server)
-    _assert_one_error_line(proc, "brainlatent ui", f"is the tracking server http://127.0.0.1:{port}: open its UI")
+    assert_one_error_line(proc, "brainlatent ui", f"is the tracking server http://127.0.0.1:{port}: open its UI")
 
 
 @pytest.mark.parametrize("uri, expected", [
@@ -100,5 +91,5 @@ def test_ui_on_a_reachable_tracking_server_points_there(project, tmp_path):
 def test_a_database_store_that_is_down_or_has_no_driver_is_one_line(project, uri, expected):
     port = free_port()
     proc = _run(["registry"], project, uri.format(port=port))
-    _assert_one_error_line(proc, "brainlatent registry", expected.format(port=port))
+    assert_one_error_line(proc, "brainlatent registry", expected.format(port=port))
     assert "secret" not in proc.stdout + proc.stderr  # the password never reaches a message
