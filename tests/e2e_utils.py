@@ -19,7 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # What a user's checkout holds that the pipeline, `mlflow run` and the notebooks read.
 PROJECT_FILES = ("dvc.yaml", "MLproject", "python_env.yaml", ".gitignore")
-PROJECT_DIRS = ("src", "notebooks")
+PROJECT_DIRS = ("src", "notebooks", "offline_plots")
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -66,6 +66,7 @@ def make_project(dest: Path, params: dict) -> tuple[Path, dict[str, str]]:
     env = pipeline_env(dest)
     run(["git", "init", "-q"], dest, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest, env)
+    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")  # the project's DVC settings (offline plots)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "init"], dest, env)
     return dest, env

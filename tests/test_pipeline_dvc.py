@@ -10,6 +10,7 @@ rewrites train@vae's outputs (as `brainlatent train` does) and so leaves the DVC
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import yaml
 from conftest import REPO, tiny_params_dict
 from e2e_utils import (
     dvc,
+    render_offline,
     find_or_install_chromium,
     free_port,
     make_project,
@@ -132,6 +134,49 @@ def test_champions_registered_and_loadable(store):
         assert not loaded.model.training  # load_model hands back eval mode
 
 
+# ---------------------------------------------------------------------- README's commands, as written
+def test_readme_commands_work_on_the_pipelines_models(pipeline, chromium, tmp_path):
+    """What README's "Everyday use" sends a user to, typed as written after `make repro` (tests/test_readme_commands.py
+    lists them; the cheap ones run there in a tiny project without a pipeline)."""
+    repo, env, _ = pipeline
+    cli = [str(Path(sys.executable).parent / "brainlatent")]
+
+    registry_txt = run([*cli, "registry"], repo, env).stdout
+    for fam in FAMILIES:
+        assert registry.registered_name(fam) in registry_txt and "champion" in registry_txt
+    shown = run([*cli, "show", "models:/brainlatent-vae@champion"], repo, env).stdout
+    assert re.match(r"brainlatent-vae version \d+  aliases: .*champion", shown), shown
+
+    # A user's own scan: a held-out subject's brain-extracted T1w, under the README's file name.
+    subject = next(p for p in sorted((repo / "data/raw/synthetic").glob("*/T1w/T1w_acpc_dc_restore_brain.nii.gz")))
+    shutil.copy(subject, repo / "my_T1w_brain.nii.gz")
+    out = run([*cli, "traverse", "--model-uri", "models:/brainlatent-vae@champion", "--input", "my_T1w_brain.nii.gz",
+               "--direction", "age_old", "--steps=-2,-1,0,1,2", "--out", "traversal/"], repo, env).stdout
+    assert "files written to traversal" in out
+    assert len(list((repo / "traversal").glob("age_old_step*sd.nii.gz"))) == 5
+    assert (repo / "traversal" / "traversal.json").is_file() and (repo / "traversal" / "age_old_strip.png").is_file()
+
+    lookup = ('from brainlatent.registry import load_model\n'
+              'vae = load_model("models:/brainlatent-vae@champion").model   # encode / decode / sample\n'
+              'print(type(vae).__name__, all(hasattr(vae, m) for m in ("encode", "decode", "sample")))\n')
+    assert run([sys.executable, "-c", lookup], repo / "notebooks", env).stdout.strip() == "VAE True"
+
+    # Evaluating a version by hand leaves the pipeline's own metrics (and DVC's view of them) alone.
+    before = (repo / "metrics" / "evaluate" / "vae.json").read_bytes()
+    out = run([*cli, "evaluate", "--model", "vae", "--model-uri", "models:/brainlatent-vae/1"], repo, env).stdout
+    assert out.startswith("vae v1:")
+    assert (repo / "metrics" / "evaluate" / "vae.json").read_bytes() == before
+    assert json.loads(dvc(["status", "--json"], repo, env)) == {}
+
+    # `dvc plots show` draws offline (the project's .dvc/config points DVC at the inlined template).
+    dvc(["plots", "show"], repo, env)
+    page = repo / "dvc_plots" / "index.html"
+    ARTIFACTS.mkdir(exist_ok=True)
+    dom = render_offline(chromium, page.as_uri(), tmp_path / "plots.png", tmp_path / "profile-plots")
+    shutil.copy(tmp_path / "plots.png", ARTIFACTS / "dvc_plots_pipeline.png")
+    assert dom.count('class="marks"') >= 8, "fewer charts drawn than the directions' ROC and effect plots"
+
+
 # ---------------------------------------------------------------------------------- notebooks
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(pipeline, name, monkeypatch):
@@ -213,7 +258,7 @@ def test_mlflow_ui_shows_runs_and_models(pipeline, store, ui_server, chromium, t
 
 # --------------------------------------------------------------------------- DVC experiments
 # README's "Everyday use": experiments that change a tuned key pin it, so the model really changes.
-WORKSPACE_EXPS = {"beta-low": 0.3, "beta-high": 1.6}
+WORKSPACE_EXPS = {"beta-low": 0.25, "beta-high": 2.0}  # README's own commands
 QUEUED_EXPS = {"queued-low": 0.2, "queued-high": 1.2}
 QUEUE_TIMEOUT_S = 1800  # a safety net against a hung worker, not a timing assertion
 
