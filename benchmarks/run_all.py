@@ -31,6 +31,7 @@ SCRIPTS = [
     ["bench_preprocess.py", "--n", "2", "--repeats", "2"],
     ["bench_synthetic.py", "--n", "4"],
     ["bench_ae_architecture.py", "--processed", str(PROCESSED)],
+    ["bench_quality.py", "--processed", str(PROCESSED)],
 ]
 
 
@@ -43,7 +44,7 @@ def main() -> int:
         print(header, flush=True)
         report.write(header)
         for script, *args in SCRIPTS:
-            if script == "bench_ae_architecture.py" and not PROCESSED.is_dir():
+            if script in ("bench_ae_architecture.py", "bench_quality.py") and not PROCESSED.is_dir():
                 print(f"\n(skipped {script}: no {PROCESSED}; run `dvc repro prepare` first)", flush=True)
                 continue
             title = f"\n## {script} {' '.join(args)}\n"
