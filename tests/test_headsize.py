@@ -15,6 +15,13 @@ VOXEL_MM = 3.0
 POLE_MM = np.array([0.0, -100.0, 5.0])  # the template brain's occipital pole, on its outline
 
 
+def template_box(shape) -> tuple[np.ndarray, np.ndarray]:
+    """A 3 mm grid of ``shape`` centred on the template brain: (affine, world mm (3, X*Y*Z) of its voxels)."""
+    affine = np.diag([VOXEL_MM] * 3 + [1.0])
+    affine[:3, 3] = load_template().center_mm - VOXEL_MM * (np.array(shape) - 1) / 2
+    return affine, affine[:3, :3] @ np.indices(shape).reshape(3, -1) + affine[:3, 3:]
+
+
 def brain(linear=(1.0, 1.0, 1.0), bulge_mm: float = 0.0, debris_ml: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The template's brain mask scaled by ``linear`` about its centre on a 3 mm grid: (mask, affine).
 
@@ -23,9 +30,7 @@ def brain(linear=(1.0, 1.0, 1.0), bulge_mm: float = 0.0, debris_ml: float = 0.0)
     """
     tpl = load_template()
     shape = (72, 88, 72)
-    affine = np.diag([VOXEL_MM] * 3 + [1.0])
-    affine[:3, 3] = tpl.center_mm - VOXEL_MM * (np.array(shape) - 1) / 2
-    x = affine[:3, :3] @ np.indices(shape).reshape(3, -1) + affine[:3, 3:]
+    affine, x = template_box(shape)
     c = tpl.center_mm.reshape(3, 1)
     y = c + (x - c) / np.reshape(linear, (3, 1))  # backward map into the template
     if bulge_mm:

@@ -104,6 +104,44 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     _run(go)
 
 
+@app.command()
+def plant(
+    out: Annotated[Path, typer.Option(help="Folder of the new cohort (manifest.csv, images/, planted.json, map).")],
+    effect: Annotated[str, typer.Option(help="enlarge (an atlas region), scale (the brain) or intensity.")] = "enlarge",
+    region: Annotated[str, typer.Option(help="enlarge / intensity: an anatomy.LOCAL_REGIONS key.")] = "occipital_poles",
+    magnitude: Annotated[float, typer.Option(help="enlarge: region volume x(1+m); scale: brain volume x(1+m); "
+                                                  "intensity: x(1+m) at the region centres.")] = 0.3,
+    seed: Annotated[int, typer.Option(help="Chooses the planted half and the sub-voxel shifts.")] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Positive control: plant a known effect into a seeded half of the cohort `data` describes, as a new
+    manifest cohort with a `planted` label (docs/positive_controls.md). The input is never modified."""
+
+    def go():
+        from pydantic import ValidationError
+
+        from brainlatent.data.plant import PlantSpec
+        from brainlatent.data.plant import plant as run_plant
+
+        p = _load(params, set_)
+        try:
+            spec = PlantSpec(effect=effect, region=region, magnitude=magnitude, seed=seed)
+        except ValidationError as err:  # one clear line, like every other bad input
+            messages = [e["msg"].removeprefix("Value error, ") for e in err.errors()]
+            raise ValueError("plant: " + "; ".join(messages)) from None
+        result = run_plant(spec, p.data, out)
+        covariates = ",".join(p.data.covariates)
+        typer.echo(
+            f"planted {spec.effect} into {result.n_planted} subjects ({result.n_control} controls, "
+            f"{len(result.rejected)} left out) -> {result.manifest}\n  next: brainlatent prepare "
+            f"--set data.source=manifest --set data.path={result.manifest}"
+            + (f" --set data.covariates=[{covariates}]" if covariates else "")
+        )
+
+    _run(go)
+
+
 FamilyOpt = Annotated[str, typer.Option("--model", "-m", help="Model family: ae, vae, gan or stylegan.")]
 ModelUriOpt = Annotated[
     Optional[str],

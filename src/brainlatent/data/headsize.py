@@ -59,11 +59,18 @@ class _TemplateSurface:
 
 @lru_cache(maxsize=1)
 def _template_surface() -> _TemplateSurface:
-    from brainlatent.anatomy import load_template
+    """The MNI152 2009a brain mask's signed distance map at 1 mm, cropped to the brain + 20 mm (~6 s, once
+    per process: not ``anatomy.load_template``, whose derived regions cost as much again)."""
+    from nilearn import datasets  # imported here: nilearn's import is slow and most callers never need it
 
-    tpl = load_template()
-    mask = tpl.brain_mask
-    voxel_mm = float(abs(tpl.affine[0, 0]))
+    img = datasets.load_mni152_brain_mask(resolution=1)
+    full = np.asarray(img.get_fdata(dtype=np.float32)) > 0.5
+    ijk = np.argwhere(full)
+    lo = np.maximum(ijk.min(axis=0) - 20, 0)
+    hi = np.minimum(ijk.max(axis=0) + 21, full.shape)
+    mask = full[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    affine = img.affine @ nib.affines.from_matvec(np.eye(3), lo)
+    voxel_mm = float(abs(affine[0, 0]))
     # Distances between voxel centres; the surface lies half a voxel past the last inside centre.
     outside = ndimage.distance_transform_edt(~mask) * voxel_mm - voxel_mm / 2
     inside = ndimage.distance_transform_edt(mask) * voxel_mm - voxel_mm / 2
@@ -72,9 +79,9 @@ def _template_surface() -> _TemplateSurface:
     return _TemplateSurface(
         distance=distance,
         gradient=gradient,
-        world_to_voxel=np.linalg.inv(tpl.affine),
+        world_to_voxel=np.linalg.inv(affine),
         volume_mm3=float(mask.sum()) * voxel_mm**3,
-        center_mm=np.asarray(tpl.center_mm, float),
+        center_mm=nib.affines.apply_affine(affine, np.argwhere(mask).mean(axis=0)),
     )
 
 
@@ -106,6 +113,13 @@ class HeadSize:
     translation_mm: np.ndarray  # (3,) t
     rms_mm: float  # RMS distance of the surface points to the template surface after the fit
     outlier_fraction: float  # share of surface points further than 3 loss scales from it
+    subject_center_mm: np.ndarray  # (3,) c_s
+    template_center_mm: np.ndarray  # (3,) c_t
+
+    def to_template(self, points: np.ndarray) -> np.ndarray:
+        """Subject world mm (3, P) -> template (MNI) mm (3, P) under the fitted affine."""
+        centred = points - self.subject_center_mm.reshape(3, 1)
+        return self.matrix @ centred + (self.template_center_mm + self.translation_mm).reshape(3, 1)
 
 
 def estimate_etiv(mask: np.ndarray, affine: np.ndarray, center_mm: np.ndarray | None = None) -> HeadSize:
@@ -158,4 +172,6 @@ def estimate_etiv(mask: np.ndarray, affine: np.ndarray, center_mm: np.ndarray | 
         translation_mm=fit.x[9:].copy(),
         rms_mm=float(np.sqrt(np.mean(r**2))),
         outlier_fraction=float(np.mean(np.abs(r) > 3 * LOSS_SCALE_MM)),
+        subject_center_mm=np.asarray(center_mm, float).copy(),
+        template_center_mm=tpl.center_mm.copy(),
     )

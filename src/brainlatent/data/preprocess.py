@@ -403,7 +403,7 @@ def prepare(cfg: DataConfig, project_root: Path | None = None) -> PrepareResult:
             _write_planted_truth(_resolve(cfg.path, root).parent, tmp / "ground_truth", grid)
         qc = _qc_report(cfg, cohort, subjects, qcs, rejected, grid, time.perf_counter() - started)
         (tmp / "qc.json").write_text(json.dumps(qc, indent=2))
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -603,7 +603,7 @@ def _qc_report(
     }
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     """Replace ``out`` by the finished ``tmp`` folder with renames (same file system, near-atomic)."""
     old = None
     if out.exists():

@@ -208,7 +208,7 @@ def _region_volume(region: anatomy.LocalRegion, field: LatticeField | None) -> f
     return float((((y - c) ** 2).sum(axis=0) <= region.radius_mm**2).sum())
 
 
-def _local_effect(recipe: str, effect: float, tpl: anatomy.Template, region: anatomy.LocalRegion):
+def local_effect(recipe: str, effect: float, tpl: anatomy.Template, region: anatomy.LocalRegion):
     """(backward displacement per sign, rate, measured male / female region volume ratio).
 
     template: a volume-neutral radial expansion (the region grows, a shell around it gives way), males
@@ -291,7 +291,7 @@ def _model(key: _ModelKey) -> _Model:
 
     velocity = _ventricle_velocity(tpl)
     table = _ventricle_table(tpl, velocity, key.max_ventricle_log_growth)
-    local, rate, ratio = _local_effect(key.recipe, key.local_sex_effect, tpl, region)
+    local, rate, ratio = local_effect(key.recipe, key.local_sex_effect, tpl, region)
 
     block = max(1, int(round(_SCREEN_BLOCK_MM / key.voxel_mm)))
     block_radius = block * key.voxel_mm * math.sqrt(3) / 2
