@@ -12,7 +12,13 @@ from mlflow.tracking import MlflowClient
 
 from brainlatent.config import params_from_dict
 from brainlatent.evaluation import evaluate_family, train_featurenet
-from brainlatent.report import build_report, comparability_warnings, directions_summary, format_value
+from brainlatent.report import (
+    build_report,
+    comparability_warnings,
+    directions_summary,
+    format_value,
+    headline_table,
+)
 from brainlatent.train.runner import train_family
 
 
@@ -25,8 +31,8 @@ def params(tiny_processed):
 
 
 def _markdown_metrics(text: str) -> dict[str, dict[str, str]]:
-    """{family: {metric: cell}} from the first Markdown table of the report (arrows and bold stripped)."""
-    lines = [line for line in text.split("## Models")[0].splitlines() if line.startswith("|")]
+    """{family: {metric: cell}} from the report's Metrics table (arrows and bold stripped)."""
+    lines = [line for line in text.split("## Metrics")[1].split("## Models")[0].splitlines() if line.startswith("|")]
     header = [h.strip().split(" ")[0] for h in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -98,7 +104,7 @@ def test_rows_from_different_feature_extractors_are_flagged():
 def test_directions_summary_marks_each_target_for_the_families_it_applies_to():
     table = pd.DataFrame(
         {"directions.sex_auc": [0.92, 0.899, 0.88], "directions.age_ventricle_sign_correct": [1.0, 1.0, 0.0],
-         "directions.sex_brain_volume_auc": [0.93, 0.93, 0.93], "fid": [float("nan"), 57.0, 6.4]},
+         "directions.sex_brain_mask_volume_auc": [0.93, 0.93, 0.93], "fid": [float("nan"), 57.0, 6.4]},
         index=["ae", "vae", "gan"],
     )
     summary = directions_summary(table)
@@ -107,6 +113,31 @@ def test_directions_summary_marks_each_target_for_the_families_it_applies_to():
     assert (sex["ae"], sex["vae"], sex["gan"]) == ("0.92 pass", "0.899 FAIL", "0.88")  # no target for the GAN
     sign = summary.loc["age direction: ventricle change has the planted sign (1 = yes)"]
     assert (sign["ae"], sign["gan"]) == ("1 pass", "0 FAIL")
-    assert summary.loc["sex: baseline AUC, brain volume alone", "target"] == ""
+    assert summary.loc["sex: baseline AUC, native brain-mask volume alone", "target"] == ""
     assert "age direction: difference map vs planted age effect (r)" not in summary.index  # not measured here
     assert directions_summary(table[["fid"]]) is None
+
+
+def test_headline_puts_every_quality_number_beside_its_floors_and_says_why_cells_are_blank():
+    table = pd.DataFrame(
+        {"c2st_auc": [float("nan"), 0.97, 1.0], "floor_real.c2st_auc": [float("nan"), 0.35, 0.35],
+         "intensity_w1": [float("nan"), 0.0074, 0.098], "floor_real.intensity_w1": [float("nan"), 0.0049, 0.0049],
+         "coverage": [float("nan"), 1.0, 0.0], "floor_real.coverage": [float("nan"), 1.0, 1.0],
+         "floor_recon.c2st_auc": [0.72, float("nan"), float("nan")],
+         "floor_recon.intensity_w1": [0.0056, float("nan"), float("nan")],
+         "floor_recon.coverage": [1.0, float("nan"), float("nan")], "fid": [float("nan"), 5.1, 6.4],
+         "directions.sex_auc": [0.92, 0.91, 0.88], "directions.sex_brain_mask_volume_auc": [0.93, 0.93, 0.93],
+         "directions.age_old_auc": [0.96, 0.97, 0.63], "directions.age_old_pca_voxels_auc": [0.89, 0.89, 0.89]},
+        index=["ae", "vae", "gan"],
+    )
+    models = pd.DataFrame({"has_samples": [False, True, True], "quality_gate": ["", "pass", "fail"],
+                           "quality_gate_reason": ["", "", "coverage 0.00 of the real scans (minimum 0.25)"]},
+                          index=["ae", "vae", "gan"])
+    top = headline_table(table, models)
+    assert top.loc["ae", "makes brains?"].startswith("not a sampler")
+    assert top.loc["vae", "makes brains?"] == "yes (quality gate passed)"
+    assert top.loc["gan", "makes brains?"] == "NO: coverage 0.00 of the real scans (minimum 0.25)"
+    assert top.loc["vae", "intensity W1 ↓"] == "0.0074 (real 0.0049; AE 0.0056)"
+    assert top.loc["gan", "W1 / AE floor"] == "17.5x" and top.loc["vae", "W1 / AE floor"] == "1.3x"
+    assert top.loc["ae", "intensity W1 ↓"] == "0.0056 (reconstructions)" and top.loc["ae", "FID ↓"] == ""
+    assert top.loc["gan", "young/old AUC, test (PCA of voxels)"] == "0.63 (baseline 0.89)"

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 # The bar plots: one rankable number per question (quality, coverage, diversity, anatomy, attributes, recon).
 HEADLINE_METRICS = (
-    "fid", "kid_mean", "mmd_rbf", "ms_ssim_diversity_gap", "anat_w1_norm_mean", "frac_male_abs_diff",
+    "c2st_auc", "intensity_w1", "coverage", "fid", "kid_mean", "mmd_rbf", "ms_ssim_diversity_gap", "anat_w1_norm_mean", "frac_male_abs_diff",
     "age_group_tv", "mse", "psnr", "ssim",
 )
 DIRECTIONS_PREFIX = "directions."
@@ -217,6 +217,59 @@ def directions_summary(table: pd.DataFrame) -> pd.DataFrame | None:
     return summary
 
 
+def _with_floor(value: float | None, *floors: tuple[str, float | None]) -> str:
+    """``0.0074 (real 0.0049; AE 0.0056)``: a number beside its floors, 3 significant digits."""
+    if value is None or pd.isna(value):
+        return ""
+    shown = [f"{name} {v:.3g}" for name, v in floors if v is not None and not pd.isna(v)]
+    return f"{value:.3g}" + (f" ({'; '.join(shown)})" if shown else "")
+
+
+def headline_table(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """The first table of the report: per family, does it make brains (the quality gate, then the sample-quality
+    numbers beside the real-vs-real floor and the AE's reconstructions) and what the directions found (held-out
+    AUCs beside their baselines). A blank a reader could misread says why it is blank."""
+    def get(family: str, key: str) -> float | None:
+        return table.at[family, key] if key in table.columns and pd.notna(table.at[family, key]) else None
+
+    recon = {k: get("ae", f"floor_recon.{k}") if "ae" in table.index else None
+             for k in ("c2st_auc", "intensity_w1", "coverage")}
+    rows = {}
+    for family in table.index:
+        samples = bool(models.at[family, "has_samples"])
+        gate = models.at[family, "quality_gate"]
+        if not samples:
+            verdict = "not a sampler (its reconstructions are the AE floor)" if family == "ae" else "not a sampler"
+        elif gate == "fail":
+            verdict = f"NO: {models.at[family, 'quality_gate_reason']}"
+        elif gate == "pass":
+            verdict = "yes (quality gate passed)"
+        else:
+            verdict = "not judged (too few evaluation scans for the quality metrics)"
+        w1, ae_w1 = get(family, "intensity_w1"), recon["intensity_w1"]
+        row = {"makes brains?": verdict}
+        for key, label in (("c2st_auc", "C2ST AUC ↓ (0.5 = real)"), ("intensity_w1", "intensity W1 ↓"),
+                           ("coverage", "coverage ↑")):
+            if samples:
+                row[label] = _with_floor(get(family, key), ("real", get(family, f"floor_real.{key}")),
+                                         ("AE", recon[key]))
+            else:
+                row[label] = _with_floor(recon[key]) + " (reconstructions)" if family == "ae" and recon[key] is not None else ""
+        row["W1 / AE floor"] = f"{w1 / ae_w1:.1f}x" if samples and w1 is not None and ae_w1 else ""
+        row["FID ↓"] = _with_floor(get(family, "fid")) if samples else ""
+        d = DIRECTIONS_PREFIX
+        row["sex AUC, test (brain-mask volume alone)"] = _with_floor(
+            get(family, f"{d}sex_auc"), ("baseline", get(family, f"{d}sex_brain_mask_volume_auc")))
+        row["sex AUC at fixed head size, test"] = _with_floor(get(family, f"{d}sex_size_controlled_auc"))
+        row["young/old AUC, test (PCA of voxels)"] = _with_floor(
+            get(family, f"{d}age_old_auc"), ("baseline", get(family, f"{d}age_old_pca_voxels_auc")))
+        row["age map vs planted (r)"] = _with_floor(get(family, f"{d}age_map_r"))
+        rows[family] = row
+    out = pd.DataFrame(rows).T
+    out.index.name = "family"
+    return out
+
+
 def comparability_warnings(models: pd.DataFrame) -> list[str]:
     """Why some rows of the table cannot be compared: ``models`` (rows = family) needs the columns
     ``featurenet`` (extractor id), ``protocol`` (evaluation protocol hash) and ``has_samples`` (bool)."""
@@ -357,11 +410,14 @@ def _html_table(frame: pd.DataFrame) -> str:
 
 
 def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str],
-                summary: pd.DataFrame | None) -> str:
-    """``summary``: :func:`directions_summary` of ``table`` (None: no directions section)."""
+                summary: pd.DataFrame | None, top: pd.DataFrame | None = None) -> str:
+    """``summary``: :func:`directions_summary` of ``table`` (None: no directions section); ``top``:
+    :func:`headline_table` (None: none)."""
     best = _best(table)
     lines = ["# Model comparison", ""]
     lines += [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
+    if top is not None:
+        lines += ["## Headline", "", _HEADLINE_NOTE, "", *_markdown_table(top), ""]
     lines += ["## Metrics", "",
               "Rows: families; columns: metrics (↓ lower is better, ↑ higher; best in bold). Values are the "
               "evaluation runs' MLflow metrics at 6 significant digits (full precision: `metrics.csv`).", ""]
@@ -384,6 +440,10 @@ def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], war
     return "\n".join(lines)
 
 
+_HEADLINE_NOTE = ("Does each family make brains, and what did its latent directions find? Sample quality "
+                  "(metrics/quality.py) on the evaluation split, each number beside its floors: `real` = other real "
+                  "scans in the role of samples, `AE` = the autoencoder's reconstructions of them (docs/metrics.md). "
+                  "Direction AUCs on the untouched test split beside their baselines.")
 _DIRECTIONS_NOTE = ("From `metrics/directions/<family>.json` (held out: the test split, which no model selection "
                     "sees; CV: train + val; docs/directions_method.md). "
                     "Targets are the checks on the embedded synthetic cohort; ground-truth rows appear only "
@@ -395,7 +455,7 @@ def _data_uri(path: Path) -> str:
 
 
 def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str],
-            figures: dict[str, Path], summary: pd.DataFrame | None) -> str:
+            figures: dict[str, Path], summary: pd.DataFrame | None, top: pd.DataFrame | None = None) -> str:
     """A self-contained page (figures embedded as data URIs; each also links to its file next to it);
     ``summary`` as in :func:`to_markdown`."""
     esc = html.escape
@@ -409,6 +469,7 @@ def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warning
         )
         body += f"<tr><th>{esc(str(family))}</th>{cells}</tr>\n"
     warn = "".join(f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in warnings)
+    headline = "" if top is None else f"<h2>Headline</h2><p>{esc(_HEADLINE_NOTE)}</p>{_html_table(top)}"
     directions = "" if summary is None else (
         f"<h2>Latent directions</h2><p>{esc(_DIRECTIONS_NOTE)}</p>{_html_table(summary)}")
     note = ("<h2>Not included</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
@@ -424,7 +485,8 @@ th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; }} td {{ text-align: ri
 td.best {{ font-weight: bold; background: #e8f5e9; }} .scroll {{ overflow-x: auto; }}
 .warn {{ color: #b71c1c; }} img {{ max-width: 100%; }}
 </style></head><body>
-<h1>Model comparison</h1>{warn}
+<h1>Model comparison</h1>{warn}{headline}
+<h2>Metrics</h2>
 <p>Rows: families; columns: metrics (&darr; lower is better, &uarr; higher; best highlighted). Values are the
 evaluation runs' MLflow metrics at 6 significant digits (full precision: <a href="metrics.csv">metrics.csv</a>).
 Reconstruction metrics of the GAN families come from latent inversion; PSNR is capped at 100 dB per volume.</p>
@@ -465,6 +527,8 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
             "featurenet": r.run.data.tags.get("featurenet.id", ""),
             "protocol": r.run.data.tags.get("eval_protocol", ""),
             "has_samples": any(k == "fid" for k in r.run.data.metrics),
+            "quality_gate": r.run.data.tags.get("quality_gate", ""),
+            "quality_gate_reason": r.run.data.tags.get("quality_gate_reason", ""),
         }
         for r in rows
     }).T
@@ -480,10 +544,15 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
         "Samples (tri-planar mid slices)": samples_figure(rows, params.train.n_samples, out_dir / "samples.png"),
         "Headline metrics": metrics_figure(table, out_dir / "metrics.png"),
     }
-    shown_models = models.drop(columns=["has_samples"])
+    top = headline_table(table, models)
+    top.to_csv(out_dir / "headline.csv")
+    for family, verdict in top["makes brains?"].items():
+        if verdict.startswith("NO"):
+            log.warning("report: %s DOES NOT GENERATE BRAINS: %s", family, verdict)
+    shown_models = models.drop(columns=["has_samples", "quality_gate_reason"])
     summary = directions_summary(table)
-    (out_dir / "metrics.md").write_text(to_markdown(table, shown_models, notes, warnings, summary))
-    (out_dir / "index.html").write_text(to_html(table, shown_models, notes, warnings, figures, summary))
+    (out_dir / "metrics.md").write_text(to_markdown(table, shown_models, notes, warnings, summary, top))
+    (out_dir / "index.html").write_text(to_html(table, shown_models, notes, warnings, figures, summary, top))
 
     exp_id = tracking.experiment_id(tracking.REPORT_EXPERIMENT, root)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
