@@ -80,7 +80,7 @@ def test_hcp_layout_and_unrestricted_csv(cohort, truth):
 def test_images_are_valid_skull_stripped_nifti(cohort, truth):
     grid = synthetic.output_grid(CFG.voxel_mm)
     template = anatomy.load_template()
-    for subject, icv in zip(truth.Subject[:5], truth.icv_mm3[:5]):
+    for subject, icv in zip(truth.Subject[:5], truth.brain_mask_volume_mm3[:5]):
         img = _image(cohort, subject)
         assert img.shape == grid.shape == (46, 54, 46)
         np.testing.assert_allclose(img.affine, grid.affine)
@@ -131,7 +131,7 @@ def test_draw_subjects_is_seeded():
 # --------------------------------------------------------------------------------- planted effects
 def test_sex_scales_the_brain(cohort, truth):
     male = (truth.sex == "M").to_numpy()
-    ratio = truth.icv_mm3[male].mean() / truth.icv_mm3[~male].mean()
+    ratio = truth.brain_mask_volume_mm3[male].mean() / truth.brain_mask_volume_mm3[~male].mean()
     assert 1.04 < ratio < 1.17  # planted 1.10, with SD 0.05 of log volume within sex
     assert (truth.scale_factor[male].mean() ** 3) / (truth.scale_factor[~male].mean() ** 3) == pytest.approx(
         ratio, abs=0.03
@@ -160,7 +160,7 @@ def test_measured_ventricles_track_the_truth(cohort, truth):
     ventricles = measured.ventricle_volume_mm3
     assert np.corrcoef(ventricles, truth.ventricle_volume_mm3)[0, 1] >= 0.9
     assert np.corrcoef(ventricles, truth.age)[0, 1] >= 0.8
-    assert np.corrcoef(measured.brain_volume_mm3, truth.brain_volume_mm3)[0, 1] >= 0.8
+    assert np.corrcoef(measured.brain_volume_mm3, truth.parenchyma_volume_mm3)[0, 1] >= 0.8
 
 
 def test_effect_maps_show_the_planted_effects(cohort):
@@ -259,7 +259,7 @@ def test_tissue_recipe_is_seeded_and_recorded(tissue_cohort, tmp_path):
     truth = pd.read_csv(tissue_cohort / "ground_truth.csv")
     assert list(truth.columns) == list(synthetic.GROUND_TRUTH_COLUMNS)
     # Brains smaller than the template on average (mean_volume_ratio 0.85), sexes drawn around it.
-    assert 0.75 < truth.icv_mm3.mean() / meta["template_volumes"]["icv_mm3"] < 0.95
+    assert 0.75 < truth.brain_mask_volume_mm3.mean() / meta["template_volumes"]["brain_mask_volume_mm3"] < 0.95
 
 
 def test_tissue_contrast_is_another_scanners(tissue_cohort, cohort):
@@ -292,8 +292,8 @@ def test_tissue_local_sex_effect_grows_the_region_and_the_brain(tissue_model):
         1 + TISSUE.tissue.local_sex_effect, abs=0.06
     )
     grown = TISSUE.tissue.local_sex_effect * female["sex_region_volume_mm3"]
-    assert male["brain_volume_mm3"] - female["brain_volume_mm3"] > 0.7 * grown
-    assert male["icv_mm3"] > female["icv_mm3"]
+    assert male["parenchyma_volume_mm3"] - female["parenchyma_volume_mm3"] > 0.7 * grown
+    assert male["brain_mask_volume_mm3"] > female["brain_mask_volume_mm3"]
     assert male["ventricle_volume_mm3"] == pytest.approx(female["ventricle_volume_mm3"], rel=0.03)
 
 

@@ -70,7 +70,8 @@ IMAGE_SCALE = 1000.0  # template recipe: intensity 1 -> 1000: WM ~870, GM ~650, 
 COHORT_JSON = anatomy.COHORT_JSON
 GROUND_TRUTH_COLUMNS = (
     "Subject", "sex", "age", "scale_factor", "ventricle_volume_mm3", "gm_volume_mm3",
-    "cortical_gm_volume_mm3", "brain_volume_mm3", "icv_mm3", "sex_region_volume_mm3", "intensity_scale",
+    "cortical_gm_volume_mm3", "parenchyma_volume_mm3", "brain_mask_volume_mm3", "sex_region_volume_mm3",
+    "intensity_scale",
     "rotation_deg", "translation_mm",
 )  # fmt: skip
 # Where each recipe plants its local sex effect (anatomy.LOCAL_REGIONS).
@@ -311,8 +312,8 @@ def _model(key: _ModelKey) -> _Model:
         "ventricle_volume_mm3": float(tpl.ventricles.sum()),
         "cortical_gm_volume_mm3": float(cortex_gm.sum()),
         "gm_volume_mm3": float((tpl.gm * tpl.brain_mask).sum()),
-        "brain_volume_mm3": float(parenchyma.sum()),
-        "icv_mm3": float(tpl.brain_mask.sum()),
+        "parenchyma_volume_mm3": float(parenchyma.sum()),
+        "brain_mask_volume_mm3": float(tpl.brain_mask.sum()),
         "sex_region_volume_mm3": float(parenchyma[tpl.region(region_name)].sum()),
     }
     return _Model(
@@ -583,8 +584,8 @@ def _render(
         "ventricle_volume_mm3": sums["ventricles"] * vv,
         "gm_volume_mm3": sums["gm"] * vv,
         "cortical_gm_volume_mm3": sums["cortical_gm"] * vv,
-        "brain_volume_mm3": sums["brain"] * vv,
-        "icv_mm3": sums["mask"] * vv,
+        "parenchyma_volume_mm3": sums["brain"] * vv,
+        "brain_mask_volume_mm3": sums["mask"] * vv,
         "sex_region_volume_mm3": sums["region"] * vv,
     }
     return image, truth
