@@ -67,6 +67,7 @@ IMAGES = "images"
 _EFFECT_MAP_VOXEL_MM = 2.0  # the planted map's grid: the template box at 2 mm
 _MARGIN_MM = 25.0  # voxels further than this from the brain's bounding box stay background
 _CHUNK_POINTS = 2_000_000  # output voxels per chunk (bounds memory at 0.7 mm)
+_COARSE_MM = 2.0  # smooth effect fields are evaluated on a lattice this fine, then interpolated
 
 
 @pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True, frozen=True))
@@ -165,34 +166,75 @@ def plant_image(path: Path, effect: _Effect | None, shift_voxels: np.ndarray) ->
     head = None if effect is None else estimate_etiv(brain.data > 0, brain.affine, brain.center_mm)
     inside = (data > 0).astype(np.float32)
     to_voxel = np.linalg.inv(affine)
-    lo = to_voxel[:3, :3] @ np.stack([brain.bbox_min_mm - _MARGIN_MM, brain.bbox_max_mm + _MARGIN_MM]).T
-    lo = lo + to_voxel[:3, 3:]
-    start = np.maximum(np.floor(lo.min(axis=1)).astype(int), 0)
-    stop = np.minimum(np.ceil(lo.max(axis=1)).astype(int) + 1, data.shape)
-    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    corners = to_voxel[:3, :3] @ np.stack([brain.bbox_min_mm - _MARGIN_MM, brain.bbox_max_mm + _MARGIN_MM]).T
+    corners = corners + to_voxel[:3, 3:]
+    start = np.maximum(np.floor(corners.min(axis=1)).astype(int), 0)
+    stop = np.minimum(np.ceil(corners.max(axis=1)).astype(int) + 1, data.shape)
     box_shape = tuple(int(b - a) for a, b in zip(start, stop))
+    box_to_world = affine @ nib.affines.from_matvec(np.eye(3), start)
+
+    # The backward map, world -> world: [the effect's displacement], the global scale about the brain's
+    # centre, the sub-voxel shift; then world -> source voxel.
+    linear = nib.affines.from_matvec(np.eye(3), affine[:3, :3] @ shift_voxels)
+    if effect is not None and effect.linear_scale != 1:
+        c = head.subject_center_mm
+        linear = linear @ nib.affines.from_matvec(np.eye(3) / effect.linear_scale, c - c / effect.linear_scale)
+    to_source = to_voxel @ linear
+    displacement, gain = _smooth_fields(effect, head, box_to_world, box_shape)
+
+    values = np.empty(box_shape, np.float32)
+    keep = np.empty(box_shape, bool)
+    if displacement is None:  # an affine backward map: scipy's affine path, no coordinate arrays
+        m = to_source @ box_to_world
+        matrix = m[:3, :3]
+        if np.allclose(matrix, np.diag(np.diag(matrix)), rtol=0, atol=1e-9 * np.abs(matrix).max()):
+            matrix = np.diag(matrix)  # axis-aligned: scipy's separable path, ~10x faster at 0.7 mm (measured)
+        values[:] = ndimage.affine_transform(data, matrix, m[:3, 3], box_shape, order=1, mode="constant")
+        keep[:] = ndimage.affine_transform(inside, matrix, m[:3, 3], box_shape, order=1, mode="constant") >= 0.5
+    else:
+        slab = max(1, _CHUNK_POINTS // (box_shape[1] * box_shape[2]))
+        for i in range(0, box_shape[0], slab):
+            part = slice(i, min(i + slab, box_shape[0]))
+            ijk = np.indices((part.stop - part.start, *box_shape[1:]), dtype=np.float64).reshape(3, -1)
+            ijk[0] += i
+            x = box_to_world[:3, :3] @ ijk + box_to_world[:3, 3:] + displacement[:, part].reshape(3, -1)
+            v = to_source[:3, :3] @ x + to_source[:3, 3:]
+            shape = (part.stop - part.start, *box_shape[1:])
+            values[part] = ndimage.map_coordinates(data, v, order=1, mode="constant").reshape(shape)
+            keep[part] = ndimage.map_coordinates(inside, v, order=1, mode="constant").reshape(shape) >= 0.5
+    if gain is not None:
+        values *= gain
     out = np.zeros(data.shape, np.float32)
-    values = np.zeros(int(np.prod(box_shape)), np.float32)
-    shift_mm = affine[:3, :3] @ shift_voxels
-    for first in range(0, values.size, _CHUNK_POINTS):
-        index = np.arange(first, min(first + _CHUNK_POINTS, values.size))
-        ijk = np.stack(np.unravel_index(index, box_shape)).astype(np.float64) + start.reshape(3, 1)
-        x = affine[:3, :3] @ ijk + affine[:3, 3:]
-        gain = 1.0
-        source = x
-        if effect is not None:
-            y = head.to_template(x)
-            # The template-space backward displacement, carried into subject space by the affine's linear part.
-            source = x + np.linalg.solve(head.matrix, effect.backward(y) - y)
-            c = head.subject_center_mm.reshape(3, 1)
-            source = c + (source - c) / effect.linear_scale
-            gain = effect.gain(y)
-        v = to_voxel[:3, :3] @ (source + shift_mm.reshape(3, 1)) + to_voxel[:3, 3:]
-        keep = ndimage.map_coordinates(inside, v, order=1, mode="constant") >= 0.5
-        sampled = ndimage.map_coordinates(data, v, order=1, mode="constant") * gain
-        values[index] = np.where(keep, sampled, 0.0)
-    out[box] = values.reshape(box_shape)
+    out[tuple(slice(a, b) for a, b in zip(start, stop))] = np.where(keep, values, 0.0)
     return _like(img, out)
+
+
+def _smooth_fields(effect: _Effect | None, head, box_to_world: np.ndarray, box_shape) -> tuple:
+    """(displacement (3, *box_shape) mm or None, gain (box_shape) or None) of ``effect`` on the box.
+
+    Both are smooth on the scale of the effect's sigma (>= 12 mm): evaluated every ~2 mm and interpolated
+    (trilinear) to every voxel, ~10x cheaper at 0.7 mm than evaluating the lattice field at each voxel.
+    """
+    if effect is None or (effect.field is None and effect.spec.effect != "intensity"):
+        return None, None
+    voxel_mm = float(np.sqrt((box_to_world[:3, :3] ** 2).sum(axis=0)).min())
+    step = max(1, int(round(_COARSE_MM / voxel_mm)))
+    coarse_shape = tuple(-(-n // step) + 1 for n in box_shape)
+    ijk = step * np.indices(coarse_shape, dtype=np.float64).reshape(3, -1)
+    x = box_to_world[:3, :3] @ ijk + box_to_world[:3, 3:]
+    y = head.to_template(x)
+
+    def fine(coarse: np.ndarray) -> np.ndarray:
+        return ndimage.affine_transform(coarse.reshape(coarse_shape).astype(np.float32), np.full(3, 1.0 / step),
+                                        output_shape=box_shape, order=1, mode="nearest")  # fmt: skip
+
+    displacement = None
+    if effect.field is not None:
+        # The template-space backward displacement, carried into subject space by the affine's linear part.
+        moved = np.linalg.solve(head.matrix, effect.backward(y) - y)
+        displacement = np.stack([fine(c) for c in moved])
+    gain = fine(effect.gain(y)) if effect.spec.effect == "intensity" else None
+    return displacement, gain
 
 
 def _like(img: nib.Nifti1Image, data: np.ndarray) -> nib.Nifti1Image:
