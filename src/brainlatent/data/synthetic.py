@@ -24,7 +24,7 @@ and their definitions are in docs/synthetic_cohort.md and in ``cohort.json``; th
 Output (HCP Young Adult layout, written to a temporary folder and renamed into place)::
 
     <out_dir>/<Subject>/T1w/T1w_acpc_dc_restore_brain.nii.gz   int16, RAS affine, 0 outside the brain
-    <out_dir>/unrestricted_synthetic.csv                       Subject, Gender, Age (HCP ranges)
+    <out_dir>/unrestricted_synthetic.csv                       Subject, Gender, Age (HCP ranges), FS_IntraCranial_Vol
     <out_dir>/ground_truth.csv                                 exact sex, age, scale, volumes per subject
     <out_dir>/effect_maps/{age,sex,sex_local}_effect.nii.gz    noise-free effects in template space
     <out_dir>/cohort.json                                      recipe, config, effect sizes, grid
@@ -68,6 +68,10 @@ HCP_BOX_ORIGIN_MM = np.array([-90.0, -126.0, -72.0])
 HCP_BOX_MM = np.array([182.0, 217.7, 182.0])
 IMAGE_SCALE = 1000.0  # template recipe: intensity 1 -> 1000: WM ~870, GM ~650, CSF ~280 (T1w-like int16)
 COHORT_JSON = anatomy.COHORT_JSON
+# The unrestricted CSV's skull-based head size (HCP's column name) and its measurement error (SD of its log).
+HEAD_SIZE_COLUMN = "FS_IntraCranial_Vol"
+HEAD_SIZE_ERROR = 0.02
+_HEAD_SIZE_STREAM = 0x1C5  # a random stream of its own: drawing it leaves every image unchanged
 GROUND_TRUTH_COLUMNS = (
     "Subject", "sex", "age", "scale_factor", "ventricle_volume_mm3", "gm_volume_mm3",
     "cortical_gm_volume_mm3", "parenchyma_volume_mm3", "brain_mask_volume_mm3", "sex_region_volume_mm3",
@@ -755,6 +759,18 @@ def _summary(model: _Model, cfg: SynthConfig) -> dict:
     }
 
 
+def skull_based_head_size(cfg: SynthConfig, model: _Model, rows: list[dict]) -> list[float]:
+    """``FS_IntraCranial_Vol`` (mm^3) per subject, as HCP's unrestricted CSV carries it (FreeSurfer's eTIV,
+    registered with the skull): the template's brain-mask volume times the subject's planted global scale cubed,
+    with a log-normal measurement error of :data:`HEAD_SIZE_ERROR`. A local brain effect does not move the skull,
+    so it is not in this number, unlike every size measured on a skull-stripped image (docs/synthetic_cohort.md).
+    Drawn from its own random stream: the images are the same with or without it."""
+    rng = np.random.default_rng([cfg.seed, _HEAD_SIZE_STREAM])
+    scale3 = np.array([r["scale_factor"] for r in rows]) ** 3
+    error = np.exp(rng.normal(0.0, HEAD_SIZE_ERROR, len(rows)))
+    return np.round(model.template_volumes["brain_mask_volume_mm3"] * scale3 * error, 1).tolist()
+
+
 def synthesize(cfg: SynthConfig, out_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Write the synthetic cohort described by ``cfg`` to ``out_dir`` (default ``cfg.out_dir``).
 
@@ -784,6 +800,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path | None = None, progress: bo
                 "Subject": [r["Subject"] for r in rows],
                 "Gender": [r["sex"] for r in rows],
                 "Age": [age_to_group(r["age"]) for r in rows],
+                HEAD_SIZE_COLUMN: skull_based_head_size(cfg, model, rows),
             }
         ).to_csv(tmp / SYNTHETIC_CSV, index=False)
         pd.DataFrame(rows, columns=list(GROUND_TRUTH_COLUMNS)).to_csv(
