@@ -14,6 +14,8 @@ import torch
 
 HERE = Path(__file__).parent
 PROCESSED = Path("data/processed")  # bench_ae_architecture needs a prepared cohort (`dvc repro prepare`)
+RAW = Path("data/raw/synthetic")  # bench_headsize needs the synthetic cohort (`dvc repro synthesize`)
+NEEDS = {"bench_ae_architecture.py": PROCESSED, "bench_quality.py": PROCESSED, "bench_headsize.py": RAW}
 SCRIPTS = [
     ["bench_conv_layout.py"],
     ["bench_training.py", "--compare-layouts", "--families", "ae"],
@@ -32,6 +34,7 @@ SCRIPTS = [
     ["bench_synthetic.py", "--n", "4"],
     ["bench_ae_architecture.py", "--processed", str(PROCESSED)],
     ["bench_quality.py", "--processed", str(PROCESSED)],
+    ["bench_headsize.py", "--cohort", str(RAW)],
 ]
 
 
@@ -44,8 +47,9 @@ def main() -> int:
         print(header, flush=True)
         report.write(header)
         for script, *args in SCRIPTS:
-            if script in ("bench_ae_architecture.py", "bench_quality.py") and not PROCESSED.is_dir():
-                print(f"\n(skipped {script}: no {PROCESSED}; run `dvc repro prepare` first)", flush=True)
+            needs = NEEDS.get(script)
+            if needs is not None and not needs.is_dir():
+                print(f"\n(skipped {script}: no {needs}; run `dvc repro` first)", flush=True)
                 continue
             title = f"\n## {script} {' '.join(args)}\n"
             print(title, flush=True)
