@@ -62,6 +62,21 @@ def test_resampling_convolutions_equal_resampling_around_a_convolution(shape):
     assert torch.allclose(conv3d_avgpool(x, w, b), down, atol=1e-10)
 
 
+def test_resampling_convolutions_train_after_a_first_call_in_inference_mode():
+    """The cached tap map is built on the first call; sampling under ``torch.inference_mode()`` often comes
+    first (evaluation before training in one process), and the next training step must still backpropagate."""
+    from brainlatent.models import layers
+
+    layers._resampling_map.cache_clear()
+    x = torch.randn(1, 2, 3, 3, 3)
+    w = torch.randn(2, 2, 3, 3, 3, requires_grad=True)
+    with torch.inference_mode():
+        upsample_conv3d(x, w.detach())
+        conv3d_avgpool(x, w.detach())
+    (upsample_conv3d(x, w).sum() + conv3d_avgpool(x, w).sum()).backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
 @pytest.mark.parametrize("size", [(6, 8, 4), (5, 7, 4)])
 def test_up_block_is_upsampling_then_two_conv_blocks(size):
     torch.manual_seed(0)

@@ -87,10 +87,14 @@ def _pair_sum(kernel: torch.Tensor) -> torch.Tensor:
 def _resampling_map(kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(27, 64): a 3x3x3 kernel's taps -> the 4x4x4 kernel of :func:`upsample_conv3d` (``kind="up"``: flipped,
     pair-summed) or :func:`conv3d_avgpool` (``"down"``: pair-summed / 8). As a matrix, one matmul per call
-    derives the kernel instead of a dozen small pad/add operations."""
-    basis = torch.eye(27, dtype=torch.float64).view(27, 1, 3, 3, 3)
-    mapped = _pair_sum(basis.flip(2, 3, 4)) if kind == "up" else _pair_sum(basis) / 8
-    return mapped.view(27, 64).to(dtype=dtype, device=device)
+    derives the kernel instead of a dozen small pad/add operations.
+
+    Built outside inference mode: the first call may come from sampling under ``torch.inference_mode()``,
+    and a cached inference tensor could never again take part in a training step's autograd graph."""
+    with torch.inference_mode(False), torch.no_grad():
+        basis = torch.eye(27, dtype=torch.float64).view(27, 1, 3, 3, 3)
+        mapped = _pair_sum(basis.flip(2, 3, 4)) if kind == "up" else _pair_sum(basis) / 8
+        return mapped.view(27, 64).to(dtype=dtype, device=device)
 
 
 def _resampled_kernel(weight: torch.Tensor, kind: str, gain: float) -> torch.Tensor:
