@@ -40,9 +40,6 @@ def _cohort(project) -> None:
         rows = np.flatnonzero(subjects["split"] == split)
         subjects.loc[rows, "age_group"] = [AGE_GROUPS[k % 4] for k in range(len(rows))]
     subjects["age"] = subjects["age_group"].map(GROUP_AGE)
-    if "brain_mask_volume_mm3" not in subjects:  # the processed contract before `prepare` wrote eTIV
-        subjects["brain_mask_volume_mm3"] = subjects["brain_volume_mm3"]
-        subjects["etiv_mm3"] = 1.25 * subjects["brain_mask_volume_mm3"]
     subjects.to_csv(out / "subjects.csv", index=False)
 
 
