@@ -1,22 +1,31 @@
-"""Figures of latent traversals: per-subject strips, back-and-forth GIFs and difference maps.
+"""Figures of latent traversals and their maps: per-subject strips, back-and-forth GIFs, difference (or t) maps
+as thresholded stat maps and glass-brain views, all drawn by nilearn in world coordinates.
 
-Volumes are ``(X, Y, Z)`` arrays in RAS voxel order (the processed grid). Views in neurological convention
-(the subject's right on the right): sagittal (anterior right, superior up), coronal (superior up) and
-axial (anterior up). Figures use matplotlib's object API on the Agg canvas (no pyplot global state, safe
-in workers and headless CI).
+Volumes are ``(X, Y, Z)`` arrays in RAS voxel order on the processed grid; pass ``affine=grid.affine`` so the
+cut positions (``x=``, ``y=``, ``z=``, mm) are the NIfTI files' own. Without it ``voxel_mm`` gives the scale
+and the coordinates are mm from the volume's centre (:func:`brainlatent.viz.images.centred_affine`).
+Figures use matplotlib's object API on the Agg canvas (no pyplot global state, safe in workers and headless CI).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
+import nibabel as nib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from nilearn import plotting
 
-VIEWS: tuple[str, ...] = ("sagittal", "coronal", "axial")
+from brainlatent.viz.images import as_image, resolve_affine, slice_center, world_mm
+
+# nilearn's one-cut display modes, in the order of the strip's rows.
+VIEWS: tuple[tuple[str, str], ...] = (("sagittal", "x"), ("coronal", "y"), ("axial", "z"))
+# Below this fraction of the colour range a stat map is left transparent, so anatomy shows through.
+DEFAULT_THRESHOLD_FRACTION = 0.05
 
 
 def _check_volume(volume: np.ndarray, what: str) -> np.ndarray:
@@ -26,34 +35,22 @@ def _check_volume(volume: np.ndarray, what: str) -> np.ndarray:
     return volume
 
 
-def slice_center(volume: np.ndarray, mode: str | Sequence[int] = "middle") -> tuple[int, int, int]:
-    """Voxel the three slices pass through: ``"middle"``, ``"peak"`` (largest ``|value|``) or explicit."""
-    if isinstance(mode, str):
-        if mode == "middle":
-            return tuple(int(s // 2) for s in volume.shape)
-        if mode == "peak":
-            return tuple(int(i) for i in np.unravel_index(np.argmax(np.abs(volume)), volume.shape))
-        raise ValueError(f"slice centre {mode!r}: expected 'middle', 'peak' or three voxel indices")
-    center = tuple(int(i) for i in mode)
-    if len(center) != 3 or not all(0 <= c < s for c, s in zip(center, volume.shape)):
-        raise ValueError(f"slice centre {center}: expected three indices inside {volume.shape}")
-    return center
-
-
-def triplanar(volume: np.ndarray, center: tuple[int, int, int]) -> list[np.ndarray]:
-    """Sagittal, coronal and axial slices through ``center``, transposed for ``imshow(origin="lower")``."""
-    x, y, z = center
-    return [volume[x, :, :].T, volume[:, y, :].T, volume[:, :, z].T]
-
-
-def _aspects(voxel_mm: Sequence[float] | None) -> list[float]:
-    vx, vy, vz = (1.0, 1.0, 1.0) if voxel_mm is None else (float(v) for v in voxel_mm)
-    return [vz / vy, vz / vx, vy / vx]  # pixel height / width for each view
+def _check_traversal(traversal: np.ndarray, min_steps: int = 1) -> np.ndarray:
+    traversal = np.asarray(traversal, np.float32)
+    if traversal.ndim != 4 or traversal.shape[0] < min_steps:
+        raise ValueError(f"traversal: expected (K >= {min_steps}, X, Y, Z), got shape {traversal.shape}")
+    return traversal
 
 
 def _intensity_limits(volumes: np.ndarray) -> tuple[float, float]:
     lo, hi = np.percentile(volumes, [0.5, 99.5])
     return float(lo), float(max(hi, lo + 1e-6))
+
+
+def _figure(width: float, height: float, dpi: int = 100, facecolor: str = "black") -> Figure:
+    fig = Figure(figsize=(width, height), dpi=dpi, facecolor=facecolor)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -77,46 +74,38 @@ def save_traversal_strip(
     *,
     title: str = "",
     voxel_mm: Sequence[float] | None = None,
+    affine: np.ndarray | None = None,
     center: str | Sequence[int] = "middle",
 ) -> Path:
-    """PNG: one subject's traversal ``(K, X, Y, Z)``; a row per view, a column per step, shared grey scale."""
-    traversal = np.asarray(traversal, np.float32)
-    if traversal.ndim != 4:
-        raise ValueError(f"traversal: expected (K, X, Y, Z), got shape {traversal.shape}")
+    """PNG: one subject's traversal ``(K, X, Y, Z)``; a row per view (sagittal, coronal, axial, each cut at
+    the same world position), a column per step, one grey scale for all."""
+    traversal = _check_traversal(traversal)
     k = traversal.shape[0]
     labels = _step_labels(steps, k)
+    affine = resolve_affine(traversal.shape[1:], affine, voxel_mm)
     vmin, vmax = _intensity_limits(traversal)
-    c = slice_center(traversal[k // 2], center)
-    aspects = _aspects(voxel_mm)
-    fig = Figure(figsize=(1.4 * k + 0.6, 4.4), dpi=100, facecolor="black", layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(3, k, squeeze=False)
+    cut = world_mm(slice_center(traversal[k // 2], center), affine)
+    top = 0.3 if title else 0.0
+    fig = _figure(1.4 * k, 4.2 + top)
+    height = (1.0 - top / (4.2 + top)) / 3
     for j, volume in enumerate(traversal):
-        for i, (view, image) in enumerate(zip(VIEWS, triplanar(volume, c))):
-            ax = axes[i, j]
-            ax.imshow(image, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspects[i],
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(labels[j], color="white", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(view, color="white", fontsize=8)
+        img = as_image(volume, affine)
+        for i, (_, mode) in enumerate(VIEWS):
+            rect = (j / k, 1.0 - top / (4.2 + top) - (i + 1) * height, 1.0 / k, height)
+            plotting.plot_anat(img, figure=fig, axes=rect, display_mode=mode, cut_coords=[cut[i]],
+                               title=labels[j] if i == 0 else None, annotate=True, draw_cross=False,
+                               black_bg=True, dim=0, vmin=vmin, vmax=vmax, colorbar=False)
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     return _save(fig, path)
 
 
-def _render_frame(volume: np.ndarray, center, label: str, vmin: float, vmax: float, aspects) -> np.ndarray:
-    fig = Figure(figsize=(6.0, 2.4), dpi=80, facecolor="black")
-    canvas = FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    for ax, image, aspect in zip(axes, triplanar(volume, center), aspects):
-        ax.imshow(image, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
-        ax.set_axis_off()
-    fig.suptitle(label, color="white", fontsize=10)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+def _render_frame(img, cut, label: str, vmin: float, vmax: float) -> np.ndarray:
+    fig = _figure(6.0, 2.4, dpi=80)
+    plotting.plot_anat(img, figure=fig, display_mode="ortho", cut_coords=cut, title=label, annotate=True,
+                       draw_cross=False, black_bg=True, dim=0, vmin=vmin, vmax=vmax, colorbar=False)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def save_traversal_gif(
@@ -127,26 +116,71 @@ def save_traversal_gif(
     title: str = "",
     fps: float = 4.0,
     voxel_mm: Sequence[float] | None = None,
+    affine: np.ndarray | None = None,
     center: str | Sequence[int] = "middle",
 ) -> Path:
-    """Animated GIF of a traversal ``(K, X, Y, Z)``: tri-planar frames, forwards then back, looping forever."""
-    traversal = np.asarray(traversal, np.float32)
-    if traversal.ndim != 4 or traversal.shape[0] < 2:
-        raise ValueError(f"traversal: expected (K >= 2, X, Y, Z), got shape {traversal.shape}")
+    """Animated GIF of a traversal ``(K, X, Y, Z)``: nilearn ortho frames, forwards then back, looping forever.
+
+    nilearn has no animation; we only stack its frames (imageio) and play them back and forth.
+    """
+    traversal = _check_traversal(traversal, min_steps=2)
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps!r}")
     k = traversal.shape[0]
     labels = _step_labels(steps, k)
+    affine = resolve_affine(traversal.shape[1:], affine, voxel_mm)
     vmin, vmax = _intensity_limits(traversal)
-    c = slice_center(traversal[k // 2], center)
-    aspects = _aspects(voxel_mm)
-    frames = [_render_frame(v, c, f"{title}  {lab}".strip(), vmin, vmax, aspects)
+    cut = world_mm(slice_center(traversal[k // 2], center), affine)
+    frames = [_render_frame(as_image(v, affine), cut, f"{title}  {lab}".strip(), vmin, vmax)
               for v, lab in zip(traversal, labels)]
     order = list(range(k)) + list(range(k - 2, 0, -1))  # ping-pong without repeating the end frames
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, np.stack([frames[i] for i in order]), duration=1000.0 / fps, loop=0)
     return path
+
+
+def map_limits(stat: np.ndarray, vmax: float | None, threshold: float | None) -> tuple[float, float]:
+    """``(vmax, threshold)`` of a diverging map: ``vmax`` defaults to the 99.9th percentile of the non-zero
+    ``|stat|`` (robust to single-voxel outliers; zeros left out so a sparse map keeps its scale), ``threshold``
+    to :data:`DEFAULT_THRESHOLD_FRACTION` of it."""
+    if vmax is None:
+        magnitude = np.abs(stat[np.isfinite(stat)])
+        magnitude = magnitude[magnitude > 0]
+        vmax = float(np.percentile(magnitude, 99.9)) if magnitude.size else 0.0
+    vmax = max(float(vmax), 1e-12)
+    threshold = DEFAULT_THRESHOLD_FRACTION * vmax if threshold is None else float(threshold)
+    if not 0 <= threshold < vmax:
+        raise ValueError(f"threshold {threshold!r} must lie in [0, vmax={vmax:.4g})")
+    return vmax, threshold
+
+
+@dataclass(frozen=True)
+class SignedMap:
+    """A signed map (difference, t) ready for nilearn: its image, the affine used and its colour limits."""
+
+    image: nib.Nifti1Image
+    affine: np.ndarray
+    vmax: float
+    threshold: float
+
+
+def signed_map(stat: np.ndarray, what: str, *, affine: np.ndarray | None, voxel_mm: Sequence[float] | None,
+               vmax: float | None, threshold: float | None) -> SignedMap:
+    """``stat`` (X, Y, Z) checked, placed by ``affine`` (else ``voxel_mm``), limits from :func:`map_limits`."""
+    stat = _check_volume(stat, what)
+    affine = resolve_affine(stat.shape, affine, voxel_mm)
+    vmax, threshold = map_limits(stat, vmax, threshold)
+    return SignedMap(as_image(stat, affine), affine, vmax, threshold)
+
+
+def _background(background: np.ndarray | None, shape: tuple[int, ...], affine: np.ndarray):
+    if background is None:
+        return None
+    background = _check_volume(background, "background")
+    if background.shape != shape:
+        raise ValueError(f"background {background.shape} does not match the difference map {shape}")
+    return as_image(background, affine)
 
 
 def save_difference_map(
@@ -157,39 +191,49 @@ def save_difference_map(
     title: str = "",
     label: str = "intensity difference",
     vmax: float | None = None,
+    threshold: float | None = None,
     voxel_mm: Sequence[float] | None = None,
+    affine: np.ndarray | None = None,
     center: str | Sequence[int] = "peak",
 ) -> Path:
-    """PNG: tri-planar difference (or t) map, diverging colormap with symmetric limits ``[-vmax, vmax]``.
-
-    ``background (X, Y, Z)`` (e.g. the mean volume) is drawn in grey underneath; the map is then hidden
-    where ``|value| < 5% of vmax`` so anatomy shows through. ``vmax`` defaults to the 99.9th percentile
-    of ``|difference|`` (robust to single-voxel outliers).
-    """
-    difference = _check_volume(difference, "difference map")
-    if background is not None:
-        background = _check_volume(background, "background")
-        if background.shape != difference.shape:
-            raise ValueError(f"background {background.shape} does not match the difference map {difference.shape}")
-    if vmax is None:
-        vmax = float(np.percentile(np.abs(difference), 99.9))
-    vmax = max(float(vmax), 1e-12)
-    c = slice_center(difference, center)
-    aspects = _aspects(voxel_mm)
-    fig = Figure(figsize=(9.0, 3.2), dpi=100, facecolor="white", layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    bg_slices = triplanar(background, c) if background is not None else [None] * 3
-    image = None
-    for ax, view, diff, bg, aspect in zip(axes, VIEWS, triplanar(difference, c), bg_slices, aspects):
-        if bg is not None:
-            ax.imshow(bg, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest")
-            diff = np.ma.masked_where(np.abs(diff) < 0.05 * vmax, diff)
-        image = ax.imshow(diff, cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower", aspect=aspect,
-                          interpolation="nearest")
-        ax.set_title(view, fontsize=9)
-        ax.set_axis_off()
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label=label)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    """PNG: a difference (or t) map as nilearn's thresholded stat map over ``background`` (e.g. the mean
+    volume; none: the map alone), ortho cuts through ``center`` (default its peak ``|value|``), symmetric
+    colour bar ``[-vmax, vmax]`` labelled ``label``; ``|value| < threshold`` is transparent (:func:`map_limits`)."""
+    m = signed_map(difference, "difference map", affine=affine, voxel_mm=voxel_mm, vmax=vmax, threshold=threshold)
+    bg = _background(background, m.image.shape, m.affine)
+    cut = world_mm(slice_center(np.asarray(difference, np.float32), center), m.affine)
+    fig = _figure(9.0, 3.4)
+    display = plotting.plot_stat_map(
+        m.image, bg_img=bg, figure=fig, display_mode="ortho",
+        cut_coords=cut, threshold=m.threshold, vmax=m.vmax, symmetric_cbar=True, cmap="RdBu_r", colorbar=True,
+        title=title or None, annotate=True, draw_cross=False, black_bg=True, dim=0,
+        resampling_interpolation="nearest",  # coarse grids: show the voxels the statistic was computed on
+    )
+    _label_colorbar(display, label)
     return _save(fig, path)
+
+
+def save_glass_brain(m: SignedMap, path: str | Path, *, title: str = "", label: str = "intensity difference"
+                     ) -> Path:
+    """PNG: a signed map (:func:`signed_map`) as nilearn's glass brain (left, front, right and top projections),
+    symmetric colour bar, ``|value| < threshold`` hidden. The outline is MNI152's: meaningful for grids in
+    MNI-like space (the synthetic cohorts, HCP's MNINonLinear images), only indicative for native-space (T1w)
+    grids."""
+    fig = _figure(9.0, 2.8, facecolor="white")
+    display = plotting.plot_glass_brain(
+        m.image, figure=fig, display_mode="lzry", threshold=m.threshold, vmax=m.vmax, vmin=-m.vmax,
+        plot_abs=False, symmetric_cbar=True, cmap="RdBu_r", colorbar=True, title=title or None, annotate=True,
+        black_bg=False, resampling_interpolation="nearest",
+    )
+    _label_colorbar(display, label)
+    return _save(fig, path)
+
+
+def _label_colorbar(display, label: str) -> None:
+    """nilearn draws the colour bar but takes no label for it: name what the colours measure, under it (beside
+    it the tick labels and the last cut leave no room)."""
+    cbar_ax = getattr(display, "_colorbar_ax", None)
+    if cbar_ax is None or not label:
+        return
+    colour = cbar_ax.get_yticklabels()[0].get_color() if cbar_ax.get_yticklabels() else "black"
+    cbar_ax.figure.text(0.995, 0.003, f"colour: {label}", ha="right", va="bottom", color=colour, fontsize=7)
