@@ -299,3 +299,19 @@ def test_planted_label_is_a_target_when_the_column_exists():
     assert set(suite.directions) == {"planted", "planted_size_controlled"}
     assert suite.directions["planted"].positive == "planted"
     assert suite.results[0].cv["auc"].low > 0.7
+
+
+def test_the_probe_scored_on_held_out_rows_is_the_one_returned_and_fitted_on_every_fitting_row():
+    """The suite's directions come from ``result.fitted``: the probe fitted once on all fitting rows, the same
+    one the held-out rows were scored with (no second fit of the same rows)."""
+    z, y, _ = _logistic_cohort(80, 6, 2.0, seed=5)
+    settings = FAST.replace(n_permutations=0)
+    probe = make_probe("binary", "latent", settings)
+    plain = evaluate_probe(probe, z[:60], y[:60], "binary", settings)
+    assert plain.fitted is None  # nothing asked for it: no extra fit
+    res = evaluate_probe(probe, z[:60], y[:60], "binary", settings, X_test=z[60:], y_test=y[60:])
+    expected = make_probe("binary", "latent", settings).fit(z[:60], y[:60]).decision_function(z[60:])
+    np.testing.assert_allclose(res.fitted.decision_function(z[60:]), expected)
+    assert res.heldout["auc"].value == pytest.approx(M.auc(y[60:], expected))
+    refit = evaluate_probe(probe, z[:60], y[:60], "binary", settings, refit=True)
+    np.testing.assert_allclose(refit.fitted.decision_function(z[60:]), expected)

@@ -75,6 +75,7 @@ class ProbeResult:
     oof_scores: np.ndarray = field(default=None, repr=False)  # (R, N) out-of-fold decision scores
     fold_metrics: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # metric -> (J,) per fold
     n_heldout: int = 0  # subjects in the held-out set (0: none)
+    fitted: Pipeline | None = field(default=None, repr=False)  # fitted on every fitting row (held out / refit)
 
     def flat_metrics(self) -> dict[str, float]:
         """``{"<target>.<features>.cv_auc": ..., "..._low": ..., "p_value": ...}`` for MLflow / DVC metrics."""
@@ -239,11 +240,14 @@ def evaluate_probe(
     features: str = "",
     X_test: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
+    refit: bool = False,
 ) -> ProbeResult:
     """Evaluate an unfitted probe pipeline on features ``X (N, F)`` and integer labels ``y (N,)``.
 
     ``X_test (M, F)`` / ``y_test (M,)``: a separate held-out set; the probe is then fitted on all of ``X``
     and scored once on it. Labels: binary 0/1 (1 = male / older); ordinal group index 0..G-1 (older higher).
+    The probe fitted on all of ``X`` (held-out set given, or ``refit``) is returned as ``result.fitted``, so a
+    caller that needs it (a direction) does not fit the same rows again.
     """
     y = check_labels(y, task, settings.n_splits, what=f"{target or 'probe'} labels")
     X = _check_features(X, len(y), what=f"{target or 'probe'} {features or 'features'}")
@@ -260,7 +264,7 @@ def evaluate_probe(
             random_state=settings.seed, n_jobs=settings.n_jobs,
         )
 
-    heldout = None
+    heldout, fitted = None, None
     if (X_test is None) != (y_test is None):
         raise ValueError("evaluate_probe: give both X_test and y_test, or neither")
     if X_test is not None:
@@ -270,7 +274,9 @@ def evaluate_probe(
         X_test = _check_features(X_test, len(y_test), what=f"{target or 'probe'} held-out {features or 'features'}")
         if X_test.shape[1] != X.shape[1]:
             raise ValueError(f"held-out features have {X_test.shape[1]} columns, fitting features {X.shape[1]}")
+    if X_test is not None or refit:
         fitted = clone(probe).fit(X, y)
+    if X_test is not None:
         heldout = bootstrap_estimates(y_test, decision_scores(fitted, X_test)[None], task, n_classes,
                                       settings, seed=settings.seed + 1)
 
@@ -282,5 +288,5 @@ def evaluate_probe(
         cv=cv_metrics, p_value=float(p_value), permutation_score=float(perm_score),
         n_permutations=settings.n_permutations, regularisation=regularisation,
         heldout=heldout, oof_scores=scores, fold_metrics=per_fold,
-        n_heldout=0 if y_test is None else len(y_test),
+        n_heldout=0 if y_test is None else len(y_test), fitted=fitted,
     )

@@ -127,11 +127,12 @@ def run_probe_suite(
         run_settings = settings
         if features not in LATENT_FEATURES and not permute_baselines:
             run_settings = settings.replace(n_permutations=0)
+        latent = features in LATENT_FEATURES
         result = evaluate_probe(probe, X, y, target.task, run_settings, target=target_name, features=features,
-                                X_test=X_test, y_test=y_test)
+                                X_test=X_test, y_test=y_test, refit=latent)
         suite.results.append(result)
-        if features in LATENT_FEATURES:
-            fitted = probe.fit(X, y)
+        if latent:  # the probe the held-out rows were scored with is the direction's: fitted once
+            fitted = result.fitted
             key = f"{target_name}.{features}"
             suite.probes[key] = fitted
             name = direction_name(target_name, features)
