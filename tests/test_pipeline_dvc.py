@@ -264,7 +264,7 @@ QUEUE_TIMEOUT_S = 1800  # a safety net against a hung worker, not a timing asser
 
 
 def _exp_run(repo, env, name: str, beta: float, *extra: str) -> str:
-    return dvc(["exp", "run", *extra, "-n", name, "-S", f"vae.beta={beta}", "-S", "tune.pinned=[vae.beta]"],
+    return dvc(["exp", "run", *extra, "-n", name, "-S", f"vae.beta={beta}", "-S", "tune.pinned.vae=[beta]"],
                repo, env, timeout=1500)
 
 
@@ -343,6 +343,15 @@ def test_skipped_stages_still_show_their_own_models_numbers(experiments):
             version = metrics[f"metrics/train/{fam}.json"]["model_version"]
             for stage in ("evaluate", "directions"):
                 assert metrics[f"metrics/{stage}/{fam}.json"]["model_version"] == version, (name, fam, stage)
+
+
+def test_an_experiment_on_the_vae_retrains_only_the_vae(experiments):
+    """tune@ and train@<family> depend on tune.pinned.<family> alone: pinning a VAE key re-runs the VAE's stages
+    and keeps the other families' models of the baseline run (version 1), whose stages DVC skips."""
+    for name, metrics in experiments.items():
+        assert str(metrics["metrics/train/vae.json"]["model_version"]) != "1", name
+        for fam in ("ae", "gan", "stylegan"):
+            assert str(metrics[f"metrics/train/{fam}.json"]["model_version"]) == "1", (name, fam)
 
 
 def test_exp_diff_compares_two_experiments(pipeline, experiments):

@@ -218,7 +218,7 @@ def test_a_tuned_value_that_replaces_the_users_is_loud_and_recorded(tiny_process
     assert tuned.params.vae.beta == 0.75 and tuned.used["beta"] == 0.75
     assert tuned.overridden == {"beta": (0.5, 0.75)}  # lr was not changed: no override of it
     assert "vae.beta: params.yaml says 0.5, training uses the tuned 0.75" in caplog.text
-    assert "tune.pinned=[vae.beta]" in caplog.text
+    assert "tune.pinned.vae=[beta]" in caplog.text
 
     out = train_family("vae", tuned.params, root=project, tuned=tuned)
     tags = MlflowClient().get_run(out.run_id).data.tags
@@ -230,7 +230,7 @@ def test_a_tuned_value_that_replaces_the_users_is_loud_and_recorded(tiny_process
 
 
 def test_a_pinned_key_trains_with_the_users_value_and_is_not_searched(tiny_processed, project):
-    raw = tiny_params_dict(vae={"beta": 0.5}, tune={"families": ["vae"], "pinned": ["vae.beta"]})
+    raw = tiny_params_dict(vae={"beta": 0.5}, tune={"families": ["vae"], "pinned": {"vae": ["beta"]}})
     params = params_from_dict(raw)
     _tuned_file(project, "vae", {"beta": 0.75, "lr": 1e-3})  # e.g. written before the pin
     tuned = resolve_tuned(params, "vae", project)
@@ -243,13 +243,20 @@ def test_a_pinned_key_trains_with_the_users_value_and_is_not_searched(tiny_proce
 
 
 @pytest.mark.parametrize(("pinned", "message"), [
-    (["beta"], "must be '<family>.<parameter>'"),
-    (["vae.gamma"], "vae has no parameter 'gamma'"),
-    (["net.beta"], "must be '<family>.<parameter>'"),
+    ({"vae": ["gamma"]}, r"pinned\.vae: vae has no parameter 'gamma'"),
+    ({"net": ["beta"]}, "pinned: unknown model family 'net'"),
+    # The list form of earlier releases is refused with the per-family form it should be.
+    (["vae.beta"], r"pinned: expected one list per family, e\.g\. \{vae: \[beta\]\}"),
 ])
 def test_pinned_entries_are_validated(pinned, message):
-    with pytest.raises(ValueError, match=rf"tune: pinned: .*{message}"):
+    with pytest.raises(ValueError, match=rf"tune.*{message}"):
         params_from_dict(tiny_params_dict(tune={"pinned": pinned}))
+
+
+def test_every_family_has_its_own_pin_list():
+    """dvc.yaml's tune@/train@<family> depend on tune.pinned.<family>: the key must exist for every family."""
+    pinned = params_from_dict(tiny_params_dict(tune={"pinned": {"vae": ["beta"]}})).tune.pinned
+    assert pinned == {"ae": (), "vae": ("beta",), "gan": (), "stylegan": ()}
 
 
 @pytest.mark.parametrize(

@@ -309,10 +309,21 @@ class GANConfig(_FamilyConfig):
     r1_every: PositiveInt = 4  # lazy R1: the penalty (x r1_every) every r1_every discriminator steps
     n_critic: PositiveInt = 1  # discriminator steps per generator step
     ema_decay: Fraction = 0.99
+    # Differentiable augmentation of what the discriminator sees (train/augment.py): "" or a comma-separated
+    # subset of gain, translation, cutout.
+    augment: str = ""
     epochs: PositiveInt = 12
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 1e-3
     lr_d: PositiveFloat = 1e-3
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, value: str) -> str:
+        from brainlatent.train.augment import parse_policy
+
+        parse_policy(value)  # ValueError naming the unknown transform; pydantic names the field
+        return value
 
 
 @dataclass(config=_STRICT)
@@ -344,6 +355,7 @@ class StyleGANConfig(_FamilyConfig):
     mixing_prob: Fraction = 0.9
     w_avg_beta: Fraction = 0.995
     ema_decay: Fraction = 0.99
+    augment: str = ""  # as gan.augment (train/augment.py)
     # Progressive growing: epochs at each resolution level (fractional for tuning trials, which compress the
     # schedule into tune.epochs: tuning.trial_family_config), the first fade_fraction of them fading it in.
     epochs_per_level: PositiveFloat = 3
@@ -352,6 +364,14 @@ class StyleGANConfig(_FamilyConfig):
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 2e-3
     lr_d: PositiveFloat = 2e-3
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, value: str) -> str:
+        from brainlatent.train.augment import parse_policy
+
+        parse_policy(value)  # ValueError naming the unknown transform; pydantic names the field
+        return value
 
     def levels(self, volume_shape: tuple[int, int, int]) -> int:
         """Resolution levels for volumes of ``volume_shape`` (``n_levels``, or the default for that shape)."""
@@ -417,21 +437,38 @@ class TuneConfig:
     study_prefix: str = "brainlatent"
     seed: int = 0
     space: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
-    # "<family>.<key>" entries: train with the params.yaml value and do not search the key (a value a user sets,
-    # e.g. `dvc exp run -S vae.beta=0.5 -S 'tune.pinned=[vae.beta]'`, is otherwise replaced by the tuned one,
-    # loudly: see tuning.resolve_tuned).
-    pinned: tuple[str, ...] = ()
+    # Per family, the keys trained with the params.yaml value and never searched (a value a user sets, e.g.
+    # `dvc exp run -S vae.beta=0.5 -S 'tune.pinned.vae=[beta]'`, is otherwise replaced by the tuned one, loudly:
+    # tuning.resolve_tuned). One list per family because dvc.yaml's tune@/train@<family> depend on
+    # tune.pinned.<family> only: pinning a VAE key re-runs the VAE's stages, not every family's.
+    pinned: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: {f: () for f in FAMILIES})
+
+    @field_validator("pinned", mode="before")
+    @classmethod
+    def _pinned_per_family(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            example = (value[0] if value and isinstance(value[0], str) else "vae.beta").partition(".")
+            raise ValueError(f"expected one list per family, e.g. {{{example[0]}: [{example[2]}]}} "
+                             f"(`-S 'tune.pinned.{example[0]}=[{example[2]}]'`), got the list {list(value)}")
+        if isinstance(value, dict):  # YAML lists -> the tuples the strict schema holds
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        return value
 
     @model_validator(mode="after")
     def _check_pinned(self) -> "TuneConfig":
-        for entry in self.pinned:
-            family, _, key = entry.partition(".")
-            if family not in FAMILY_CONFIGS or not key:
-                raise ValueError(f"pinned: {entry!r} must be '<family>.<parameter>' with family one of {list(FAMILIES)}")
+        for family, keys in self.pinned.items():
+            if family not in FAMILY_CONFIGS:
+                raise ValueError(f"pinned: unknown model family {family!r}; expected some of {list(FAMILIES)}")
             fields = {f.name for f in dataclasses.fields(FAMILY_CONFIGS[family])}
-            if key not in fields:
-                raise ValueError(f"pinned: {family} has no parameter {key!r}; expected one of {sorted(fields)}")
+            for key in keys:
+                if key not in fields:
+                    raise ValueError(f"pinned.{family}: {family} has no parameter {key!r}; expected one of {sorted(fields)}")
+        object.__setattr__(self, "pinned", {f: tuple(self.pinned.get(f, ())) for f in FAMILIES})  # frozen
         return self
+
+    def pinned_keys(self, family: str) -> tuple[str, ...]:
+        """The keys of ``family`` trained with their params.yaml value (``pinned.<family>``)."""
+        return self.pinned.get(family, ())
 
 # ---------------------------------------------------------------------------------------- evaluation
 @dataclass(config=_STRICT)

@@ -146,7 +146,7 @@ def parse_space(tune: TuneConfig, families: dict[str, Any]) -> dict[str, dict[st
         specs = {}
         for name, raw in space.items():
             where = f"tune.space.{family}.{name}"
-            if f"{family}.{name}" in tune.pinned:  # the user's params.yaml value wins: not searched at all
+            if name in tune.pinned_keys(family):  # the user's params.yaml value wins: not searched at all
                 continue
             if name == "epochs":
                 raise ValueError(f"{where}: epochs cannot be searched; every trial trains tune.epochs epochs")
@@ -320,7 +320,7 @@ def _fold_tuned(params: Params, family: str, root: Path | None = None) -> TunedV
     ValueError naming the file for malformed content or an unknown/invalid field.
     """
     cfg = params.family(family)
-    pinned = tuple(k.split(".", 1)[1] for k in params.tune.pinned if k.startswith(f"{family}."))
+    pinned = params.tune.pinned_keys(family)
     searched = set(params.tune.space.get(family, {})) | set(pinned)
     current = {k: v for k, v in dataclasses.asdict(cfg).items() if k in searched}
 
@@ -357,10 +357,10 @@ def _fold_tuned(params: Params, family: str, root: Path | None = None) -> TunedV
     overridden = {k: (getattr(cfg, k), v) for k, v in values.items() if getattr(cfg, k) != v}
     for key, (mine, theirs) in overridden.items():
         log.warning("%s.%s: params.yaml says %r, training uses the tuned %r from %s. To train with your value, pin "
-                    "it: dvc exp run -S '%s.%s=%r' -S 'tune.pinned=[%s.%s]'", family, key, mine, theirs, source,
+                    "it: dvc exp run -S '%s.%s=%r' -S 'tune.pinned.%s=[%s]'", family, key, mine, theirs, source,
                     family, key, mine, family, key)
     if pinned:
-        log.info("%s: pinned to params.yaml (tune.pinned): %s", family, {k: getattr(cfg, k) for k in pinned})
+        log.info("%s: pinned to params.yaml (tune.pinned.%s): %s", family, family, {k: getattr(cfg, k) for k in pinned})
     used = {k: v for k, v in dataclasses.asdict(tuned).items() if k in searched}
     return TunedValues(dataclasses.replace(params, **{family: tuned}), source, used, overridden, pinned)
 

@@ -20,6 +20,7 @@ from brainlatent.metrics.generative import mmd_rbf
 from brainlatent.models import adversarial as losses
 from brainlatent.models import stylegan as S
 from brainlatent.models.base import build_model
+from brainlatent.train.augment import augment, parse_policy
 from brainlatent.train.device import adam
 from brainlatent.train.loop import Task
 
@@ -67,6 +68,11 @@ class _AdversarialTask(Task):
         betas = (0.0, 0.99)
         self.opt_g = adam(self.model.generator.parameters(), device, lr=cfg.lr_g, betas=betas)
         self.opt_d = adam(self.model.discriminator.parameters(), device, lr=cfg.lr_d, betas=betas)
+        self.augment_policy = parse_policy(cfg.augment)
+
+    def seen_by_critic(self, x: torch.Tensor) -> torch.Tensor:
+        """What the discriminator sees of a real or fake batch: its differentiable augmentation, if any."""
+        return augment(x, self.augment_policy) if self.augment_policy else x
 
     def optimizers(self):
         return {"generator": self.opt_g, "discriminator": self.opt_d}
@@ -103,7 +109,7 @@ class _AdversarialTask(Task):
             fake, _ = self.fakes(len(real))
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():  # D must see real and bf16 fake volumes under the same precision policy
-            d = self.critic_loss(real, fake, r1_gamma)
+            d = self.critic_loss(self.seen_by_critic(real), self.seen_by_critic(fake), r1_gamma)
         d["loss"].backward()
         self.opt_d.step()
         return {"d_loss": d["loss"].detach(), **{f"d_{k}": v.detach() for k, v in d.items() if k != "loss"}}
@@ -113,7 +119,7 @@ class _AdversarialTask(Task):
         with frozen(self.model.discriminator):
             with self.autocast():
                 fake, extras = self.fakes(n)
-                g_loss = self.generator_loss(fake)
+                g_loss = self.generator_loss(self.seen_by_critic(fake))
             g_loss.backward()
         self.opt_g.step()
         self.after_generator_step(extras)
