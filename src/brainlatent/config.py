@@ -446,6 +446,8 @@ class TuneConfig:
     @field_validator("pinned", mode="before")
     @classmethod
     def _pinned_per_family(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and not value:  # `pinned: []` of earlier releases: nothing pinned
+            return {}
         if isinstance(value, (list, tuple)):
             example = (value[0] if value and isinstance(value[0], str) else "vae.beta").partition(".")
             raise ValueError(f"expected one list per family, e.g. {{{example[0]}: [{example[2]}]}} "
