@@ -558,10 +558,12 @@ class DirectionsConfig:
     n_steps: Annotated[int, Field(ge=3)] = 5
     n_traversal_subjects: PositiveInt = 8  # test subjects traversed (strips/GIFs for the first few)
     n_strip_subjects: PositiveInt = 2
-    # Size control: the subjects.csv column regressed out of the latents of the size-controlled probes. The
-    # default, eTIV from the affine registration to the template, is one a local effect barely moves; the
-    # native brain-mask volume contains any local effect that adds tissue (and stays a baseline probe). Any
-    # positive numeric column given with the cohort works (e.g. a `tiv` column, HCP's FS_IntraCranial_Vol).
+    # Size control: the subjects.csv column regressed out of the latents of the size-controlled probes. Best a
+    # skull-based head size given with the cohort (HCP's FS_IntraCranial_Vol, a manifest's `tiv`, through
+    # data.covariates; params.yaml uses it): a local effect that adds tissue cannot move it. The fallback,
+    # prepare's eTIV from the affine registration of the skull-stripped brain, moves with such an effect as much
+    # as the native brain-mask volume does (docs/synthetic_cohort.md, "Head size"), so it is only as good as a
+    # cohort without one allows.
     size_covariate: str = "etiv_mm3"
     size_control: Literal["linear", "spline"] = "linear"  # spline: a cubic spline in the covariate (4 knots)
     # Effectiveness check: add the registered feature network's P(male) / expected age group to what is
