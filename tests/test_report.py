@@ -5,21 +5,26 @@ from __future__ import annotations
 import json
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import tiny_params_dict
 from mlflow.tracking import MlflowClient
 
 from brainlatent.config import params_from_dict
+from brainlatent.grid import Grid
 from brainlatent.evaluation import evaluate_family, train_featurenet
 from brainlatent.report import (
     build_report,
     comparability_warnings,
     directions_summary,
+    family_section,
     format_value,
     headline_table,
 )
 from brainlatent.train.runner import train_family
+from brainlatent.viz.montage import save_nifti
+from brainlatent.viz.viewer import external_references
 
 
 @pytest.fixture
@@ -50,6 +55,10 @@ def test_report_numbers_are_what_mlflow_holds(project, params):
     gan = evaluate_family("gan", params, project)
     (project / "metrics" / "directions").mkdir(parents=True)
     (project / "metrics" / "directions" / "gan.json").write_text(json.dumps({"sex": {"auc": 0.75}, "note": "x"}))
+    grid = Grid.load(project / "data" / "processed" / "grid.json")  # the directions stage's map of one direction
+    diff = np.zeros(grid.shape, np.float32)
+    diff[4:7, 8:11, 8:11] = 0.2
+    save_nifti(diff, grid.affine, project / "directions" / "gan" / "maps" / "sex_mean_difference.nii.gz")
 
     out = build_report(params, project)
     assert list(out.table.index) == ["ae", "gan"] and out.warnings == []
@@ -69,13 +78,20 @@ def test_report_numbers_are_what_mlflow_holds(project, params):
         assert {k: float(csv.loc[family, k]) for k in held} == held
         assert {k: md[family][k] for k in held} == {k: format_value(v) for k, v in held.items()}
         assert {k: report_run.data.metrics[f"{family}.{k}"] for k in held} == held
-    assert "fid" in md["gan"] and md["ae"]["fid"] == ""
+    assert "fid" in md["gan"] and md["ae"]["fid"] == "(not a sampler)"  # a blank says why
     assert out.table.loc["gan", "directions.sex.auc"] == 0.75 and pd.isna(out.table.loc["ae", "directions.sex.auc"])
 
-    for name in ("index.html", "metrics.md", "metrics.csv", "samples.png", "metrics.png"):
+    for name in ("index.html", "metrics.md", "metrics.csv", "samples.png", "metrics.png", "maps/gan/sex_glass.png"):
         assert (out.out_dir / name).is_file(), name
     page = (out.out_dir / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 2  # self-contained
+    assert page.count('<img src="data:image/png;base64,') == 3  # self-contained: samples, metrics, glass brain
+    assert page.count("<iframe") == 1 and "brainsprite" in page  # the gan sex map's viewer; the AE has none
+    assert external_references(page) == []
+    # Reading order: headline, one section per family (its maps in it), then the full tables.
+    text = (out.out_dir / "metrics.md").read_text()
+    order = [text.index(h) for h in ("## Headline", "## ae: brainlatent-ae v", "## gan: brainlatent-gan v",
+                                     "![gan sex](maps/gan/sex_glass.png)", "## Metrics (full table)", "## Models")]
+    assert order == sorted(order), order
     assert f"<td>{latest_ae.run_id}</td>" in page
     logged = {a.path for a in client.list_artifacts(out.run_id, "report")}
     assert {"report/index.html", "report/samples.png", "report/metrics.md"} <= logged
@@ -139,5 +155,16 @@ def test_headline_puts_every_quality_number_beside_its_floors_and_says_why_cells
     assert top.loc["gan", "makes brains?"] == "NO: coverage 0.00 of the real scans (minimum 0.25)"
     assert top.loc["vae", "intensity W1 ↓"] == "0.0074 (real 0.0049; AE 0.0056)"
     assert top.loc["gan", "W1 / AE floor"] == "17.5x" and top.loc["vae", "W1 / AE floor"] == "1.3x"
-    assert top.loc["ae", "intensity W1 ↓"] == "0.0056 (reconstructions)" and top.loc["ae", "FID ↓"] == ""
+    assert top.loc["ae", "intensity W1 ↓"] == "0.0056 (reconstructions)"
+    assert top.loc["ae", "FID ↓"] == top.loc["ae", "W1 / AE floor"] == "(not a sampler)"
     assert top.loc["gan", "young/old AUC, test (PCA of voxels)"] == "0.63 (baseline 0.89)"
+    assert top.loc["vae", "age map vs planted (r)"] == "(not measured: the cohort or split lacks it)"
+
+    section = family_section("ae", table, models, directions_summary(table))  # the family's own section
+    c2st = next(k for k in section.index if k.startswith("c2st_auc"))
+    fid = next(k for k in section.index if "fid" in k)  # with every other sample metric the AE lacks: one row
+    assert section.loc[c2st].tolist() == ["(not a sampler)", "AE floor 0.72"]
+    assert section.loc[fid, "value"] == "(not a sampler)"
+    assert section.loc["directions: sex: probe AUC on held-out latents", "value"] == "0.92 pass"
+    vae = family_section("vae", table, models, None)
+    assert vae.loc[c2st].tolist() == ["0.97", "real floor 0.35"]

@@ -110,7 +110,8 @@ def test_glass_brain_and_viewer_are_written(tmp_path):
     assert "raw.githubusercontent" not in page  # nilearn's favicon, the one thing it would fetch
     frame = viewer_iframe(page, title="age_old")
     assert frame.startswith("<iframe") and "<script" not in frame  # the page is escaped into srcdoc
-    assert external_references('<img src="https://cdn.example/x.js"><a href="#top">') == ["https://cdn.example/x.js"]
+    assert external_references('<img src="https://cdn.example/x.png"><a href="#top"><a href="metrics.csv">'
+                               '<link rel="stylesheet" href="x.css">') == ["https://cdn.example/x.png", "x.css"]
 
 
 def test_directions_write_study_keeps_the_affine_of_every_traversal(tmp_path):

@@ -27,6 +27,7 @@ import html
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from mlflow.tracking import MlflowClient
 from brainlatent import model_ref, registry, tracking
 from brainlatent.config import FAMILIES, Params
 from brainlatent.metrics.registry import metric_direction
+from brainlatent.viz.direction_maps import DirectionMap, render_direction_maps
+from brainlatent.viz.montage import comparison_montage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ HEADLINE_METRICS = (
     "age_group_tv", "mse", "psnr", "ssim",
 )
 DIRECTIONS_PREFIX = "directions."
+MAPS_DIR = "maps"  # report/maps/<family>/<direction>_glass.png
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,6 @@ DIRECTION_CHECKS = (
     DirectionCheck("cf_planted_minimality_outside_share", "positive control: share of the change outside the "
                    "planted region"),
 )
-# Axis sliced and (horizontal, vertical) axes of each panel, as in viz/montage.py (RAS, origin lower).
-_PLANES = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,15 @@ def _with_floor(value: float | None, *floors: tuple[str, float | None]) -> str:
     return f"{value:.3g}" + (f" ({'; '.join(shown)})" if shown else "")
 
 
+# The headline's direction columns: (label, directions key, its baseline's key or None).
+_HEADLINE_DIRECTIONS = (
+    ("sex AUC, test (brain-mask volume alone)", "sex_auc", "sex_brain_mask_volume_auc"),
+    ("sex AUC at fixed head size, test", "sex_size_controlled_auc", None),
+    ("young/old AUC, test (PCA of voxels)", "age_old_auc", "age_old_pca_voxels_auc"),
+    ("age map vs planted (r)", "age_map_r", None),
+)
+
+
 def headline_table(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     """The first table of the report: per family, does it make brains (the quality gate, then the sample-quality
     numbers beside the real-vs-real floor and the AE's reconstructions) and what the directions found (held-out
@@ -252,18 +263,21 @@ def headline_table(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
                            ("coverage", "coverage ↑")):
             if samples:
                 row[label] = _with_floor(get(family, key), ("real", get(family, f"floor_real.{key}")),
-                                         ("AE", recon[key]))
+                                         ("AE", recon[key])) or "(not measured: too few evaluation scans)"
             else:
-                row[label] = _with_floor(recon[key]) + " (reconstructions)" if family == "ae" and recon[key] is not None else ""
-        row["W1 / AE floor"] = f"{w1 / ae_w1:.1f}x" if samples and w1 is not None and ae_w1 else ""
-        row["FID ↓"] = _with_floor(get(family, "fid")) if samples else ""
+                row[label] = (_with_floor(recon[key]) + " (reconstructions)" if family == "ae" and recon[key] is not None
+                              else "(not a sampler)")
+        if not samples:
+            row["W1 / AE floor"] = row["FID ↓"] = "(not a sampler)"
+        else:
+            row["W1 / AE floor"] = f"{w1 / ae_w1:.1f}x" if w1 is not None and ae_w1 else "(no AE floor measured)"
+            row["FID ↓"] = _with_floor(get(family, "fid")) or "(not measured)"
         d = DIRECTIONS_PREFIX
-        row["sex AUC, test (brain-mask volume alone)"] = _with_floor(
-            get(family, f"{d}sex_auc"), ("baseline", get(family, f"{d}sex_brain_mask_volume_auc")))
-        row["sex AUC at fixed head size, test"] = _with_floor(get(family, f"{d}sex_size_controlled_auc"))
-        row["young/old AUC, test (PCA of voxels)"] = _with_floor(
-            get(family, f"{d}age_old_auc"), ("baseline", get(family, f"{d}age_old_pca_voxels_auc")))
-        row["age map vs planted (r)"] = _with_floor(get(family, f"{d}age_map_r"))
+        has_directions = any(k.startswith(d) and pd.notna(v) for k, v in table.loc[family].items())
+        for label, key, baseline in _HEADLINE_DIRECTIONS:
+            shown = _with_floor(get(family, d + key), *([("baseline", get(family, d + baseline))] if baseline else []))
+            row[label] = shown or ("(not measured: the cohort or split lacks it)" if has_directions
+                                   else "(no directions run)")
         rows[family] = row
     out = pd.DataFrame(rows).T
     out.index.name = "family"
@@ -286,59 +300,65 @@ def comparability_warnings(models: pd.DataFrame) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- figures
-def _load_logged_volumes(run_id: str, artifact_path: str, limit: int) -> tuple[list[np.ndarray], np.ndarray] | None:
-    """Up to ``limit`` NIfTI volumes an evaluation run logged under ``artifact_path`` (sorted by name) and
-    their voxel size; None when the run has none."""
+def _load_logged_volumes(run_id: str, artifact_path: str, limit: int) -> list[nib.Nifti1Image] | None:
+    """Up to ``limit`` NIfTI volumes an evaluation run logged under ``artifact_path`` (sorted by name), read into
+    memory with their affine; None when the run has none."""
     if not any(a.path.endswith(".nii.gz") for a in MlflowClient().list_artifacts(run_id, artifact_path)):
         return None
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp))
         files = sorted(local.glob("*.nii.gz"))[:limit]
-        images = [nib.load(f) for f in files]
-        vols = [np.asarray(img.get_fdata(dtype=np.float32)) for img in images]
-        zooms = np.asarray(images[0].header.get_zooms()[:3], float)
-    return vols, zooms
+        return [nib.Nifti1Image(np.asarray(img.get_fdata(dtype=np.float32)), img.affine)
+                for img in map(nib.load, files)]
 
 
 def samples_figure(rows: list[_Row], n: int, path: Path) -> Path:
-    """Real scans, then each family's logged samples (reconstructions for the AE), side by side:
-    ``n`` rows of tri-planar mid slices per column group. Returns ``path`` (PNG)."""
-    groups: list[tuple[str, list[np.ndarray], np.ndarray]] = []
+    """Real scans, then each family's logged samples (reconstructions for the AE), side by side: ``n`` rows
+    of nilearn ortho views (world mm, L/R) per column group. Returns ``path`` (PNG)."""
+    groups: list[tuple[str, list[nib.Nifti1Image]]] = []
     for row in rows:
         reals = _load_logged_volumes(row.run.info.run_id, "volumes/reals", n)
         if reals is not None:
-            groups.append(("real scans", *reals))
+            groups.append(("real scans", reals))
             break
     for row in rows:
         for artifact, what in (("volumes/samples", "samples"), ("volumes/reconstructions", "reconstructions")):
             got = _load_logged_volumes(row.run.info.run_id, artifact, n)
             if got is not None:
-                groups.append((f"{row.family} v{row.version}: {what}", *got))
+                groups.append((f"{row.family} v{row.version}: {what}", got))
                 break
     if not groups:
         raise ValueError("report: the evaluation runs logged no volumes (volumes/samples, volumes/reconstructions)")
-    n_rows = max(len(g[1]) for g in groups)
-    panel = 1.3
-    fig = Figure(figsize=(3 * len(groups) * panel, n_rows * panel + 0.5), facecolor="black")
-    axes = fig.subplots(n_rows, 3 * len(groups), squeeze=False)
-    for g, (title, vols, voxel) in enumerate(groups):
-        for r in range(n_rows):
-            for p, (plane, axis, (h, v)) in enumerate(_PLANES):
-                ax = axes[r, 3 * g + p]
-                ax.set_axis_off()
-                if r < len(vols):
-                    vol = vols[r]
-                    image = np.take(vol, vol.shape[axis] // 2, axis=axis).T
-                    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", aspect=voxel[v] / voxel[h],
-                              interpolation="nearest")
-                if r == 0 and p == 1:
-                    ax.set_title(title, color="white", fontsize=8)
-    fig.suptitle("axial, coronal and sagittal mid slices (RAS; right on the right)", color="white", fontsize=8,
-                 y=0.005, va="bottom")
-    fig.tight_layout(pad=0.3, rect=(0, 0.04, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, facecolor=fig.get_facecolor(), dpi=100)
+    comparison_montage(groups, path)
     return path
+
+
+def mean_processed_volume(root: Path, processed_dir: str) -> np.ndarray | None:
+    """The cohort's mean processed scan (X, Y, Z) on the processed grid: the maps' background. None when the
+    processed data is not there (a report built elsewhere than the pipeline ran)."""
+    path = root / processed_dir / "volumes.npy"
+    if not path.is_file():
+        log.info("report: %s not found; direction maps are shown without background", path)
+        return None
+    volumes = np.load(path, mmap_mode="r")
+    return np.asarray(volumes.mean(axis=0, dtype=np.float64), np.float32)
+
+
+def direction_maps(root: Path, families: list[str], processed_dir: str, out_dir: Path) -> dict[str, list[DirectionMap]]:
+    """Glass brains and viewers of each family's direction maps (``directions/<family>/maps/``) under
+    ``out_dir`` (emptied first: no map of an earlier run survives)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    background = None
+    maps = {}
+    for family in families:
+        folder = root / "directions" / family
+        if not (folder / "maps").is_dir():
+            continue
+        if background is None:
+            background = mean_processed_volume(root, processed_dir)
+        maps[family] = render_direction_maps(family, folder, out_dir, background)
+    return maps
 
 
 def _direction(key: str) -> str | None:
@@ -409,73 +429,166 @@ def _html_table(frame: pd.DataFrame) -> str:
     return f"<div class=scroll><table><tr><th>{esc(str(frame.index.name))}</th>{head}</tr>\n{body}</table></div>"
 
 
-def to_markdown(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str],
-                summary: pd.DataFrame | None, top: pd.DataFrame | None = None) -> str:
-    """``summary``: :func:`directions_summary` of ``table`` (None: no directions section); ``top``:
-    :func:`headline_table` (None: none)."""
-    best = _best(table)
+@dataclass(frozen=True)
+class ReportContent:
+    """Everything the two renderings (:func:`to_markdown`, :func:`to_html`) show, in reading order."""
+
+    top: pd.DataFrame | None  # :func:`headline_table`
+    sections: dict[str, pd.DataFrame]  # family -> :func:`family_section`
+    maps: dict[str, list[DirectionMap]]  # family -> its directions' maps (glass brain + viewer)
+    table: pd.DataFrame  # the full metrics table (rows = family)
+    models: pd.DataFrame  # rows = family; ``has_samples`` and ``quality_gate_reason`` are used, not shown
+    summary: pd.DataFrame | None  # :func:`directions_summary`
+    notes: list[str]
+    warnings: list[str]
+    figures: dict[str, Path]
+
+
+def blank_reason(family: str, column: str, models: pd.DataFrame, table: pd.DataFrame) -> str:
+    """Why ``table`` has no value for ``family`` in ``column``: what an empty cell shows instead."""
+    if column.startswith(DIRECTIONS_PREFIX):
+        has_directions = any(c.startswith(DIRECTIONS_PREFIX) and pd.notna(v) for c, v in table.loc[family].items())
+        return "not measured by its directions run" if has_directions else "no directions run"
+    if "has_samples" in models.columns and not bool(models.at[family, "has_samples"]):
+        return "not a sampler"
+    return "not measured for this family"
+
+
+def _cell(value: Any, reason: str) -> str:
+    text = format_value(value)
+    return text if text else f"({reason})"
+
+
+def family_section(family: str, table: pd.DataFrame, models: pd.DataFrame, summary: pd.DataFrame | None
+                   ) -> pd.DataFrame:
+    """One family's numbers as a short vertical table: rows = the headline metrics it has (each beside its
+    floors) and the latent-direction questions (beside their targets); columns ``value`` and ``reference``."""
+    rows: dict[str, dict[str, str]] = {}
+    blank: dict[str, list[str]] = {}  # reason -> the metrics it leaves out: one row, not one per metric
+    for key in HEADLINE_METRICS:
+        if key not in table.columns or not table[key].notna().any():
+            continue
+        floors = [(label, table.at[family, f"{prefix}.{key}"]) for label, prefix in
+                  (("real", "floor_real"), ("AE", "floor_recon")) if f"{prefix}.{key}" in table.columns]
+        shown = "; ".join(f"{label} floor {format_value(v)}" for label, v in floors if pd.notna(v))
+        reason = blank_reason(family, key, models, table)
+        if pd.isna(table.at[family, key]) and not shown:
+            blank.setdefault(reason, []).append(key)
+            continue
+        rows[_header(key)] = {"value": _cell(table.at[family, key], reason), "reference": shown}
+    for reason, keys in blank.items():
+        rows[", ".join(keys)] = {"value": f"({reason})", "reference": ""}
+    if summary is not None and family in summary.columns:
+        for question, row in summary.iterrows():
+            reason = blank_reason(family, DIRECTIONS_PREFIX, models, table)
+            rows[f"directions: {question}"] = {"value": row[family] or f"({reason})", "reference": row["target"]}
+    out = pd.DataFrame(rows).T if rows else pd.DataFrame(columns=["value", "reference"])
+    out.index.name = "quantity"
+    return out
+
+
+def _full_table(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """The full metrics table as shown: 6 significant digits, empty cells saying why."""
+    shown = pd.DataFrame({_header(c): [_cell(table.at[f, c], blank_reason(f, c, models, table)) for f in table.index]
+                          for c in table.columns}, index=table.index)
+    shown.index.name = "family"
+    return shown
+
+
+def to_markdown(content: ReportContent) -> str:
+    """metrics.md: headline, one section per family, then the full tables (best values in bold)."""
+    c = content
     lines = ["# Model comparison", ""]
-    lines += [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
-    if top is not None:
-        lines += ["## Headline", "", _HEADLINE_NOTE, "", *_markdown_table(top), ""]
-    lines += ["## Metrics", "",
-              "Rows: families; columns: metrics (↓ lower is better, ↑ higher; best in bold). Values are the "
-              "evaluation runs' MLflow metrics at 6 significant digits (full precision: `metrics.csv`).", ""]
-    lines.append("| family | " + " | ".join(_header(c) for c in table.columns) + " |")
-    lines.append("|---|" + "---:|" * len(table.columns))
-    for family, row in table.iterrows():
-        cells = []
-        for col in table.columns:
-            text = format_value(row[col])
-            cells.append(f"**{text}**" if text and best.get(col) == family else text)
-        lines.append(f"| {family} | " + " | ".join(cells) + " |")
-    lines += ["", "## Models", "", *_markdown_table(models)]
-    if summary is not None:
-        lines += ["", "## Latent directions", "", _DIRECTIONS_NOTE, "", *_markdown_table(summary)]
-    lines += ["", "Reconstruction metrics (mse, psnr, ssim) of the GAN families come from latent inversion "
-              "(see the `reconstruction` tag of each evaluation run); PSNR is capped at 100 dB per volume.",
-              "", "![samples](samples.png)", "", "![metrics](metrics.png)", ""]
-    if notes:
-        lines += ["## Not included", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [f"> **Warning:** {w}" for w in c.warnings] + ([""] if c.warnings else [])
+    if c.top is not None:
+        lines += ["## Headline", "", _HEADLINE_NOTE, "", *_markdown_table(c.top), ""]
+    for family, section in c.sections.items():
+        lines += [f"## {family}: {_family_title(family, c.models)}", "", *_markdown_table(section), ""]
+        lines += [f"![{m.family} {m.name}]({MAPS_DIR}/{m.family}/{m.glass_png.name})"
+                  for m in c.maps.get(family, [])]
+        lines += [""] if c.maps.get(family) else []
+    best = _best(c.table)
+    full = _full_table(c.table, c.models)
+    for col, family in best.items():
+        full.at[family, _header(col)] = f"**{full.at[family, _header(col)]}**"
+    lines += ["## Metrics (full table)", "", _METRICS_NOTE, "", *_markdown_table(full)]
+    lines += ["", "## Models", "", *_markdown_table(shown_models(c.models))]
+    if c.summary is not None:
+        lines += ["", "## Latent directions (all families)", "", _DIRECTIONS_NOTE, "", *_markdown_table(c.summary)]
+    lines += ["", "![samples](samples.png)", "", "![metrics](metrics.png)", ""]
+    if c.notes:
+        lines += ["## Not included", ""] + [f"- {n}" for n in c.notes] + [""]
     return "\n".join(lines)
+
+
+def shown_models(models: pd.DataFrame) -> pd.DataFrame:
+    """The models table as the report shows it (without the columns only its other tables use)."""
+    return models.drop(columns=["has_samples", "quality_gate_reason"], errors="ignore")
+
+
+def _family_title(family: str, models: pd.DataFrame) -> str:
+    version = models.at[family, "model_version"] if "model_version" in models.columns else "?"
+    return f"{registry.registered_name(family)} v{version}"
 
 
 _HEADLINE_NOTE = ("Does each family make brains, and what did its latent directions find? Sample quality "
                   "(metrics/quality.py) on the evaluation split, each number beside its floors: `real` = other real "
                   "scans in the role of samples, `AE` = the autoencoder's reconstructions of them (docs/metrics.md). "
                   "Direction AUCs on the untouched test split beside their baselines.")
+_METRICS_NOTE = ("Rows: families; columns: metrics (↓ lower is better, ↑ higher; best in bold). Values are the "
+                 "evaluation runs' MLflow metrics at 6 significant digits (full precision: `metrics.csv`); an empty "
+                 "cell says why in brackets. Reconstruction metrics (mse, psnr, ssim) of the GAN families come from "
+                 "latent inversion (the `reconstruction` tag of each evaluation run); PSNR is capped at 100 dB.")
 _DIRECTIONS_NOTE = ("From `metrics/directions/<family>.json` (held out: the test split, which no model selection "
                     "sees; CV: train + val; docs/directions_method.md). "
                     "Targets are the checks on the embedded synthetic cohort; ground-truth rows appear only "
                     "where the cohort has planted effects.")
+_MAPS_NOTE = ("Each direction's group difference map (last minus first traversal step, mean over the held-out "
+              "subjects; `directions/<family>/maps/`), thresholded at 5% of its colour range: nilearn's viewer over the cohort's mean processed scan "
+              "(click to move the cuts; works offline), then a glass brain.")
 
 
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warnings: list[str],
-            figures: dict[str, Path], summary: pd.DataFrame | None, top: pd.DataFrame | None = None) -> str:
-    """A self-contained page (figures embedded as data URIs; each also links to its file next to it);
-    ``summary`` as in :func:`to_markdown`."""
+def _html_maps(maps: list[DirectionMap]) -> str:
+    if not maps:
+        return ""
     esc = html.escape
-    best = _best(table)
-    head = "".join(f"<th>{esc(_header(c))}</th>" for c in table.columns)
+    blocks = "".join(
+        f'<div class=direction-map><h4>{esc(m.name)}</h4>{m.viewer}<br><img src="{_data_uri(m.glass_png)}" '
+        f'alt="{esc(m.family)} {esc(m.name)} glass brain"></div>'
+        for m in maps
+    )
+    return f"<h3>Direction maps</h3><p>{esc(_MAPS_NOTE)}</p>{blocks}"
+
+
+def to_html(content: ReportContent) -> str:
+    """index.html, self-contained (figures as data URIs, viewers inlined; each figure also links to its file):
+    the same reading order as :func:`to_markdown`."""
+    c, esc = content, html.escape
+    best = _best(c.table)
+    full = _full_table(c.table, c.models)
+    head = "".join(f"<th>{esc(col)}</th>" for col in full.columns)
     body = ""
-    for family, row in table.iterrows():
-        cells = "".join(
-            f"<td{' class=best' if best.get(c) == family else ''}>{esc(format_value(row[c]))}</td>"
-            for c in table.columns
-        )
+    for family, row in full.iterrows():
+        cells = "".join(f"<td{' class=best' if best.get(col) == family else ''}>{esc(row[_header(col)])}</td>"
+                        for col in c.table.columns)
         body += f"<tr><th>{esc(str(family))}</th>{cells}</tr>\n"
-    warn = "".join(f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in warnings)
-    headline = "" if top is None else f"<h2>Headline</h2><p>{esc(_HEADLINE_NOTE)}</p>{_html_table(top)}"
-    directions = "" if summary is None else (
-        f"<h2>Latent directions</h2><p>{esc(_DIRECTIONS_NOTE)}</p>{_html_table(summary)}")
-    note = ("<h2>Not included</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
+    warn = "".join(f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in c.warnings)
+    headline = "" if c.top is None else f"<h2>Headline</h2><p>{esc(_HEADLINE_NOTE)}</p>{_html_table(c.top)}"
+    sections = "".join(
+        f"<section id=family-{esc(family)}><h2>{esc(family)}: {esc(_family_title(family, c.models))}</h2>"
+        f"{_html_table(section)}{_html_maps(c.maps.get(family, []))}</section>"
+        for family, section in c.sections.items()
+    )
+    directions = "" if c.summary is None else (
+        f"<h2>Latent directions (all families)</h2><p>{esc(_DIRECTIONS_NOTE)}</p>{_html_table(c.summary)}")
+    note = ("<h2>Not included</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in c.notes) + "</ul>") if c.notes else ""
     figs = "".join(
         f'<h2>{esc(title)}</h2><a href="{esc(p.name)}"><img src="{_data_uri(p)}" alt="{esc(title)}"></a>'
-        for title, p in figures.items()
+        for title, p in c.figures.items()
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>brainlatent: model comparison</title>
@@ -483,16 +596,15 @@ def to_html(table: pd.DataFrame, models: pd.DataFrame, notes: list[str], warning
 body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; font-size: 0.85em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; }} td {{ text-align: right; }}
 td.best {{ font-weight: bold; background: #e8f5e9; }} .scroll {{ overflow-x: auto; }}
-.warn {{ color: #b71c1c; }} img {{ max-width: 100%; }}
+.warn {{ color: #b71c1c; }} img {{ max-width: 100%; }} .direction-map {{ margin-bottom: 1.5em; }}
 </style></head><body>
 <h1>Model comparison</h1>{warn}{headline}
-<h2>Metrics</h2>
-<p>Rows: families; columns: metrics (&darr; lower is better, &uarr; higher; best highlighted). Values are the
-evaluation runs' MLflow metrics at 6 significant digits (full precision: <a href="metrics.csv">metrics.csv</a>).
-Reconstruction metrics of the GAN families come from latent inversion; PSNR is capped at 100 dB per volume.</p>
+{sections}
+<h2>Metrics (full table)</h2>
+<p>{esc(_METRICS_NOTE)} Full precision: <a href="metrics.csv">metrics.csv</a>.</p>
 <div class=scroll><table><tr><th>family</th>{head}</tr>
 {body}</table></div>
-<h2>Models</h2>{_html_table(models)}
+<h2>Models</h2>{_html_table(shown_models(c.models))}
 {directions}
 {figs}{note}
 </body></html>
@@ -541,7 +653,7 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "metrics.csv")  # repr of each float: round-trips exactly
     figures = {
-        "Samples (tri-planar mid slices)": samples_figure(rows, params.train.n_samples, out_dir / "samples.png"),
+        "Samples (nilearn ortho views, world mm)": samples_figure(rows, params.train.n_samples, out_dir / "samples.png"),
         "Headline metrics": metrics_figure(table, out_dir / "metrics.png"),
     }
     top = headline_table(table, models)
@@ -549,10 +661,14 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
     for family, verdict in top["makes brains?"].items():
         if verdict.startswith("NO"):
             log.warning("report: %s DOES NOT GENERATE BRAINS: %s", family, verdict)
-    shown_models = models.drop(columns=["has_samples", "quality_gate_reason"])
     summary = directions_summary(table)
-    (out_dir / "metrics.md").write_text(to_markdown(table, shown_models, notes, warnings, summary, top))
-    (out_dir / "index.html").write_text(to_html(table, shown_models, notes, warnings, figures, summary, top))
+    content = ReportContent(
+        top=top, sections={f: family_section(f, table, models, summary) for f in table.index},
+        maps=direction_maps(root, list(table.index), params.data.processed_dir, out_dir / MAPS_DIR),
+        table=table, models=models, summary=summary, notes=notes, warnings=warnings, figures=figures,
+    )
+    (out_dir / "metrics.md").write_text(to_markdown(content))
+    (out_dir / "index.html").write_text(to_html(content))
 
     exp_id = tracking.experiment_id(tracking.REPORT_EXPERIMENT, root)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
@@ -566,4 +682,4 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
             for family, row in table.iterrows() for key, value in row.items() if pd.notna(value)
         })
         mlflow.log_artifacts(str(out_dir), artifact_path="report")
-    return ReportOutcome(run.info.run_id, out_dir, table, shown_models, warnings, tracking.run_url(run))
+    return ReportOutcome(run.info.run_id, out_dir, table, shown_models(models), warnings, tracking.run_url(run))

@@ -62,15 +62,56 @@ def triplanar_montage(
     affine = resolve_affine(vols.shape[1:], affine, voxel_mm)
     cut = world_mm(slice_center(vols[0], "middle" if slices is None else slices), affine)
 
-    fig = Figure(figsize=(3 * panel_inches, n * panel_inches), dpi=dpi, facecolor="black")
-    FigureCanvasAgg(fig)
+    fig = _black_figure(3 * panel_inches, n * panel_inches, dpi)
     for row in range(n):
         # Each row gets its own strip of the figure; nilearn lays its three cuts out inside it.
-        rect = (0.0, 1.0 - (row + 1) / n, 1.0, 1.0 / n)
-        plotting.plot_anat(as_image(vols[row], affine), figure=fig, axes=rect, display_mode="ortho",
-                           cut_coords=cut, title=None if titles is None else titles[row], annotate=True,
-                           draw_cross=False, black_bg=True, dim=0, cmap=cmap, vmin=vmin, vmax=vmax,
-                           colorbar=False)
+        _ortho(fig, (0.0, 1.0 - (row + 1) / n, 1.0, 1.0 / n), as_image(vols[row], affine), cut,
+               None if titles is None else titles[row], cmap, vmin, vmax)
+    return _saved(fig, path)
+
+
+def comparison_montage(
+    groups: Sequence[tuple[str, Sequence[nib.Nifti1Image]]],
+    path: str | Path | None = None,
+    *,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    panel_inches: float = 1.3,
+    dpi: int = 100,
+) -> Figure:
+    """Groups of NIfTI images side by side (e.g. real scans, then each family's samples): a column of nilearn
+    ortho views per group, titled, every image cut at the same world position (the first image's centre)."""
+    groups = [(title, list(images)) for title, images in groups if len(images)]
+    if not groups:
+        raise ValueError("comparison_montage: no images to draw")
+    first = groups[0][1][0]
+    cut = world_mm(slice_center(np.empty(first.shape[:3]), "middle"), first.affine)
+    n_rows = max(len(images) for _, images in groups)
+    fig = _black_figure(3 * panel_inches * len(groups), n_rows * panel_inches + 0.3, dpi)
+    top = 0.3 / (n_rows * panel_inches + 0.3)
+    width, height = 1.0 / len(groups), (1.0 - top) / n_rows
+    for g, (title, images) in enumerate(groups):
+        fig.text((g + 0.5) * width, 1.0 - top / 2, title, color="white", ha="center", va="center", fontsize=8)
+        for r, img in enumerate(images):
+            _ortho(fig, (g * width, 1.0 - top - (r + 1) * height, width, height), img, cut, None, "gray", vmin,
+                   vmax)
+    return _saved(fig, path)
+
+
+def _black_figure(width: float, height: float, dpi: int) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=dpi, facecolor="black")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _ortho(fig: Figure, rect, img: nib.Nifti1Image, cut, title: str | None, cmap: str, vmin: float, vmax: float):
+    """nilearn's sagittal / coronal / axial cuts of ``img`` through ``cut`` (world mm) inside ``rect``."""
+    plotting.plot_anat(img, figure=fig, axes=rect, display_mode="ortho", cut_coords=cut, title=title,
+                       annotate=True, draw_cross=False, black_bg=True, dim=0, cmap=cmap, vmin=vmin, vmax=vmax,
+                       colorbar=False)
+
+
+def _saved(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,15 @@ from brainlatent.viz.images import as_image
 from brainlatent.viz.traversal import signed_map
 
 _FAVICON = re.compile(r"<link[^>]*rel=[\"']icon[\"'][^>]*>", re.IGNORECASE | re.DOTALL)
-# Attributes through which a page makes the browser fetch something (inline data: URIs excepted).
-_FETCHING_ATTRIBUTE = re.compile(r"""\b(?:src|href|data)\s*=\s*["']((?!data:|#)[^"']+)["']""", re.IGNORECASE)
+# What makes a browser fetch on load: ``src`` / ``data`` of any tag, ``href`` of a <link> (a plain <a href> is a
+# link the reader may follow, not a load); inline data: URIs and in-page #anchors excepted.
+_FETCHING_ATTRIBUTE = re.compile(
+    r"""(?:\b(?:src|data)|<link\b[^>]*?\bhref)\s*=\s*["']((?!data:|#)[^"']+)["']""", re.IGNORECASE | re.DOTALL)
 
 
 def external_references(page: str) -> list[str]:
-    """Every ``src`` / ``href`` / ``data`` attribute of ``page`` that is not inline (a ``data:`` URI or an
-    in-page ``#anchor``): what a browser would fetch."""
+    """Every non-inline ``src`` / ``data`` attribute and ``<link href>`` of ``page``: what a browser would
+    fetch while loading it."""
     return [m.group(1) for m in _FETCHING_ATTRIBUTE.finditer(page) if m.group(1).strip()]
 
 
