@@ -12,12 +12,14 @@ import pytest
 import torch
 from scipy import ndimage
 
+from brainlatent.anatomy import load_effect_map
 from brainlatent.config import DataConfig
 from brainlatent.data.cohort import AGE_GROUPS
 from brainlatent.data.dataset import ProcessedData, VolumeDataset
 from brainlatent.data.preprocess import (
     SUBJECT_COLUMNS,
     assign_splits,
+    effect_map_grid,
     prepare,
     preprocess_image,
     read_brain,
@@ -208,7 +210,7 @@ def test_relative_paths_resolve_against_project_root(tmp_path):
     assert result.out_dir == tmp_path / "out" / "processed" and (result.out_dir / "volumes.npy").is_file()
 
 
-def test_synthetic_ground_truth_is_resampled_onto_the_grid(tmp_path):
+def test_synthetic_ground_truth_is_resampled_once_onto_the_grid_it_is_compared_on(tmp_path):
     root = tmp_path / "synthetic"
     rows = []
     for i in range(4):
@@ -236,7 +238,10 @@ def test_synthetic_ground_truth_is_resampled_onto_the_grid(tmp_path):
     assert (gt / "cohort.json").is_file()
     assert data.subjects["age"].iloc[0] == 24 and data.subjects["age"].iloc[1:].isna().all()
     img = nib.load(gt / "sex_local.nii.gz")
-    assert img.shape == SHAPE and np.allclose(img.affine, data.grid.affine)
+    assert img.shape == SHAPE and np.allclose(img.affine, effect_map_grid(data.grid).affine)
+    assert not np.allclose(img.affine, data.grid.affine)  # the template-centred box, not the cohort's
+    # The directions stage reads it as written: no second resampling.
+    np.testing.assert_array_equal(load_effect_map(gt / "sex_local.nii.gz", data.grid), img.get_fdata(dtype=np.float32))
     peak_vox = np.unravel_index(np.argmax(img.get_fdata()), SHAPE)
     peak_mm = nib.affines.apply_affine(img.affine, peak_vox)
     assert np.abs(peak_mm - (20, -10, 10)).max() <= 6.0  # within a voxel of 6 mm

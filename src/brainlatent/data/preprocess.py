@@ -23,7 +23,8 @@ with a reason, printed as a warning and recorded in qc.json.
 ``subjects.csv`` has one row per accepted subject: :data:`SUBJECT_COLUMNS`, then the covariates given with the
 cohort (``data.covariates`` and a positive control's ``planted`` label) under their own names. Ground truth
 goes to ``ground_truth/``: a synthetic cohort's table, description and effect maps, or a positive control's
-description and ``planted_effect.nii.gz`` (``brainlatent plant``), the maps resampled onto the grid.
+description and ``planted_effect.nii.gz`` (``brainlatent plant``), the maps resampled once, onto the grid the
+directions stage compares them on (:func:`effect_map_grid`).
 
 Outputs are written to a temporary folder and renamed into place, so an interrupted run never leaves a
 processed folder that looks complete.
@@ -398,9 +399,9 @@ def prepare(cfg: DataConfig, project_root: Path | None = None) -> PrepareResult:
         _write_montage(volumes, subjects, cfg.qc_subjects, grid, tmp / "qc_montage.png")
         del volumes
         if cohort.source == "synthetic":
-            _write_ground_truth(_resolve(cfg.path, root), tmp / "ground_truth", grid)
+            _write_ground_truth(_resolve(cfg.path, root), tmp / "ground_truth", effect_map_grid(grid))
         elif PLANTED_LABEL in subjects.columns:
-            _write_planted_truth(_resolve(cfg.path, root).parent, tmp / "ground_truth", grid)
+            _write_planted_truth(_resolve(cfg.path, root).parent, tmp / "ground_truth", effect_map_grid(grid))
         qc = _qc_report(cfg, cohort, subjects, qcs, rejected, grid, time.perf_counter() - started)
         (tmp / "qc.json").write_text(json.dumps(qc, indent=2))
         swap_into_place(tmp, out_dir)
@@ -507,6 +508,18 @@ def _write_montage(volumes: np.ndarray, subjects: pd.DataFrame, n: int, grid: Gr
     rows = subjects.iloc[picks]
     titles = [f"{r.subject_id} {r.sex} {r.age_group} ({r.split})" for r in rows.itertuples()]
     triplanar_montage(np.asarray(volumes[picks], dtype=np.float32), titles, path, voxel_mm=grid.voxel_mm)
+
+
+def effect_map_grid(grid: Grid) -> Grid:
+    """The grid planted effect maps are compared on: the processing box centred on the template brain.
+
+    Template-space maps line up with processed volumes (each centred on its own brain) when the box is centred
+    on the template's brain; ``anatomy.load_effect_map`` reads a map already on this grid unchanged, so the
+    maps ``prepare`` writes here are resampled once, not a second time in every directions stage.
+    """
+    from brainlatent.anatomy import load_template  # a few seconds once; only cohorts with ground truth
+
+    return grid.centered_at(load_template().center_mm)
 
 
 def _write_ground_truth(src_root: Path, out: Path, grid: Grid) -> None:
