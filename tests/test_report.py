@@ -79,6 +79,9 @@ def test_report_numbers_are_what_mlflow_holds(project, params):
         assert {k: md[family][k] for k in held} == {k: format_value(v) for k, v in held.items()}
         assert {k: report_run.data.metrics[f"{family}.{k}"] for k in held} == held
     assert "fid" in md["gan"] and md["ae"]["fid"] == "(not a sampler)"  # a blank says why
+    assert [d.dataset.name for d in report_run.inputs.dataset_inputs] == ["data/processed"]
+    trained = client.get_run(out.models.loc["gan", "trained_run"])
+    assert [d.dataset.name for d in trained.inputs.dataset_inputs] == ["data/processed"]  # the Dataset column
     assert out.table.loc["gan", "directions.sex.auc"] == 0.75 and pd.isna(out.table.loc["ae", "directions.sex.auc"])
 
     for name in ("index.html", "metrics.md", "metrics.csv", "samples.png", "metrics.png", "maps/gan/sex_glass.png"):

@@ -67,6 +67,12 @@ def _is_better(new: float, old: float | None, higher_is_better: bool) -> bool:
     return new > old if higher_is_better else new < old
 
 
+# The tags a registered version keeps (what `brainlatent show`, evaluation and a reader of the registry page need);
+# every other tag the caller passes goes to the training run, which holds the full record.
+VERSION_TAGS = ("run_id", "git_commit", "git_dirty", "data.processed_dir", "data.content_sha256", "data.dvc_md5",
+                "dvc.exp_name", "backbone")
+
+
 def log_and_register(
     model: torch.nn.Module,
     family: str,
@@ -78,12 +84,19 @@ def log_and_register(
 ) -> tuple[str, bool]:
     """Log ``model`` to the active run, register a new version and give it alias ``candidate``.
 
+    The version gets a description (what was trained, on which data, its final validation numbers) and a
+    compact tag set: :data:`VERSION_TAGS` of ``tags`` and ``metric.<m>`` for the rule metric only (the family's
+    validation metric, or ``champion_metric``); the other tags and final metrics go to the run. When ``tags``
+    name the processed data (``data.processed_dir``), the run and the logged model get it as their
+    ``training`` dataset (the runs table's Dataset column).
+
     ``champion_metric`` ``(metric, higher_is_better)``: also move ``champion`` to the new version when its
     ``metrics[metric]`` beats the current champion's (the feature net's rule). The model families pass None:
     their champion is decided on evaluation metrics (:mod:`brainlatent.champion`). Returns
     (version, became_champion).
     """
     name = name or registered_name(family)
+    tags = dict(tags or {})
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         cfg_path = Path(tmp) / "config.json"
@@ -98,16 +111,52 @@ def log_and_register(
             pip_requirements=["brainlatent", "torch", "mlflow"],
             registered_model_name=name,
         )
+    if "data.processed_dir" in tags:
+        tracking.log_dataset(tags["data.processed_dir"], "training", lineage=tags, model_id=info.model_id)
+    _move_to_run(tags, metrics)
     version = str(info.registered_model_version)
     client = MlflowClient()
-    for key, value in {**(tags or {}), **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}.items():
+    rule = champion_metric[0] if champion_metric else VALIDATION_METRICS.get(family, ("", False))[0]
+    kept = {k: v for k, v in tags.items() if k in VERSION_TAGS}
+    if rule in metrics:
+        kept[f"metric.{rule}"] = f"{metrics[rule]:.6g}"
+    for key, value in kept.items():
         client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=version_description(family, tags, metrics, rule))
     client.set_registered_model_alias(name, CANDIDATE, version)
     promoted = False
     if champion_metric is not None and champion_metric[0] in metrics:
         metric, higher = champion_metric
         promoted = promote_if_better(name, version, metric, metrics[metric], higher)
     return version, promoted
+
+
+def _move_to_run(tags: dict[str, str], metrics: dict[str, float]) -> None:
+    """The tags a version does not keep, and final metrics the run has not logged, onto the active run."""
+    run = mlflow.active_run()
+    if run is None:
+        return
+    held = MlflowClient().get_run(run.info.run_id).data
+    extra_tags = {k: v for k, v in tags.items() if k not in VERSION_TAGS and held.tags.get(k) != v}
+    if extra_tags:
+        mlflow.set_tags(extra_tags)
+    missing = {k: float(v) for k, v in metrics.items() if k not in held.metrics and math.isfinite(float(v))}
+    if missing:
+        mlflow.log_metrics(missing)
+
+
+def version_description(family: str, tags: dict[str, str], metrics: dict[str, float], rule: str = "") -> str:
+    """What a registry reader needs first (Markdown, shown on the version page): what was trained, on which
+    data and code, and its final validation numbers (``rule`` first)."""
+    data = tags.get("data.processed_dir", "?")
+    digest = tags.get("data.dvc_md5") or tags.get("data.content_sha256", "?")[:16]
+    which = "DVC md5" if tags.get("data.dvc_md5") else "sha256"
+    commit = tags.get("git_commit", "?")[:10] + (" (dirty)" if tags.get("git_dirty") == "true" else "")
+    ordered = [rule] * (rule in metrics) + sorted(k for k in metrics if k != rule)
+    numbers = ", ".join(f"{k} {metrics[k]:.4g}" for k in ordered[:8])
+    return (f"brainlatent **{family}** trained in run `{tags.get('run_id', '?')}` on `{data}` ({which} `{digest}`), "
+            f"git `{commit}`.\n\nFinal epoch: {numbers or 'no metrics'}.\n\nEvaluation numbers and the champion "
+            "decision are added by `brainlatent evaluate` (tags `eval.*`, `champion.*`).")
 
 
 def promote_if_better(name: str, version: str, metric: str, value: float, higher_is_better: bool) -> bool:

@@ -674,6 +674,7 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
     with mlflow.start_run(experiment_id=exp_id, run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}",
                           tags={"stage": "report", **lineage}) as run:
+        tracking.log_dataset(params.data.processed_dir, "report", root, lineage)
         mlflow.log_param("families", ",".join(r.family for r in rows))
         mlflow.set_tags({f"eval_run.{r.family}": r.run.info.run_id for r in rows})
         mlflow.set_tags({f"model_version.{r.family}": r.version for r in rows})

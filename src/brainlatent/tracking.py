@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -215,22 +216,32 @@ def _init_sqlite_store(uri: str) -> None:
         mlflow.MlflowClient().search_experiments(max_results=1)
 
 
+# What MLflow 3's UI reads to open an experiment on its runs table (model development) rather than its GenAI
+# overview; the values are the UI's ExperimentKind enum (mlflow/server/js: "custom_model_development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(name: str, root: Path | None = None) -> str:
-    """Get or create an experiment. With the local SQLite store its artifacts go to <root>/mlartifacts/<name>."""
+    """Get or create an experiment, marked as a model-development experiment (:data:`EXPERIMENT_KIND_TAG`; an
+    older experiment without the mark gets it). With the local SQLite store its artifacts go to
+    <root>/mlartifacts/<name>."""
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if _is_local_sqlite(mlflow.get_tracking_uri()):
-        location = (store_root(root) / "mlartifacts" / name).as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # Another process created it between our look-up and create (two trainings on one store).
-        exp = mlflow.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = None
+        if _is_local_sqlite(mlflow.get_tracking_uri()):
+            location = (store_root(root) / "mlartifacts" / name).as_uri()
+        try:
+            return mlflow.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:
+            # Another process created it between our look-up and create (two trainings on one store).
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 # ------------------------------------------------------------------------------------------ lineage
@@ -297,6 +308,44 @@ def lineage_tags(processed_dir: str, root: Path | None = None) -> dict[str, str]
     if md5:
         tags["data.dvc_md5"] = md5
     return {**tags, **dvc_experiment_tags()}
+
+
+def dataset_digest(lineage: dict[str, str]) -> str:
+    """The processed data's identity as an MLflow dataset digest (at most 36 characters): DVC's md5 of
+    ``data/processed`` when dvc.lock has one, else the first 32 hex digits of our own content sha256."""
+    md5 = lineage.get("data.dvc_md5")
+    return md5.removesuffix(".dir") if md5 else lineage["data.content_sha256"][:32]
+
+
+def processed_dataset(processed_dir: str, root: Path | None = None, lineage: dict[str, str] | None = None):
+    """The processed cohort as an MLflow dataset: its subjects table (``subjects.csv``: one row per subject,
+    with sex, age and split) named ``processed_dir``, sourced at the folder, with :func:`dataset_digest`."""
+    import mlflow.data
+    import pandas as pd
+
+    root = root or project_root()
+    folder = (root / processed_dir).resolve()
+    table = folder / "subjects.csv"
+    if not table.is_file():
+        raise ValueError(f"{table}: not found; the dataset of a run is the processed cohort (run `brainlatent "
+                         "prepare` first)")
+    lineage = lineage or lineage_tags(processed_dir, root)
+    subjects = pd.read_csv(table, dtype={"subject_id": str})
+    with warnings.catch_warnings():  # a record of the cohort, not a model's input schema: no int-vs-NaN advice
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        return mlflow.data.from_pandas(subjects, source=str(folder), name=processed_dir,
+                                       digest=dataset_digest(lineage))
+
+
+def log_dataset(processed_dir: str, context: str, root: Path | None = None, lineage: dict[str, str] | None = None,
+                model_id: str | None = None) -> None:
+    """Log the processed cohort (:func:`processed_dataset`) as an input of the active run with ``context``
+    (``training``, ``evaluation``, ``directions``...): the runs table's Dataset column and the run's lineage.
+    ``model_id``: also link it to that logged model (MLflow 3's model page lists its training data)."""
+    from mlflow.entities import LoggedModelInput
+
+    dataset = processed_dataset(processed_dir, root, lineage)
+    mlflow.log_input(dataset, context=context, model=LoggedModelInput(model_id) if model_id else None)
 
 
 # What DVC tells a stage about the experiment it runs in (`dvc exp run`, queued or not): tagged on every run,
