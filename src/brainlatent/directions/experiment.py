@@ -3,7 +3,7 @@ experiment for one registered model version, end to end.
 
 1. **Encode** every subject of the processed cohort with the version ``train@<family>`` registered
    (``trained/<family>.json``; ``model_uri`` names another by hand) through
-   :class:`~brainlatent.directions.apply.LatentCodec` (GAN families by inversion).
+   :class:`~brainlatent.directions.codec.LatentCodec` (GAN families by inversion).
 2. **Probe** sex, age_old, age_group (and ``planted``, a positive control, when subjects.csv has the column;
    sex and planted also at fixed head size, ``directions.size_covariate``) with repeated CV on the *train +
    val* subjects, then score once on the *test* split (the headline numbers): the one split no champion
@@ -30,6 +30,7 @@ cohort is inverted in batches; re-encoding the traversals would cost one inversi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -62,10 +63,11 @@ from brainlatent.grid import Grid
 from brainlatent.inversion import psnr
 
 from . import counterfactual as cf
-from .apply import LatentCodec
+from .codec import LatentCodec
 from .direction import Direction
 from .effects import TraversalEffects, reencode_traversals, traversal_effects
-from .evaluation import CV_INTERVAL, ProbeResult, check_labels
+from .evaluation import CV_INTERVAL, check_labels
+from .headline import AGE_DIRECTIONS, VERSION_TAG_KEYS, headline_metrics
 from .groundtruth import PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation
 from .probes import ProbeSettings, decision_scores
 from .suite import ProbeSuite, run_probe_suite
@@ -86,18 +88,11 @@ GROUND_TRUTH_MAPS: dict[str, str] = {
 # rule) but never by the probes, so fitting the probes on them costs the test split nothing.
 FIT_SPLITS = ("train", "val")
 HELDOUT_SPLIT = "test"
-AGE_DIRECTIONS = ("age_group", "age_old")
 ROC_TARGETS = ("sex", "age_old")
 BY_HAND_DIR = "by_uri"  # directions/by_uri/<name>-v<version>: runs on a version named with --model-uri
 ENCODE_BATCH = 32
 DECODE_BATCH = 16
 MIN_REENCODE_SUBJECTS = 2
-# Headline numbers also written as model-version tags ``directions.<key>`` (a registry look-up shows them).
-VERSION_TAG_KEYS = (
-    "sex_auc", "sex_size_controlled_auc", "age_old_auc", "age_group_spearman", "sex_brain_mask_volume_auc",
-    "planted_auc", "age_map_r", "sex_map_r", "sex_local_map_r_raw", "sex_local_map_r_size_controlled",
-    "planted_map_r", "age_ventricle_monotonicity", "encode_psnr_db",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -313,69 +308,7 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
     return out
 
 
-# ----------------------------------------------------------------------------------------- metrics
-def _probe_metric(results: dict[tuple[str, str], ProbeResult], target: str, features: str, metric: str,
-                  split: str) -> dict[str, float]:
-    r = results.get((target, features))
-    if r is None:
-        return {}
-    est = (r.heldout if split == "heldout" and r.heldout else r.cv).get(metric)
-    return {} if est is None else {"": est.value, "_low": est.low, "_high": est.high}
-
-
-def headline_metrics(suite: ProbeSuite, studies: dict[str, DirectionStudy], gt: dict[str, float],
-                     split: str) -> dict[str, float]:
-    """The flat headline numbers: held-out (test split) probe scores when there is a test split, else CV;
-    CV scores with their corrected-t intervals and permutation p-values beside them; effects along the
-    traversals; counterfactual checks (``cf_<direction>_<check>``); ground truth."""
-    results = {(r.target, r.features): r for r in suite.results}
-    out: dict[str, float] = {}
-
-    def put(prefix: str, values: dict[str, float]) -> None:
-        out.update({f"{prefix}{suffix}": v for suffix, v in values.items()})
-
-    def probe(prefix: str, target: str, features: str, metric: str = "auc") -> None:
-        put(prefix, _probe_metric(results, target, features, metric, split))
-        cv = _probe_metric(results, target, features, metric, "cv")
-        if cv:
-            put(f"{prefix.removesuffix('_' + metric)}_cv_{metric}", cv)
-            out[f"{prefix.removesuffix('_' + metric)}_p_value"] = results[(target, features)].p_value
-
-    for target in TARGETS:
-        probe(f"{target}_auc", target, "latent")
-        for baseline in ("pca_voxels", "brain_mask_volume"):
-            value = _probe_metric(results, target, baseline, "auc", split)
-            if value:
-                out[f"{target}_{baseline}_auc"] = value[""]
-        probe(f"{target}_size_controlled_auc", target, "latent_size_controlled")
-    probe("age_group_spearman", "age_group", "latent", "spearman")
-
-    for name, study in studies.items():
-        summary = study.effects.summary
-        out[f"{name}_probe_monotonicity"] = float(summary.loc["probe_output", "mean_spearman"])
-        out[f"{name}_brain_volume_relative_change"] = float(summary.loc["brain_volume_mm3", "relative_change"])
-        if name in AGE_DIRECTIONS:
-            out[f"{name}_ventricle_monotonicity"] = float(summary.loc["ventricle_volume_mm3", "mean_spearman"])
-            out[f"{name}_ventricle_relative_change"] = float(summary.loc["ventricle_volume_mm3", "relative_change"])
-        for check, value in study.counterfactual.items():
-            if isinstance(value, float) and "." not in check and check != "composition_cycle_mae":
-                out[f"cf_{name}_{check}"] = value
-    if "age_group_ventricle_monotonicity" in out:
-        out["age_ventricle_monotonicity"] = out["age_group_ventricle_monotonicity"]
-
-    for key, source in (("age_map_r", "gt.age_group.age_map_r"), ("age_old_map_r", "gt.age_old.age_map_r"),
-                        ("sex_map_r", "gt.sex.sex_map_r"), ("sex_local_map_r_raw", "gt.sex.sex_local_map_r"),
-                        ("sex_local_map_r_size_controlled", "gt.sex_size_controlled.sex_local_map_r"),
-                        ("sex_local_size_controlled_better", "gt.sex_local.size_controlled_better"),
-                        ("planted_map_r", "gt.planted.planted_map_r"),
-                        ("planted_map_r_size_controlled", "gt.planted_size_controlled.planted_map_r"),
-                        ("planted_size_controlled_better", "gt.planted.size_controlled_better"),
-                        ("age_ventricle_sign_correct", "gt.age_group.ventricle_volume_mm3.sign_correct")):
-        if source in gt:
-            out[key] = gt[source]
-    return out
-
-
+# ----------------------------------------------------------------------------------------- tables
 def roc_table(suite: ProbeSuite, latents: np.ndarray, subjects: pd.DataFrame, split: str) -> pd.DataFrame:
     """ROC points (fpr, tpr, target) of the sex and age_old latent probes on ``split`` subjects.
 
@@ -409,16 +342,85 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- stage
-def run_directions(family: str, params: Params, root: Path | None = None, model_uri: str | None = None
-                   ) -> DirectionsOutcome:
-    """Run the latent-direction experiment for the version ``train@<family>`` registered, or ``model_uri``.
+@dataclass(frozen=True)
+class Experiment:
+    """What the stage works on, fixed before any work: the model version, the cohort, who is fitted, scored
+    and traversed, and where the outputs go."""
 
-    See the module docstring for the steps and outputs. Raises ValueError naming the problem for an unknown
-    family, a missing model / alias, missing processed data, or a model trained on another volume shape.
-    """
+    family: str
+    params: Params
+    root: Path
+    uri: str  # the model URI requested (train@<family>'s version, or the one named by hand)
+    by_hand: bool  # a version named with --model-uri: outputs beside the pipeline's, not in them
+    loaded: registry.LoadedModel
+    data: ProcessedData
+    codec: LatentCodec
+    settings: ProbeSettings
+    device: torch.device
+    fit_rows: np.ndarray  # the probes' fitting subjects (FIT_SPLITS)
+    heldout_rows: np.ndarray  # scored once (HELDOUT_SPLIT); empty: cross-validated only
+    traversal_rows: np.ndarray  # test subjects traversed along every direction
+    targets: tuple[str, ...]  # probes whose labels fill the folds
+    skipped: dict[str, str]  # target -> why it is not probed
+    size_control_targets: tuple[str, ...]
+    out: Path  # directions/<family> (or directions/by_uri/<name>-v<version>)
+
+    @property
+    def split(self) -> str:
+        """What the headline probe scores are: ``"heldout"`` (the test split) or ``"cv"``."""
+        return "heldout" if len(self.heldout_rows) else "cv"
+
+    @property
+    def n_strip(self) -> int:
+        return min(self.params.directions.n_strip_subjects, len(self.traversal_rows))
+
+    @property
+    def n_reencode(self) -> int:
+        """Traversed subjects re-encoded: all, or for inverting families the strip subjects (at least two)."""
+        n = len(self.traversal_rows)
+        return n if not self.codec.inverts else min(n, max(MIN_REENCODE_SUBJECTS, self.n_strip))
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.loaded.name}/{self.loaded.version}"
+
+    def labels(self) -> dict[str, str]:
+        """What the numbers are: strings in metrics/directions/<family>.json, tags in MLflow."""
+        cfg = self.params.directions
+        return {"heldout_split": HELDOUT_SPLIT if self.split == "heldout" else "none (cross-validated only)",
+                "fit_splits": "+".join(FIT_SPLITS), "size_covariate": cfg.size_covariate,
+                "size_control": cfg.size_control, "cv_interval": CV_INTERVAL}
+
+    def run_tags(self) -> dict[str, str]:
+        loaded = self.loaded
+        return {
+            "model": self.family, "stage": "directions", "model_name": loaded.name,
+            "model_version": str(loaded.version), "model_uri": self.model_uri, "requested_uri": self.uri,
+            "model_run_id": loaded.run_id, "latent_space": self.codec.latent_space, "headline_split": self.split,
+            "reencode_subjects": str(self.n_reencode), "skipped_targets": ",".join(self.skipped) or "none",
+            **self.labels(), "heldout_untouched": str(self.params.evaluate.split != HELDOUT_SPLIT).lower(),
+            **tracking.lineage_tags(self.params.data.processed_dir, self.root),
+        }
+
+    def run_params(self) -> dict[str, Any]:
+        p = self.params
+        return {**to_flat_dict(p.directions, "directions."), "seed": p.seed, "device": str(self.device),
+                "data.shape": list(self.data.grid.shape), "latent_dim": self.codec.dim,
+                "n_fit": len(self.fit_rows), "n_heldout": len(self.heldout_rows), "evaluate.split": p.evaluate.split}
+
+    def model_metadata(self) -> dict[str, Any]:
+        """Written into every direction JSON: the model version the direction belongs to."""
+        c = self.codec
+        return {"family": self.family, "model_name": self.loaded.name, "model_version": str(self.loaded.version),
+                "model_run_id": self.loaded.run_id, "latent_space": c.latent_space, "latent_dim": c.dim,
+                "inversion_steps": c.inversion_steps if c.inverts else None}
+
+
+def open_experiment(family: str, params: Params, root: Path | None, model_uri: str | None) -> Experiment:
+    """Check the request and fix the experiment: load the model and the cohort, choose the rows, clear the output
+    folder. Raises ValueError naming the problem (unknown family, missing model / data, another volume shape)."""
     from brainlatent.train.device import resolve_device, seed_everything
 
-    t_start = time.perf_counter()
     root = (root or tracking.project_root()).resolve()
     cfg = params.directions
     params.family(family)  # ConfigError naming an unknown family before any work
@@ -436,7 +438,6 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
 
     fit_rows = np.sort(np.concatenate([data.split_indices(s) for s in FIT_SPLITS]))
     heldout_rows = data.split_indices(HELDOUT_SPLIT)
-    split = "heldout" if len(heldout_rows) else "cv"
     if not len(heldout_rows):
         log.warning("%s: no %s subjects; headline numbers are cross-validated only", data.root, HELDOUT_SPLIT)
     if params.evaluate.split == HELDOUT_SPLIT:
@@ -456,117 +457,176 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
     if out.exists():
         shutil.rmtree(out)  # our own output folder: no stale directions of a previous run survive
     out.mkdir(parents=True)
-    lineage = tracking.lineage_tags(params.data.processed_dir, root)
     trav_rows = traversal_rows(heldout_rows, len(subjects), cfg.n_traversal_subjects, params.seed)
-    n_strip = min(cfg.n_strip_subjects, len(trav_rows))
-    n_reencode = len(trav_rows) if not codec.inverts else min(len(trav_rows), max(MIN_REENCODE_SUBJECTS, n_strip))
-    labels = {  # what the numbers are: strings in metrics/directions/<family>.json, tags in MLflow
-        "heldout_split": HELDOUT_SPLIT if split == "heldout" else "none (cross-validated only)",
-        "fit_splits": "+".join(FIT_SPLITS), "size_covariate": cfg.size_covariate, "size_control": cfg.size_control,
-        "cv_interval": CV_INTERVAL,
-    }
-    tags = {
-        "model": family, "stage": "directions", "model_name": loaded.name, "model_version": str(loaded.version),
-        "model_uri": f"models:/{loaded.name}/{loaded.version}", "requested_uri": uri, "model_run_id": loaded.run_id,
-        "latent_space": codec.latent_space, "headline_split": split, "reencode_subjects": str(n_reencode),
-        "skipped_targets": ",".join(skipped) or "none", **labels,
-        "heldout_untouched": str(params.evaluate.split != HELDOUT_SPLIT).lower(), **lineage,
-    }
-    exp_id = tracking.experiment_id(tracking.DIRECTIONS_EXPERIMENT, root)
+    return Experiment(family, params, root, uri, model_uri is not None, loaded, data, codec, settings, device,
+                      fit_rows, heldout_rows, trav_rows, tuple(targets), skipped, size_control_targets, out)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Every subject's latent, and how well the traversed subjects' latents decode back."""
+
+    latents: np.ndarray  # (N, D) float64, every subject
+    originals: np.ndarray  # (S, X, Y, Z) the traversed subjects' volumes
+    reconstructions: np.ndarray  # (S, X, Y, Z) decode(latents[traversal_rows])
+    psnr_db: np.ndarray  # (S,) reconstruction PSNR of the traversed subjects
+
+
+def encode(exp: Experiment) -> Encoded:
+    """Encode the cohort (GAN families: by inversion); decode the traversed subjects only: a decoder pass over
+    the whole cohort would cost as much as the traversals themselves on a CPU."""
+    latents = exp.codec.encode_volumes(exp.data.volumes, ENCODE_BATCH)
+    originals = np.asarray(exp.data.volumes[exp.traversal_rows], np.float32)
+    reconstructions = exp.codec.decode_latents(latents[exp.traversal_rows], DECODE_BATCH)
+    psnr_db = psnr(torch.from_numpy(reconstructions), torch.from_numpy(originals), data_range=1.0).numpy()
+    return Encoded(latents, originals, reconstructions, psnr_db)
+
+
+def probe(exp: Experiment, latents: np.ndarray) -> ProbeSuite:
+    """Every feasible target's probes (latent, size-controlled, baselines) fitted with repeated CV on the fitting
+    rows and scored once on the held-out rows (``run_probe_suite``)."""
+    fit, test = exp.fit_rows, exp.heldout_rows
+    has_test = exp.split == "heldout"
+    volumes = np.asarray(exp.data.volumes, np.float32)  # (N, X, Y, Z): the PCA-of-voxels baseline
+    subjects = exp.data.subjects
+    return run_probe_suite(
+        latents[fit], subjects.iloc[fit], exp.settings, volumes=volumes[fit],
+        test_latents=latents[test] if has_test else None, test_subjects=subjects.iloc[test] if has_test else None,
+        test_volumes=volumes[test] if has_test else None, targets=exp.targets,
+        size_control_targets=exp.size_control_targets, size_covariate=exp.params.directions.size_covariate,
+    )
+
+
+def direct(exp: Experiment, suite: ProbeSuite) -> dict[str, Direction]:
+    """The suite's directions stamped with the model version they belong to (and their held-out AUC), saved as
+    ``directions/<name>.json``."""
+    results = {(r.target, r.features): r for r in suite.results}
+    for name, d in list(suite.directions.items()):
+        heldout = results[(d.metadata["target"], d.metadata["features"])].heldout or {}
+        extra = {"heldout_auc": heldout["auc"].value} if "auc" in heldout else {}
+        suite.directions[name] = replace(d, metadata={**d.metadata, **exp.model_metadata(), **extra})
+    suite.save_directions(exp.out / "directions")
+    return suite.directions
+
+
+def traversal_context(exp: Experiment, encoded: Encoded) -> tuple[TraversalContext, str]:
+    """What every direction's traversal shares, and which feature network judges it (``"none (...)"``: why not)."""
+    data, cfg = exp.data, exp.params.directions
+    planted = load_ground_truth(data.ground_truth_dir, data.grid)
+    mask = atlas_on_grid(data.grid).brain > 0.5
+    measure, featurenet_id = traversal_measure(exp.params, exp.root, data, planted, mask, exp.device)
+    ctx = TraversalContext(encoded.latents[exp.traversal_rows],
+                           data.subjects.iloc[exp.traversal_rows].reset_index(drop=True), encoded.reconstructions,
+                           symmetric_steps(cfg.max_step_sd, cfg.n_steps), measure, mask, planted, exp.n_reencode,
+                           cfg.size_covariate)
+    return ctx, featurenet_id
+
+
+def traverse_and_measure(exp: Experiment, suite: ProbeSuite, ctx: TraversalContext) -> dict[str, DirectionStudy]:
+    """Traverse, measure and check every direction (:func:`study_direction`); write its maps and figures."""
+    ids = ctx.subjects["subject_id"].astype(str).tolist()
+    studies: dict[str, DirectionStudy] = {}
+    for name, direction in suite.directions.items():
+        fitted = suite.probes[f"{direction.metadata['target']}.{direction.metadata['features']}"]
+        studies[name] = study_direction(direction, fitted, exp.codec, ctx)
+        write_study(exp.out, name, studies[name], ids, ctx.steps, exp.data.grid, exp.n_strip)
+    return studies
+
+
+def model_checks(encoded: Encoded, ctx: TraversalContext, studies: dict[str, DirectionStudy]) -> dict[str, float]:
+    """The counterfactual checks of the model rather than of one direction (``cf_composition_*``)."""
+    composition = cf.composition(encoded.originals, encoded.reconstructions, mask=ctx.mask)
+    cycles = [st.counterfactual["composition_cycle_mae"] for st in studies.values()
+              if "composition_cycle_mae" in st.counterfactual]
+    if cycles:  # f(f(x)) vs f(x): the zero step's round trip, the same volumes for every direction
+        composition["composition_cycle_mae"] = cycles[0]
+    return {f"cf_{k}": v for k, v in composition.items()}
+
+
+def record(exp: Experiment, run_id: str, suite: ProbeSuite, studies: dict[str, DirectionStudy],
+           encoded: Encoded, gt: dict[str, float], model_cf: dict[str, float], timings: dict[str, float]
+           ) -> dict[str, float]:
+    """Write the tables and the metrics JSON, log metrics and artifacts to the run, tag the model version.
+    Returns the headline numbers."""
+    headline = headline_metrics(suite, studies, gt, exp.split)
+    headline.update(model_cf)
+    headline.update({"encode_psnr_db": float(np.mean(encoded.psnr_db)), "n_fit": float(len(exp.fit_rows)),
+                     "n_heldout": float(len(exp.heldout_rows)),
+                     "n_traversal_subjects": float(len(exp.traversal_rows))})
+    headline.update({f"time_{k}": v for k, v in timings.items()})
+    roc_rows = exp.heldout_rows if exp.split == "heldout" else exp.fit_rows
+    _write_tables(exp.out, suite, studies, encoded.latents[roc_rows], exp.data.subjects.iloc[roc_rows], exp.split)
+    labels = exp.labels()
+    detailed = {**suite.flat_metrics(), **gt, "encode_psnr_db_min": float(np.min(encoded.psnr_db)),
+                "encode_psnr_db_max": float(np.max(encoded.psnr_db))}
+    for name, study in studies.items():
+        detailed.update(study.effects.flat_metrics(f"effects.{name}"))
+        detailed.update({f"cf.{name}.{k}": v for k, v in study.counterfactual.items() if not isinstance(v, str)})
+        predictor = study.counterfactual.get("effectiveness_predictor")
+        if predictor:
+            labels[f"cf_{name}_effectiveness_predictor"] = predictor
+            mlflow.set_tag(f"cf.{name}.effectiveness_predictor", predictor)
+    headline = _finite(headline)
+    named = {**headline, **labels, "model_version": int(exp.loaded.version), "model_uri": exp.model_uri}
+    metrics_path = exp.out / "metrics.json" if exp.by_hand else exp.root / "metrics" / "directions" / f"{exp.family}.json"
+    _write_json(metrics_path, named)
+    mlflow.log_metrics({**_finite(detailed), **headline})
+    mlflow.log_artifacts(str(exp.out))
+    _tag_version(exp.loaded, headline, run_id, labels["heldout_split"])
+    return headline
+
+
+class _Stopwatch:
+    """``with clock("encode_s"): ...`` adds the block's wall time to ``clock.timings``."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - t0
+
+
+def run_directions(family: str, params: Params, root: Path | None = None, model_uri: str | None = None
+                   ) -> DirectionsOutcome:
+    """Run the latent-direction experiment for the version ``train@<family>`` registered, or ``model_uri``:
+    encode -> probe -> direct -> traverse and measure -> check -> record (the module docstring has the steps).
+
+    Raises ValueError naming the problem for an unknown family, a missing model / alias, missing processed
+    data, or a model trained on another volume shape.
+    """
+    t_start = time.perf_counter()
+    exp = open_experiment(family, params, root, model_uri)
+    loaded = exp.loaded
+    exp_id = tracking.experiment_id(tracking.DIRECTIONS_EXPERIMENT, exp.root)
     run_name = f"{family}-v{loaded.version}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=exp.run_tags())
     try:
-        mlflow.log_params({**to_flat_dict(cfg, "directions."), "seed": params.seed, "device": str(device),
-                           "data.shape": list(data.grid.shape), "latent_dim": codec.dim,
-                           "n_fit": len(fit_rows), "n_heldout": len(heldout_rows),
-                           "evaluate.split": params.evaluate.split})
-        timings: dict[str, float] = {}
-
-        t0 = time.perf_counter()
-        latents = codec.encode_volumes(data.volumes, ENCODE_BATCH)  # (N, D), every subject
-        timings["encode_s"] = time.perf_counter() - t0
-        # On the traversed subjects only: a decoder pass over the whole cohort would cost as much as the
-        # traversals themselves on a CPU.
-        originals = np.asarray(data.volumes[trav_rows], np.float32)
-        reconstructions = codec.decode_latents(latents[trav_rows], DECODE_BATCH)  # (S, X, Y, Z)
-        encode_psnr = psnr(torch.from_numpy(reconstructions), torch.from_numpy(originals), data_range=1.0).numpy()
-
-        t0 = time.perf_counter()
-        volumes = np.asarray(data.volumes, np.float32)  # (N, X, Y, Z): the PCA-of-voxels baseline
-        has_test = split == "heldout"
-        suite = run_probe_suite(
-            latents[fit_rows], subjects.iloc[fit_rows], settings, volumes=volumes[fit_rows],
-            test_latents=latents[heldout_rows] if has_test else None,
-            test_subjects=subjects.iloc[heldout_rows] if has_test else None,
-            test_volumes=volumes[heldout_rows] if has_test else None,
-            targets=tuple(targets), size_control_targets=size_control_targets, size_covariate=cfg.size_covariate,
-        )
-        timings["probes_s"] = time.perf_counter() - t0
-        results = {(r.target, r.features): r for r in suite.results}
-        model_meta = {"family": family, "model_name": loaded.name, "model_version": str(loaded.version),
-                      "model_run_id": loaded.run_id, "latent_space": codec.latent_space, "latent_dim": codec.dim,
-                      "inversion_steps": codec.inversion_steps if codec.inverts else None}
-        for name, d in list(suite.directions.items()):
-            heldout = results[(d.metadata["target"], d.metadata["features"])].heldout or {}
-            extra = {"heldout_auc": heldout["auc"].value} if "auc" in heldout else {}
-            suite.directions[name] = replace(d, metadata={**d.metadata, **model_meta, **extra})
-        suite.save_directions(out / "directions")
-
-        t0 = time.perf_counter()
-        steps = symmetric_steps(cfg.max_step_sd, cfg.n_steps)
-        trav_subjects = subjects.iloc[trav_rows].reset_index(drop=True)
-        ids = trav_subjects["subject_id"].astype(str).tolist()
-        planted = load_ground_truth(data.ground_truth_dir, data.grid)
-        mask = atlas_on_grid(data.grid).brain > 0.5
-        measure, featurenet_id = traversal_measure(params, root, data, planted, mask, device)
-        mlflow.set_tag("effectiveness_featurenet", featurenet_id)
-        ctx = TraversalContext(latents[trav_rows], trav_subjects, reconstructions, steps, measure, mask, planted,
-                               n_reencode, cfg.size_covariate)
-        studies: dict[str, DirectionStudy] = {}
-        for name, direction in suite.directions.items():
-            probe = suite.probes[f"{direction.metadata['target']}.{direction.metadata['features']}"]
-            studies[name] = study_direction(direction, probe, codec, ctx)
-            write_study(out, name, studies[name], ids, steps, data.grid, n_strip)
-        composition = cf.composition(originals, reconstructions, mask=mask)
-        cycles = [st.counterfactual["composition_cycle_mae"] for st in studies.values()
-                  if "composition_cycle_mae" in st.counterfactual]
-        if cycles:  # f(f(x)) vs f(x): the zero step's round trip, the same volumes for every direction
-            composition["composition_cycle_mae"] = cycles[0]
-        timings["traversals_s"] = time.perf_counter() - t0
-
-        gt = ground_truth_checks(planted, data.grid, studies)
-        headline = headline_metrics(suite, studies, gt, split)
-        headline.update({f"cf_{k}": v for k, v in composition.items()})
-        headline.update({"encode_psnr_db": float(np.mean(encode_psnr)), "n_fit": float(len(fit_rows)),
-                         "n_heldout": float(len(heldout_rows)), "n_traversal_subjects": float(len(trav_rows))})
-        timings["total_s"] = time.perf_counter() - t_start
-        headline.update({f"time_{k}": v for k, v in timings.items()})
-
-        _write_tables(out, suite, studies, latents[heldout_rows] if has_test else latents[fit_rows],
-                      subjects.iloc[heldout_rows] if has_test else subjects.iloc[fit_rows], split)
-        detailed = {**suite.flat_metrics(), **gt, "encode_psnr_db_min": float(np.min(encode_psnr)),
-                    "encode_psnr_db_max": float(np.max(encode_psnr))}
-        for name, study in studies.items():
-            detailed.update(study.effects.flat_metrics(f"effects.{name}"))
-            detailed.update({f"cf.{name}.{k}": v for k, v in study.counterfactual.items() if not isinstance(v, str)})
-            predictor = study.counterfactual.get("effectiveness_predictor")
-            if predictor:
-                labels[f"cf_{name}_effectiveness_predictor"] = predictor
-                mlflow.set_tag(f"cf.{name}.effectiveness_predictor", predictor)
-        headline = _finite(headline)
-        named = {**headline, **labels, "model_version": int(loaded.version),
-                 "model_uri": f"models:/{loaded.name}/{loaded.version}"}
-        _write_json(out / "metrics.json" if model_uri else root / "metrics" / "directions" / f"{family}.json", named)
-        mlflow.log_metrics({**_finite(detailed), **headline})
-        mlflow.log_artifacts(str(out))
-        _tag_version(loaded, headline, run.info.run_id, labels["heldout_split"])
+        mlflow.log_params(exp.run_params())
+        clock = _Stopwatch()
+        with clock("encode_s"):
+            encoded = encode(exp)
+        with clock("probes_s"):
+            suite = probe(exp, encoded.latents)
+        direct(exp, suite)
+        with clock("traversals_s"):
+            ctx, featurenet_id = traversal_context(exp, encoded)
+            mlflow.set_tag("effectiveness_featurenet", featurenet_id)
+            studies = traverse_and_measure(exp, suite, ctx)
+            model_cf = model_checks(encoded, ctx, studies)
+        gt = ground_truth_checks(ctx.planted, exp.data.grid, studies)
+        clock.timings["total_s"] = time.perf_counter() - t_start
+        headline = record(exp, run.info.run_id, suite, studies, encoded, gt, model_cf, clock.timings)
         log.info("directions %s v%s: %s (%.0f s)", family, loaded.version,
-                 ", ".join(f"{k}={headline[k]:.3f}" for k in VERSION_TAG_KEYS if k in headline), timings["total_s"])
+                 ", ".join(f"{k}={headline[k]:.3f}" for k in VERSION_TAG_KEYS if k in headline),
+                 clock.timings["total_s"])
         mlflow.end_run()
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
-    return DirectionsOutcome(family, run.info.run_id, str(loaded.version), headline, out, tracking.run_url(run))
+    return DirectionsOutcome(family, run.info.run_id, str(loaded.version), headline, exp.out, tracking.run_url(run))
 
 
 def _write_tables(out: Path, suite: ProbeSuite, studies: dict[str, DirectionStudy], roc_latents: np.ndarray,
