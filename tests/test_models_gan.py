@@ -235,3 +235,47 @@ def test_encode_inverts_through_the_inversion_module():
         err_init = (gan.decode(gan.latent_init(2)) - x).square().mean()
         err_inverted = (gan.decode(z) - x).square().mean()
     assert err_inverted < err_init / 2
+
+
+# ---------------------------------------------------------------------------------------- template start
+def test_template_generators_start_from_the_mean_training_volume():
+    """With a silent last layer, both families draw exactly the (clamped) mean of the volumes they were given,
+    at every StyleGAN level; the buffer travels with the state dict and into the EMA generator."""
+    from brainlatent.models.gan import GAN, TEMPLATE_EPS
+    from brainlatent.models.stylegan import StyleGAN, reals_at_level
+
+    torch.manual_seed(0)
+    volumes = torch.rand(6, 1, 16, 20, 16) * 0.8
+    volumes[:, :, :2] = 0.0  # background: clamped to eps before the logit
+    mean = volumes.mean(0, keepdim=True)
+
+    gan = GAN(latent_dim=8, volume_shape=(16, 20, 16), g_base_channels=4, g_max_channels=8, d_base_channels=4,
+              d_max_channels=8, template=True)
+    gan.set_template(volumes)
+    with torch.no_grad():
+        gan.generator_ema.decoder.out.weight.zero_()
+        gan.generator_ema.decoder.out.bias.zero_()
+    expected = mean.clamp(TEMPLATE_EPS, 1 - TEMPLATE_EPS).expand(3, -1, -1, -1, -1)
+    assert torch.allclose(gan.sample(3), expected, atol=1e-6)
+
+    sg = StyleGAN(volume_shape=(16, 20, 16), z_dim=8, w_dim=8, n_mapping=2, base_channels=4, max_channels=8,
+                  template=True)
+    sg.set_template(volumes)
+    with torch.no_grad():
+        for conv in sg.generator_ema.synthesis.to_volume:
+            conv.weight.zero_()
+            conv.bias.zero_()
+    for level in range(sg.n_levels):
+        out = sg.generator_ema(torch.randn(2, 8), level, 1.0)
+        assert torch.allclose(out, reals_at_level(mean, level, 1.0, sg.n_levels).clamp(1e-3, 1 - 1e-3), atol=1e-6)
+    reloaded = StyleGAN(**sg.config_dict())
+    reloaded.load_state_dict(sg.state_dict())
+    assert torch.equal(reloaded.generator.synthesis.template_logit_0, sg.generator.synthesis.template_logit_0)
+
+
+def test_models_saved_before_the_template_option_load_as_plain_generators():
+    from brainlatent.models.gan import GAN
+
+    config = GAN(latent_dim=8, volume_shape=(16, 20, 16)).config_dict()
+    config.pop("template")  # what a config of an earlier release holds
+    assert not hasattr(GAN(**config).generator, "template_logit")

@@ -294,7 +294,7 @@ class GANConfig(_FamilyConfig):
     """DCGAN-style 3D GAN (models/gan.py) with WGAN-GP or non-saturating + R1 and a generator EMA."""
 
     MODEL_KEYS = ("latent_dim", "g_base_channels", "g_max_channels", "d_base_channels", "d_max_channels",
-                  "min_bottleneck", "g_norm", "d_norm")
+                  "min_bottleneck", "g_norm", "d_norm", "template")
     latent_dim: PositiveInt = 64
     g_base_channels: PositiveInt = 8
     g_max_channels: PositiveInt = 64
@@ -303,6 +303,8 @@ class GANConfig(_FamilyConfig):
     min_bottleneck: PositiveInt = 4
     g_norm: Literal["group", "layer", "none"] = "group"
     d_norm: Literal["group", "layer", "none"] = "layer"
+    # The generator predicts the deviation (in logit space) from the mean training volume (models/gan.py).
+    template: bool = False
     loss: Literal["wgan-gp", "ns-r1"] = "ns-r1"
     gp_weight: NonNegFloat = 10.0
     r1_gamma: NonNegFloat = 10.0
@@ -333,7 +335,7 @@ class StyleGANConfig(_FamilyConfig):
 
     MODEL_KEYS = ("z_dim", "w_dim", "n_mapping", "mapping_lr_mul", "n_levels", "base_channels", "max_channels",
                   "blur", "mbstd_group_size", "truncation_psi", "truncation_cutoff", "inversion_steps",
-                  "inversion_lr")
+                  "inversion_lr", "template")
     z_dim: PositiveInt = 64
     w_dim: PositiveInt = 64
     n_mapping: PositiveInt = 8
@@ -342,6 +344,7 @@ class StyleGANConfig(_FamilyConfig):
     base_channels: PositiveInt = 8
     max_channels: PositiveInt = 32
     blur: bool = True
+    template: bool = False  # each level's output is a deviation from the mean training volume (models/stylegan.py)
     mbstd_group_size: PositiveInt = 4
     truncation_psi: Annotated[float, Field(ge=0, le=1)] = 1.0
     truncation_cutoff: PositiveInt | None = None

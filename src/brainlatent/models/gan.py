@@ -6,6 +6,10 @@
   penalties are per-sample, so only per-sample normalisation (LayerNorm by default, GroupNorm) or none.
 * Losses (WGAN-GP, non-saturating + R1) and the EMA update are shared with StyleGAN: ``adversarial.py``.
 * ``decode`` / ``sample`` / ``synthesize`` use the EMA generator (Karras et al., 2018; Yazici et al., 2019).
+* ``template=True``: the generator predicts a deviation, in logit space, from the mean training volume
+  (:class:`TemplateGenerator`; the dense autoencoders do the same in voxel space). Training then starts from
+  an average brain instead of noise, and every step is spent on how brains differ: the DCGAN trained 12
+  epochs on ~100 volumes draws white blobs without it (BENCHMARKS.md, "Adversarial families: what buys brains").
 """
 
 from __future__ import annotations
@@ -15,10 +19,38 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from brainlatent.models.adversarial import update_ema
 from brainlatent.models.base import LatentModel, register_family
 from brainlatent.models.layers import Decoder3d, Encoder3d, Norm, as_shape3
+
+
+TEMPLATE_EPS = 1e-3  # the mean volume is clamped into [eps, 1 - eps] before its logit (background 0 -> -6.9)
+
+
+class TemplateGenerator(nn.Module):
+    """``sigmoid(logit(template) + decoder(z))``: a generator whose zero output is the mean training volume.
+
+    ``template_logit`` is a buffer (set by :meth:`set_template` from the training split before the first
+    step, restored with the checkpoint, copied into the EMA generator); zeros until set, i.e. a plain
+    sigmoid generator.
+    """
+
+    def __init__(self, decoder: nn.Module, volume_shape: tuple[int, int, int]):
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("template_logit", torch.zeros(1, 1, *volume_shape))
+
+    @torch.no_grad()
+    def set_template(self, volumes: torch.Tensor) -> None:
+        """The voxel-wise mean of ``volumes`` (N, 1, X, Y, Z), clamped to [eps, 1 - eps], as a logit."""
+        mean = volumes.float().mean(0, keepdim=True).clamp(TEMPLATE_EPS, 1 - TEMPLATE_EPS)
+        self.template_logit.copy_(torch.logit(mean).to(self.template_logit.device))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(z)
+        return torch.sigmoid(out + self.template_logit.to(out.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -37,6 +69,9 @@ class GAN(LatentModel):
         min_bottleneck: the smallest allowed bottleneck axis (see :func:`layers.stage_shapes`).
         g_norm: generator normalisation ("group", "layer", "none").
         d_norm: critic normalisation ("layer", "group", "none"); never batch statistics.
+        template: the generator predicts the deviation from the mean training volume (:class:`TemplateGenerator`;
+            call :meth:`set_template` before training). False: a plain sigmoid generator (models saved
+            before the option existed).
     """
 
     family = "gan"
@@ -53,6 +88,7 @@ class GAN(LatentModel):
         min_bottleneck: int = 4,
         g_norm: Norm = "group",
         d_norm: Norm = "layer",
+        template: bool = False,
     ):
         super().__init__()
         if latent_dim < 1:
@@ -69,15 +105,29 @@ class GAN(LatentModel):
             min_bottleneck=min_bottleneck,
             g_norm=g_norm,
             d_norm=d_norm,
+            template=bool(template),
         )
-        self.generator = Decoder3d(
-            self.volume_shape, self.latent_dim, g_base_channels, g_max_channels, min_bottleneck, g_norm, "sigmoid"
-        )
+        if template:
+            decoder = Decoder3d(
+                self.volume_shape, self.latent_dim, g_base_channels, g_max_channels, min_bottleneck, g_norm, "none"
+            )
+            self.generator: nn.Module = TemplateGenerator(decoder, self.volume_shape)
+        else:
+            self.generator = Decoder3d(
+                self.volume_shape, self.latent_dim, g_base_channels, g_max_channels, min_bottleneck, g_norm, "sigmoid"
+            )
         self.discriminator = Encoder3d(self.volume_shape, 1, d_base_channels, d_max_channels, min_bottleneck, d_norm)
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
 
     def config_dict(self) -> dict[str, Any]:
         return dict(self._config)
+
+    @torch.no_grad()
+    def set_template(self, volumes: torch.Tensor) -> None:
+        """Start both generators from the mean of ``volumes`` (the training split); a no-op without a template."""
+        if isinstance(self.generator, TemplateGenerator):
+            self.generator.set_template(volumes)
+            self.generator_ema.set_template(volumes)
 
     def update_ema(self, decay: float) -> None:
         """generator_ema <- decay * generator_ema + (1 - decay) * generator."""

@@ -363,6 +363,7 @@ class SynthesisNetwork(nn.Module):
         base_channels: int,
         max_channels: int,
         blur: bool = True,
+        template: bool = False,
     ) -> None:
         super().__init__()
         self.w_dim, self.n_levels = w_dim, n_levels
@@ -379,10 +380,36 @@ class SynthesisNetwork(nn.Module):
             layers.append(SynthesisLayer(ch, ch, w_dim, shape, conv="same", blur=blur))
         self.layers = nn.ModuleList(layers)
         self.to_volume = nn.ModuleList(EqualizedConv3d(ch, 1, 1) for ch in self.channels)
+        # template: each level's output is a deviation, in logit space, from the mean training volume at that
+        # level (set_template; the DCGAN's TemplateGenerator does the same). Not in StyleGAN v1: with ~100
+        # volumes and a CPU budget, the generator otherwise spends its steps drawing an average brain first.
+        self.template = bool(template)
+        if self.template:
+            for level, shape in enumerate(self.shapes):
+                self.register_buffer(f"template_logit_{level}", torch.zeros(1, 1, *shape))
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @torch.no_grad()
+    def set_template(self, volumes: Tensor, eps: float = 1e-3) -> None:
+        """Each level's template: the mean of ``volumes`` (N, 1, X, Y, Z) box-downsampled to the level, as a
+        logit (clamped to [eps, 1 - eps]). A no-op without ``template``."""
+        if not self.template:
+            return
+        mean = volumes.float().mean(0, keepdim=True)
+        for level in range(self.n_levels):
+            logit = torch.logit(reals_at_level(mean, level, 1.0, self.n_levels).clamp(eps, 1 - eps))
+            buffer = getattr(self, f"template_logit_{level}")
+            buffer.copy_(logit.to(buffer.device))
+
+    def _volume(self, level: int, x: Tensor) -> Tensor:
+        """The level's 1x1x1 to_volume, plus its template logit if any, through the sigmoid."""
+        logits = self.to_volume[level](x)
+        if self.template:
+            logits = logits + getattr(self, f"template_logit_{level}").to(logits.dtype)
+        return torch.sigmoid(logits)
 
     def forward(
         self,
@@ -410,10 +437,10 @@ class SynthesisNetwork(nn.Module):
         # CPU budget unlearning that scale and its samples stayed noise (measured, docs/architecture.md). A
         # sigmoid after each to_volume (as in our DCGAN) keeps every output in range; the fade mixes the
         # activated outputs, so alpha = 0 still reproduces the lower level exactly.
-        out = torch.sigmoid(self.to_volume[step](x))
+        out = self._volume(step, x)
         if step > 0 and alpha < 1.0:
             # lerp(a, b, 0) == a exactly, so alpha = 0 reproduces the lower level bit for bit.
-            out = fade(upsample(torch.sigmoid(self.to_volume[step - 1](prev))), out, alpha)
+            out = fade(upsample(self._volume(step - 1, prev)), out, alpha)
         return out
 
 
@@ -436,12 +463,13 @@ class Generator(nn.Module):
         base_channels: int = 16,
         max_channels: int = 128,
         blur: bool = True,
+        template: bool = False,
     ) -> None:
         super().__init__()
         n_levels = default_n_levels(volume_shape) if n_levels is None else n_levels
         self.z_dim, self.w_dim, self.n_levels = z_dim, w_dim, n_levels
         self.mapping = MappingNetwork(z_dim, w_dim, n_mapping, mapping_lr_mul)
-        self.synthesis = SynthesisNetwork(volume_shape, w_dim, n_levels, base_channels, max_channels, blur)
+        self.synthesis = SynthesisNetwork(volume_shape, w_dim, n_levels, base_channels, max_channels, blur, template)
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     @property
@@ -721,6 +749,7 @@ class StyleGAN(LatentModel):
         truncation_cutoff: int | None = None,
         inversion_steps: int = 300,
         inversion_lr: float = 0.05,
+        template: bool = False,
     ) -> None:
         super().__init__()
         for name, value in dict(z_dim=z_dim, w_dim=w_dim, inversion_steps=inversion_steps).items():
@@ -744,13 +773,22 @@ class StyleGAN(LatentModel):
             truncation_cutoff=truncation_cutoff,
             inversion_steps=inversion_steps,
             inversion_lr=inversion_lr,
+            template=bool(template),
         )
         self.truncation_psi, self.truncation_cutoff = truncation_psi, truncation_cutoff
         self.inversion_steps, self.inversion_lr = inversion_steps, inversion_lr
         widths = dict(n_levels=n_levels, base_channels=base_channels, max_channels=max_channels, blur=blur)
-        self.generator = Generator(self.volume_shape, z_dim, w_dim, n_mapping, mapping_lr_mul, **widths)
+        self.generator = Generator(self.volume_shape, z_dim, w_dim, n_mapping, mapping_lr_mul, **widths,
+                                   template=template)
         self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.discriminator = Discriminator(self.volume_shape, mbstd_group_size=mbstd_group_size, **widths)
+
+    @torch.no_grad()
+    def set_template(self, volumes: Tensor) -> None:
+        """Start both generators' outputs from the mean of ``volumes`` (the training split); no-op without
+        ``template``."""
+        self.generator.synthesis.set_template(volumes)
+        self.generator_ema.synthesis.set_template(volumes)
 
     # -- geometry -------------------------------------------------------------------------------------
     @property

@@ -155,6 +155,9 @@ class _AdversarialTask(Task):
 class GANTask(_AdversarialTask):
     """DCGAN-style GAN with WGAN-GP or non-saturating + R1."""
 
+    def fit_data(self, train):
+        self.model.set_template(train)  # a no-op unless gan.template (models/gan.py)
+
     def fakes(self, n):
         return self.model.generator(torch.randn(n, self.model.latent_dim, device=self.device)), {}
 
@@ -179,6 +182,9 @@ class StyleGANTask(_AdversarialTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.level, self.alpha = 0, 1.0
+
+    def fit_data(self, train):
+        self.model.set_template(train)  # a no-op unless stylegan.template (models/stylegan.py)
 
     def schedule(self, epoch: float) -> tuple[int, float]:
         """(level, alpha) at a fractional epoch."""
@@ -223,11 +229,13 @@ class StyleGANTask(_AdversarialTask):
         super().after_generator_step(extras)
 
     def sample(self, n, generator):
-        """EMA samples at the current level and alpha, upsampled to the full grid (for logging)."""
+        """EMA samples at the current level and alpha, upsampled to the full grid (for logging). Latents *and*
+        noise come from ``generator``: the validation proxy compares epochs and tuning trials on the same draws
+        (the noise used to come from the global stream, so the proxy moved with the training batches)."""
         m = self.model
         g = m.generator_ema
         z = torch.randn(n, m.z_dim, generator=generator).to(self.device)
-        vol = g(z, self.level, self.alpha, psi=m.truncation_psi, noise_mode="random", generator=None)
+        vol = g(z, self.level, self.alpha, psi=m.truncation_psi, noise_mode="random", generator=generator)
         if tuple(vol.shape[2:]) != tuple(m.volume_shape):
             vol = F.interpolate(vol.float(), size=tuple(m.volume_shape), mode="trilinear", align_corners=False)
         return vol.clamp(0, 1)
