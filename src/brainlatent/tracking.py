@@ -393,8 +393,23 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
+# MLflow 3.17's UI picks GenAI or model-training pages from this query parameter (else from the browser's last
+# choice, GenAI by default) before it reads the experiment's kind tag: links we print name it.
+UI_WORKFLOW = "workflowType=machine_learning"
+
+
+def _ui_base() -> str:
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+
+
 def run_url(run) -> str:
     """Where a run shows up in the UI (``make ui`` serves the local store on 127.0.0.1:5000)."""
-    uri = mlflow.get_tracking_uri()
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"{_ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{UI_WORKFLOW}"
+
+
+def experiment_url(experiment_id: str, charts: bool = False) -> str:
+    """An experiment's runs table in the UI (model-training pages), or with ``charts`` its chart view: one
+    panel per metric, every run's curve in it (the families' validation curves side by side)."""
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return f"{_ui_base()}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW}{mode}"
