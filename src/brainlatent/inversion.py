@@ -104,6 +104,38 @@ def initial_latent(
     return z.expand(batch, *latent_shape).clone().to(device)
 
 
+def _check_inversion(target: Tensor, init_latent: Tensor, steps: int, lr: float,
+                     feature_fn: Callable[[Tensor], Features] | None, feature_weight: float) -> None:
+    if target.ndim != 5 or target.shape[1] != 1:
+        raise ValueError(f"invert: target must be (B, 1, X, Y, Z), got {tuple(target.shape)}")
+    if init_latent.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"invert: init_latent batch ({init_latent.shape[0]}) must match target batch ({target.shape[0]})"
+        )
+    if steps < 1 or not lr > 0:
+        raise ValueError(f"invert: steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    if feature_weight > 0 and feature_fn is None:
+        raise ValueError("invert: feature_weight > 0 needs a feature_fn")
+
+
+def _objective(target: Tensor, feature_fn: Callable[[Tensor], Features] | None, feature_weight: float
+               ) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """``reconstruction -> (loss, mse, feature distance)``, each (B,): voxel MSE plus the weighted feature loss
+    (the target's features computed once, here)."""
+    use_features = feature_fn is not None and feature_weight > 0
+    target_features = None
+    if use_features:
+        with torch.no_grad():
+            target_features = feature_fn(target)  # type: ignore[misc]
+
+    def objective(recon: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mse = (recon - target).square().flatten(1).mean(dim=1)
+        feat = _feature_distance(feature_fn(recon), target_features) if use_features else torch.zeros_like(mse)  # type: ignore[misc,arg-type]
+        return mse + feature_weight * feat, mse, feat
+
+    return objective
+
+
 def invert(
     synthesize: Callable[[Tensor], Tensor],
     target: Tensor,
@@ -137,26 +169,12 @@ def invert(
         data_range: PSNR/SSIM peak value; None uses each target's max - min (the batch's for SSIM).
         compute_ssim: report SSIM (MONAI) as well as PSNR.
     """
-    if target.ndim != 5 or target.shape[1] != 1:
-        raise ValueError(f"invert: target must be (B, 1, X, Y, Z), got {tuple(target.shape)}")
-    if init_latent.shape[0] != target.shape[0]:
-        raise ValueError(
-            f"invert: init_latent batch ({init_latent.shape[0]}) must match target batch ({target.shape[0]})"
-        )
-    if steps < 1 or not lr > 0:
-        raise ValueError(f"invert: steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    if feature_weight > 0 and feature_fn is None:
-        raise ValueError("invert: feature_weight > 0 needs a feature_fn")
-
+    _check_inversion(target, init_latent, steps, lr, feature_fn, feature_weight)
     target32 = target.detach().float()
     latent = init_latent.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([latent], lr=lr, betas=(0.9, 0.999))
     noise_gen = torch.Generator(device=latent.device).manual_seed(seed)
-    use_features = feature_fn is not None and feature_weight > 0
-    target_features = None
-    if use_features:
-        with torch.no_grad():
-            target_features = feature_fn(target32)  # type: ignore[misc]
+    objective = _objective(target32, feature_fn, feature_weight)
     history: dict[str, list[float]] = {"loss": [], "mse": [], "feature": [], "lr": []}
 
     # Inversion may be called from inference code running under no_grad (e.g. LatentModel.encode).
@@ -172,10 +190,7 @@ def invert(
                 current = latent + noise_scale * torch.randn(
                     latent.shape, generator=noise_gen, device=latent.device
                 )
-            recon = synthesize(current).float()
-            mse = (recon - target32).square().flatten(1).mean(dim=1)  # (B,)
-            feat = _feature_distance(feature_fn(recon), target_features) if use_features else torch.zeros_like(mse)  # type: ignore[misc,arg-type]
-            loss = mse + feature_weight * feat
+            loss, mse, feat = objective(synthesize(current).float())
             # Summed over the batch: each latent's gradient is that of its own sample's loss.
             (grad,) = torch.autograd.grad(loss.sum(), latent)
             latent.grad = grad

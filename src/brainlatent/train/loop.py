@@ -203,6 +203,74 @@ def resumable_checkpoint(
     return ckpt
 
 
+def _restore(resume_from: dict[str, Any], task: Task, optimizers: dict, schedulers: dict, gen: torch.Generator
+             ) -> tuple[int, list[dict[str, float]]]:
+    """Load a checkpoint's weights, optimiser / scheduler / task state and RNG states; (epochs done, history)."""
+    task.model.load_state_dict(resume_from["model"])
+    for k, opt in optimizers.items():
+        opt.load_state_dict(resume_from["optimizers"][k])
+    for k, sch in schedulers.items():
+        sch.load_state_dict(resume_from["schedulers"][k])
+    task.load_extra_state(resume_from.get("extra", {}))
+    gen.set_state(resume_from["rng"]["batches"])
+    torch.set_rng_state(resume_from["rng"]["torch"])
+    return int(resume_from["epoch"]), list(resume_from.get("history", []))
+
+
+def _train_epoch(task: Task, train: torch.Tensor, cfg: LoopConfig, gen: torch.Generator, epoch: int
+                 ) -> tuple[dict[str, float], int, dict[str, float]]:
+    """One pass over the shuffled training split: (summed losses, batches, the schedule values of the epoch).
+
+    Raises NonFiniteLossError on a NaN / Inf loss (mean over ranks) and Terminated on SIGTERM.
+    """
+    world, rank0 = distributed.world_size(), distributed.is_rank0()
+    task.model.train()
+    batches = _batches(len(train), cfg.batch_size, gen, world)
+    task.steps_per_epoch = len(batches)  # lets schedules (fade-in alpha) advance per step
+    sched_values = task.on_epoch_start(epoch)
+    sums: dict[str, float] = {}
+    bar = tqdm(
+        batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", mininterval=1.0,
+        disable=not rank0,
+    )
+    for step, idx in enumerate(bar):
+        with distributed.rank_rng(cfg.seed, epoch, step, task.device):
+            losses = task.train_step(task.prepare_batch(train[distributed.shard(idx)]), epoch, step)
+        keys = list(losses)
+        values = distributed.mean_across_ranks([float(losses[k]) for k in keys])
+        for k, value in zip(keys, values):
+            if not math.isfinite(value):
+                where = f" (mean over {world} processes)" if world > 1 else ""
+                raise NonFiniteLossError(
+                    f"{k} became {value}{where} at epoch {epoch + 1}, step {step + 1}; stopping. The last "
+                    f"good checkpoint (end of epoch {epoch}) is kept at {cfg.checkpoint}. Lower the learning "
+                    "rate or disable bf16."
+                )
+            sums[k] = sums.get(k, 0.0) + value
+        bar.set_postfix(loss=f"{values[keys.index('loss')]:.4g}")
+        if _sigterm.received:
+            raise Terminated(epoch)
+    return sums, len(batches), sched_values
+
+
+def _checkpoint(task: Task, optimizers: dict, schedulers: dict, gen: torch.Generator, epochs_done: int,
+                history: list[dict[str, float]], cfg: LoopConfig, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly where this one stopped."""
+    return {
+        "family": getattr(task.model, "family", type(task.model).__name__),
+        "model": task.model.state_dict(),
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        "extra": task.extra_state(),
+        "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()},
+        "epoch": epochs_done,
+        "history": history,
+        "identity": cfg.identity,
+        "config": cfg.identity.get("config", {}),
+        **(extra or {}),
+    }
+
+
 def run_loop(
     task: Task,
     train: torch.Tensor,
@@ -228,15 +296,7 @@ def run_loop(
     optimizers, schedulers = task.optimizers(), task.schedulers()
     start, history = 0, []
     if resume_from is not None:
-        task.model.load_state_dict(resume_from["model"])
-        for k, opt in optimizers.items():
-            opt.load_state_dict(resume_from["optimizers"][k])
-        for k, sch in schedulers.items():
-            sch.load_state_dict(resume_from["schedulers"][k])
-        task.load_extra_state(resume_from.get("extra", {}))
-        gen.set_state(resume_from["rng"]["batches"])
-        torch.set_rng_state(resume_from["rng"]["torch"])
-        start, history = int(resume_from["epoch"]), list(resume_from.get("history", []))
+        start, history = _restore(resume_from, task, optimizers, schedulers, gen)
         if rank0:
             log.info("resuming from epoch %d (%s)", start, cfg.checkpoint)
     if rank0:
@@ -247,32 +307,7 @@ def run_loop(
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        task.model.train()
-        batches = _batches(len(train), cfg.batch_size, gen, world)
-        task.steps_per_epoch = len(batches)  # lets schedules (fade-in alpha) advance per step
-        sched_values = task.on_epoch_start(epoch)
-        sums: dict[str, float] = {}
-        bar = tqdm(
-            batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", mininterval=1.0,
-            disable=not rank0,
-        )
-        for step, idx in enumerate(bar):
-            with distributed.rank_rng(cfg.seed, epoch, step, task.device):
-                losses = task.train_step(task.prepare_batch(train[distributed.shard(idx)]), epoch, step)
-            keys = list(losses)
-            values = distributed.mean_across_ranks([float(losses[k]) for k in keys])
-            for k, value in zip(keys, values):
-                if not math.isfinite(value):
-                    where = f" (mean over {world} processes)" if world > 1 else ""
-                    raise NonFiniteLossError(
-                        f"{k} became {value}{where} at epoch {epoch + 1}, step {step + 1}; stopping. The last "
-                        f"good checkpoint (end of epoch {epoch}) is kept at {cfg.checkpoint}. Lower the learning "
-                        "rate or disable bf16."
-                    )
-                sums[k] = sums.get(k, 0.0) + value
-            bar.set_postfix(loss=f"{values[keys.index('loss')]:.4g}")
-            if _sigterm.received:
-                raise Terminated(epoch)
+        sums, n_batches, sched_values = _train_epoch(task, train, cfg, gen, epoch)
         for sch in schedulers.values():
             sch.step()
         task.model.eval()
@@ -281,7 +316,7 @@ def run_loop(
             # checkpoint records; then every rank must hold exactly rank 0's state.
             distributed.broadcast_state(task.model, buffers_only=True)
             distributed.assert_in_sync(task.model, f"after epoch {epoch + 1}")
-        metrics = {f"train_{k}": v / max(len(batches), 1) for k, v in sums.items()}
+        metrics = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
         last = epoch + 1 == cfg.epochs
         if last:
             task.on_train_end(train)
@@ -295,22 +330,8 @@ def run_loop(
                 "epoch %d/%d %s", epoch + 1, cfg.epochs,
                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("lr")),
             )
-            save_atomic(
-                {
-                    "family": getattr(task.model, "family", type(task.model).__name__),
-                    "model": task.model.state_dict(),
-                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                    "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                    "extra": task.extra_state(),
-                    "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()},
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "identity": cfg.identity,
-                    "config": cfg.identity.get("config", {}),
-                    **(checkpoint_extra or {}),
-                },
-                cfg.checkpoint,
-            )
+            save_atomic(_checkpoint(task, optimizers, schedulers, gen, epoch + 1, history, cfg, checkpoint_extra),
+                        cfg.checkpoint)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics, last or (epoch + 1) % max(cfg.artifact_every, 1) == 0)
         if _sigterm.received and not last:

@@ -147,6 +147,46 @@ def train_family(
         )
 
 
+def _start_train_run(family, params, task, root, device, ckpt, lineage, flat) -> mlflow.ActiveRun:
+    """Reopen the checkpoint's run (resume), join the run `mlflow run` launched, or start a new one."""
+    cfg = params.family(family)
+    system_metrics = params.train.system_metrics
+    exp_id = tracking.experiment_id(tracking.TRAIN_EXPERIMENT, root)  # created here when missing, in every case
+    launched = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run` (MLproject): log into that run
+    if ckpt is not None:
+        # A run killed by SIGKILL is still RUNNING in the store: start_run reopens it all the same.
+        run = mlflow.start_run(run_id=ckpt["run_id"], log_system_metrics=system_metrics)
+        _log_missing_epochs(run.info.run_id, ckpt.get("history", []))
+        return run
+    if launched:
+        run = mlflow.start_run(run_id=launched, log_system_metrics=system_metrics)
+        mlflow.set_tags({"model": family, "stage": "train", **lineage})
+        mlflow.log_params(flat)
+        return run
+    name = f"{family}-z{task.model.latent_dim}-e{cfg.epochs}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = mlflow.start_run(
+        experiment_id=exp_id, run_name=name,
+        log_system_metrics=system_metrics, tags={"model": family, "stage": "train", **lineage},
+    )
+    mlflow.log_params(flat)
+    mlflow.set_tag("device", str(device))
+    return run
+
+
+def _register(task, family: str, final: dict[str, float], lineage: dict[str, str], run_id: str, affine,
+              root: Path) -> str:
+    """Register the trained model as a new version; write trained/<family>.json (what evaluate@ and
+    directions@ read: the version this run made, never an alias)."""
+    model = task.model_for_registry()
+    version, _ = registry.log_and_register(
+        model, family, model.config_dict(), final,
+        tags={**lineage, "run_id": run_id, "volume_affine": json.dumps(affine.tolist())},
+    )
+    mlflow.set_tag("model_version", version)
+    write_ref(root, ModelRef(family, registry.registered_name(family), version, run_id))
+    return version
+
+
 def _train_rank0(
     family, params, task, data, train_x, val_x, ckpt_path, root, device, resume, stop_after_epoch, register, tuned
 ) -> TrainOutcome:
@@ -156,24 +196,7 @@ def _train_rank0(
     identity = {"config": flat, "data": lineage["data.content_sha256"]}
     ckpt = _checkpoint_to_resume(ckpt_path, identity, cfg.epochs) if resume else None
 
-    exp_id = tracking.experiment_id(tracking.TRAIN_EXPERIMENT, root)
-    launched = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run` (MLproject): log into that run
-    if ckpt is not None:
-        # A run killed by SIGKILL is still RUNNING in the store: start_run reopens it all the same.
-        run = mlflow.start_run(run_id=ckpt["run_id"], log_system_metrics=params.train.system_metrics)
-        _log_missing_epochs(run.info.run_id, ckpt.get("history", []))
-    elif launched:
-        run = mlflow.start_run(run_id=launched, log_system_metrics=params.train.system_metrics)
-        mlflow.set_tags({"model": family, "stage": "train", **lineage})
-        mlflow.log_params(flat)
-    else:
-        name = f"{family}-z{task.model.latent_dim}-e{cfg.epochs}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = mlflow.start_run(
-            experiment_id=exp_id, run_name=name, log_system_metrics=params.train.system_metrics,
-            tags={"model": family, "stage": "train", **lineage},
-        )
-        mlflow.log_params(flat)
-        mlflow.set_tag("device", str(device))
+    run = _start_train_run(family, params, task, root, device, ckpt, lineage, flat)
     # Not a param: the process count does not change what is trained, and checkpoints move between counts.
     mlflow.set_tag("world_size", str(distributed.world_size()))
     tuned_metrics = {}
@@ -206,15 +229,8 @@ def _train_rank0(
             resume_from=ckpt, on_epoch_end=on_epoch_end, checkpoint_extra={"run_id": run.info.run_id},
         )
         final = {k: v for k, v in result.history[-1].items() if k != "epoch"}
-        version = None
-        if result.finished and register:
-            version, _ = registry.log_and_register(
-                task.model_for_registry(), family, task.model_for_registry().config_dict(), final,
-                tags={**lineage, "run_id": run.info.run_id, "volume_affine": json.dumps(affine.tolist())},
-            )
-            mlflow.set_tag("model_version", version)
-            # What evaluate@ and directions@ read: the version this run made, never an alias.
-            write_ref(root, ModelRef(family, registry.registered_name(family), version, run.info.run_id))
+        version = _register(task, family, final, lineage, run.info.run_id, affine, root) if (
+            result.finished and register) else None
         if result.finished:
             outputs = {**final, "epochs": result.epochs_done, **tuned_metrics}
             if version is not None:
