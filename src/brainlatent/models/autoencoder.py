@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from brainlatent.models.base import LatentModel, register_family
+from brainlatent.models.base import LatentModel, constructor_config, register_family
 from brainlatent.models.layers import (
     Arch,
     Decoder3d,
@@ -67,10 +67,6 @@ class ReconstructionModel(LatentModel):
         self.latent_dim = int(latent_dim)
         self.volume_shape = as_shape3(volume_shape)
         self.arch = arch
-        self._config: dict[str, Any] = dict(
-            latent_dim=self.latent_dim, volume_shape=list(self.volume_shape), arch=arch, hidden=list(hidden),
-            base_channels=base_channels, max_channels=max_channels, min_bottleneck=min_bottleneck, norm=norm,
-        )  # fmt: skip
         if arch == "conv":
             widths = dict(base_channels=base_channels, max_channels=max_channels, min_size=min_bottleneck, norm=norm)
             self.encoder = Encoder3d(self.volume_shape, encoder_outputs, **widths)
@@ -83,7 +79,7 @@ class ReconstructionModel(LatentModel):
         self.register_buffer("template", torch.zeros(1, 1, *self.volume_shape))
 
     def config_dict(self) -> dict[str, Any]:
-        return dict(self._config)
+        return dict(self._config)  # set by the registered subclass: constructor_config(self, locals())
 
     @torch.no_grad()
     def set_template(self, volumes: torch.Tensor) -> None:
@@ -127,6 +123,7 @@ class Autoencoder(ReconstructionModel):
     ):
         super().__init__(latent_dim, volume_shape, arch, hidden, base_channels, max_channels, min_bottleneck, norm,
                          encoder_outputs=latent_dim)
+        self._config = constructor_config(self, locals())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, latent_dim)."""

@@ -87,9 +87,28 @@ class LatentModel(nn.Module, abc.ABC):
         """
         if n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n}")
-        gen_device = generator.device if generator is not None else self.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=gen_device)
-        return z.to(self.device)
+        return randn_on(generator, (n, self.latent_dim), self.device)
+
+
+def constructor_config(model: "LatentModel", arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """What :meth:`LatentModel.config_dict` returns, captured once: the registered class's constructor arguments
+    (``arguments`` is ``locals()`` at the end of its ``__init__``), each taken from the model attribute of the
+    same name when there is one (the validated value, e.g. ``volume_shape`` as a tuple of ints), sequences as
+    lists so that the config is JSON-able."""
+    out: dict[str, Any] = {}
+    for name in inspect.signature(type(model).__init__).parameters:
+        if name == "self":
+            continue
+        value = getattr(model, name, arguments[name])
+        out[name] = list(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
+def randn_on(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """N(0, 1) draws of ``shape`` on ``device``, made on the generator's own device and then moved: a seeded CPU
+    generator gives the same numbers whatever device the model lives on (no generator: drawn on ``device``)."""
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(*shape, generator=generator, device=draw_on).to(device)
 
 
 def register_family(cls: type[LatentModel]) -> type[LatentModel]:

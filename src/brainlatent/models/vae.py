@@ -31,7 +31,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from brainlatent.models.autoencoder import ReconstructionModel
-from brainlatent.models.base import register_family
+from brainlatent.models.base import constructor_config, randn_on, register_family
 from brainlatent.models.layers import Arch, Norm
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class VAE(ReconstructionModel):
         self.beta = float(beta)
         self.kl_warmup_epochs = float(kl_warmup_epochs)
         self.recon_sigma = float(recon_sigma)
-        self._config.update(beta=self.beta, kl_warmup_epochs=self.kl_warmup_epochs, recon_sigma=self.recon_sigma)
+        self._config = constructor_config(self, locals())
         # The sampling prior N(prior_mean, L L^T), L = prior_scale_tril: N(0, I) until fit_prior() is called.
         self.register_buffer("prior_mean", torch.zeros(self.latent_dim))
         self.register_buffer("prior_scale_tril", torch.eye(self.latent_dim))
@@ -126,8 +126,7 @@ class VAE(ReconstructionModel):
     ) -> torch.Tensor:
         """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I): (B, D) float32, differentiable in mu and logvar."""
         mu, logvar = mu.float(), logvar.float()
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device if generator is None else generator.device)
-        return mu + (0.5 * logvar).exp() * eps.to(mu.device)
+        return mu + (0.5 * logvar).exp() * randn_on(generator, tuple(mu.shape), mu.device)
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
