@@ -93,15 +93,40 @@ def run_probe_suite(
     part by far, and the CIs already say whether the latents beat it).
     """
     latents = np.asarray(latents, np.float64)
+    _check_inputs(latents, subjects, volumes, test_latents, test_subjects)
+    targets = available_targets(subjects) if targets is None else tuple(targets)
+    has_test = test_latents is not None
+    suite = ProbeSuite()
+    for target_name, features in probe_plan(targets, size_control_targets, baselines):
+        X = _features(features, latents, subjects, volumes, size_covariate)
+        if X is None:
+            continue
+        X_test = y_test = None
+        if has_test and not (features == "pca_voxels" and test_volumes is None):
+            X_test = _features(features, np.asarray(test_latents, np.float64), test_subjects, test_volumes,
+                               size_covariate)
+            y_test = target_labels(test_subjects, target_name)
+        result = _evaluate(target_name, features, X, target_labels(subjects, target_name), settings,
+                           X_test, y_test, permute_baselines)
+        suite.results.append(result)
+        if features in LATENT_FEATURES:  # the probe the held-out rows were scored with is the direction's
+            _add_direction(suite, result, latents, subjects, settings, size_covariate)
+    return suite
+
+
+def _check_inputs(latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarray | None,
+                  test_latents: np.ndarray | None, test_subjects: pd.DataFrame | None) -> None:
     if latents.ndim != 2 or latents.shape[0] != len(subjects):
         raise ValueError(f"latents: expected ({len(subjects)}, L), one row per subject, got {latents.shape}")
-    has_test = test_latents is not None
-    if has_test and test_subjects is None:
+    if test_latents is not None and test_subjects is None:
         raise ValueError("run_probe_suite: test_latents given without test_subjects")
     if volumes is not None and len(volumes) != len(subjects):
         raise ValueError(f"volumes: expected {len(subjects)} volumes, got {len(volumes)}")
 
-    targets = available_targets(subjects) if targets is None else tuple(targets)
+
+def probe_plan(targets: tuple[str, ...], size_control_targets: tuple[str, ...], baselines: bool
+               ) -> list[tuple[str, str]]:
+    """(target, features) of every probe, in the order they are run: latent, size-controlled, baselines."""
     unknown = sorted((set(targets) | set(size_control_targets)) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown probe target(s) {unknown}; expected some of {list(TARGETS)}")
@@ -109,42 +134,35 @@ def run_probe_suite(
     plan += [(t, "latent_size_controlled") for t in size_control_targets]
     if baselines:
         plan += [(t, f) for t in targets for f in ("pca_voxels", "brain_mask_volume")]
+    return plan
 
-    suite = ProbeSuite()
-    for target_name, features in plan:
-        target = TARGETS[target_name]
-        X = _features(features, latents, subjects, volumes, size_covariate)
-        if X is None:
-            continue
-        y = target_labels(subjects, target_name)
-        X_test = y_test = None
-        if has_test and not (features == "pca_voxels" and test_volumes is None):
-            X_test = _features(features, np.asarray(test_latents, np.float64), test_subjects, test_volumes,
-                               size_covariate)
-            y_test = target_labels(test_subjects, target_name)
-        n_train = len(y) - -(-len(y) // settings.n_splits)  # rows in the smallest outer training fold
-        probe = make_probe(target.task, features, settings, n_train=n_train)
-        run_settings = settings
-        if features not in LATENT_FEATURES and not permute_baselines:
-            run_settings = settings.replace(n_permutations=0)
-        latent = features in LATENT_FEATURES
-        result = evaluate_probe(probe, X, y, target.task, run_settings, target=target_name, features=features,
-                                X_test=X_test, y_test=y_test, refit=latent)
-        suite.results.append(result)
-        if latent:  # the probe the held-out rows were scored with is the direction's: fitted once
-            fitted = result.fitted
-            key = f"{target_name}.{features}"
-            suite.probes[key] = fitted
-            name = direction_name(target_name, features)
-            controlled = features == "latent_size_controlled"
-            size = {"size_covariate": size_covariate, "size_control": settings.size_control} if controlled else {}
-            suite.directions[name] = direction_from_probe(
-                fitted, latents, name=name, positive=target.positive,
-                covariates=covariate(subjects, size_covariate) if controlled else None,
-                kind=settings.direction,
-                metadata={"target": target_name, "task": target.task, "features": features,
-                          "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
-                          "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
-                          "n_subjects": result.n_subjects, **size, **result.regularisation},
-            )
-    return suite
+
+def _evaluate(target_name: str, features: str, X: np.ndarray, y: np.ndarray, settings: ProbeSettings,
+              X_test: np.ndarray | None, y_test: np.ndarray | None, permute_baselines: bool) -> ProbeResult:
+    """One probe's CV, permutation test and held-out score; latent probes also keep their full-data fit."""
+    n_train = len(y) - -(-len(y) // settings.n_splits)  # rows in the smallest outer training fold
+    probe = make_probe(TARGETS[target_name].task, features, settings, n_train=n_train)
+    latent = features in LATENT_FEATURES
+    run_settings = settings if latent or permute_baselines else settings.replace(n_permutations=0)
+    return evaluate_probe(probe, X, y, TARGETS[target_name].task, run_settings, target=target_name,
+                          features=features, X_test=X_test, y_test=y_test, refit=latent)
+
+
+def _add_direction(suite: ProbeSuite, result: ProbeResult, latents: np.ndarray, subjects: pd.DataFrame,
+                   settings: ProbeSettings, size_covariate: str) -> None:
+    """The fitted latent probe and its :class:`Direction` (metadata: CV AUC, p-value, regularisation)."""
+    target_name, features = result.target, result.features
+    target = TARGETS[target_name]
+    suite.probes[f"{target_name}.{features}"] = result.fitted
+    name = direction_name(target_name, features)
+    controlled = features == "latent_size_controlled"
+    size = {"size_covariate": size_covariate, "size_control": settings.size_control} if controlled else {}
+    suite.directions[name] = direction_from_probe(
+        result.fitted, latents, name=name, positive=target.positive,
+        covariates=covariate(subjects, size_covariate) if controlled else None,
+        kind=settings.direction,
+        metadata={"target": target_name, "task": target.task, "features": features,
+                  "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
+                  "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
+                  "n_subjects": result.n_subjects, **size, **result.regularisation},
+    )
