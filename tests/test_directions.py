@@ -10,7 +10,14 @@ from scipy.stats import special_ortho_group
 from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
 
-from brainlatent.directions import Direction, ProbeSettings, cosine, direction_from_probe, make_probe, raw_gradient
+from brainlatent.directions import Direction, ProbeSettings, direction_from_probe, make_probe, raw_gradient
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two vectors."""
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
 
 SETTINGS = ProbeSettings(C=1.0)
 

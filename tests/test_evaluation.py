@@ -19,8 +19,8 @@ from brainlatent.evaluation import (
     FEATURENET_MODEL,
     PSNR_CAP_DB,
     evaluate_family,
-    load_feature_extractor,
     reconstruction_metrics,
+    resolve_feature_extractor,
     train_featurenet,
 )
 from brainlatent.models.featurenet import (
@@ -67,7 +67,7 @@ def test_featurenet_stage_trains_registers_and_loads_back(project, params):
     mv = client.get_model_version_by_alias(FEATURENET_MODEL, "champion")
     assert str(mv.version) == "1" and mv.run_id == out.run_id
 
-    net = load_feature_extractor(params, project)
+    net = resolve_feature_extractor(params, project).extractor
     assert isinstance(net, FeatureNet) and not net.training
     data = ProcessedData.open(project / "data" / "processed")
     x = data.load_split("val")
@@ -79,7 +79,7 @@ def test_featurenet_stage_trains_registers_and_loads_back(project, params):
 
     other_shape = dataclasses.replace(params, data=dataclasses.replace(params.data, shape=(16, 16, 8)))
     with pytest.raises(ValueError, match="re-run `brainlatent featurenet`"):
-        load_feature_extractor(other_shape, project)
+        resolve_feature_extractor(other_shape, project)
 
 
 def test_medicalnet_backbone_records_the_file_and_loads_it(project, tiny_processed, tmp_path):
@@ -96,7 +96,7 @@ def test_medicalnet_backbone_records_the_file_and_loads_it(project, tiny_process
     assert run.data.tags["backbone"] == "medicalnet" and len(run.data.tags["medicalnet.sha256"]) == 64
     assert not MlflowClient().search_registered_models(f"name = '{FEATURENET_MODEL}'")
 
-    net = load_feature_extractor(params, project)
+    net = resolve_feature_extractor(params, project).extractor
     assert isinstance(net, MedicalNetFeatures)
     x = torch.rand(2, 1, 16, 16, 16)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainlatent.inversion import initial_latent, invert, lr_multiplier, psnr, ssim
+from brainlatent.inversion import invert, lr_multiplier, psnr, ssim
 from brainlatent.models.stylegan import StyleGAN
 
 
@@ -88,7 +88,7 @@ def test_simple_generator_inversion_in_z_recovers_generated_volumes(tiny_generat
     z_true = torch.randn(4, 8)
     with torch.no_grad():
         target = tiny_generator(z_true)
-    init = initial_latent(4, (8,), mode="zeros")
+    init = torch.zeros(4, 8)  # the prior's mode, where GAN.latent_init starts
     result = invert(tiny_generator, target, init, steps=300, lr=0.1)
     assert psnr(tiny_generator(init), target).max() < 20
     assert (result.psnr >= 30).all(), result.psnr
@@ -99,7 +99,7 @@ def test_batched_inversion_equals_one_by_one(tiny_generator):
     torch.manual_seed(13)
     with torch.no_grad():
         target = tiny_generator(torch.randn(2, 8))
-    init = initial_latent(2, (8,), mode="mean", n_samples=4, seed=0)
+    init = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).mean(0).expand(2, 8).clone()
     both = invert(tiny_generator, target, init, steps=60, lr=0.05, compute_ssim=False).latent
     single = [invert(tiny_generator, target[i : i + 1], init[i : i + 1], steps=60, lr=0.05).latent for i in range(2)]
     assert torch.allclose(both, torch.cat(single), atol=1e-4)
@@ -171,11 +171,3 @@ def test_psnr_and_ssim_reference_values():
     assert torch.allclose(psnr(noisy, target, data_range=2.0), torch.full((2,), 20.0 + 20 * math.log10(2)), atol=1e-4)
     assert torch.allclose(ssim(target, target), torch.ones(2), atol=1e-6)
     assert (ssim(noisy + 0.3 * torch.randn_like(noisy), target) < 0.9).all()
-
-
-def test_initial_latent_modes():
-    assert torch.equal(initial_latent(3, (4,)), torch.zeros(3, 4))
-    mean = initial_latent(3, (4,), mode="mean", n_samples=8, seed=0)
-    assert torch.equal(mean[0], mean[2]) and mean.abs().max() < 2.0
-    with pytest.raises(ValueError, match="mode"):
-        initial_latent(1, (4,), mode="prior")

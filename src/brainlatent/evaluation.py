@@ -268,13 +268,6 @@ def resolve_feature_extractor(
     return ResolvedExtractor(model.to(device).eval(), "featurenet", f"models:/{FEATURENET_MODEL}/{mv.version}", tags)
 
 
-def load_feature_extractor(
-    params: Params, root: Path | None = None, device: str | torch.device = "cpu"
-) -> FeatureExtractor:
-    """The feature extractor the metrics use (see :func:`resolve_feature_extractor`), in eval mode."""
-    return resolve_feature_extractor(params, root, device).extractor
-
-
 # ------------------------------------------------------------------------------------ evaluation parts
 @torch.no_grad()
 def generate(model: LatentModel, n: int, seed: int, batch_size: int = 8) -> torch.Tensor:
@@ -455,6 +448,56 @@ def _sample_quality(family: str, model: LatentModel, samples: torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------------------ evaluate
+def _load_evaluated(uri: str, family: str, data: ProcessedData, device) -> registry.LoadedModel:
+    """The model version to evaluate; ValueError unless it is of ``family`` and made for ``data``'s volumes."""
+    loaded = registry.load_model(uri, device)
+    if loaded.name != registry.registered_name(family):
+        raise ValueError(f"{uri} is a version of {loaded.name!r}, not of the {family} family "
+                         f"({registry.registered_name(family)!r})")
+    if tuple(loaded.model.volume_shape) != tuple(data.grid.shape):
+        raise ValueError(
+            f"{uri}: trained on volumes {tuple(loaded.model.volume_shape)}, but {data.root} holds {data.grid.shape}"
+        )
+    return loaded
+
+
+def _measure(family: str, model: LatentModel, reals: torch.Tensor, data: ProcessedData, params: Params,
+             extractor, device, batch: int) -> tuple[dict[str, float], tuple[bool, str] | None]:
+    """Reconstruction metrics; for a sampler, the generative and sample-quality metrics and the quality gate.
+    Logs the first reals, reconstructions and samples as volumes."""
+    cfg = params.evaluate
+    recons = reconstruct(model, reals, cfg.inversion_steps, batch)
+    metrics = reconstruction_metrics(recons, reals)
+    affine = data.grid.affine
+    k = min(params.train.n_fixed, len(reals))
+    tracking.log_volumes(reals[:k, 0].numpy(), affine, "volumes/reals", [f"real_{i:02d}" for i in range(k)])
+    tracking.log_volumes(recons[:k, 0].numpy(), affine, "volumes/reconstructions",
+                         [f"reconstruction_{i:02d}" for i in range(k)])
+    samples = generate(model, cfg.n_samples, params.seed, batch) if model.generative else None
+    if samples is not None:
+        metrics.update(generative_metrics(samples, reals, extractor, data.grid, cfg, params.seed,
+                                          params.data.intensity_percentiles, device,
+                                          sex_region_of(data.ground_truth_dir)))
+        k = min(params.train.n_samples, len(samples))
+        tracking.log_volumes(samples[:k, 0].numpy(), affine, "volumes/samples",
+                             [f"sample_{i:02d}" for i in range(k)])
+    gate = _sample_quality(family, model, samples, reals, data, cfg, params.seed, batch, metrics)
+    return metrics, gate
+
+
+def _tag_evaluated_version(loaded: registry.LoadedModel, metrics: dict[str, float], run_id: str, protocol: str,
+                           featurenet: str, gate: tuple[bool, str] | None) -> None:
+    """``eval.<metric>`` tags, the run, protocol and feature net, and the quality gate on the model version."""
+    version_tags = {f"eval.{k}": repr(float(v)) for k, v in metrics.items()}
+    version_tags.update({"eval.run_id": run_id, "eval.protocol": protocol, "eval.featurenet": featurenet})
+    if gate is not None:
+        version_tags.update({champion.GATE_TAG: "pass" if gate[0] else "fail", "eval.quality_gate_reason": gate[1]})
+        mlflow.set_tags({"quality_gate": "pass" if gate[0] else "fail", "quality_gate_reason": gate[1]})
+    client = MlflowClient()
+    for key, value in version_tags.items():
+        client.set_model_version_tag(loaded.name, str(loaded.version), key, value)
+
+
 def evaluate_family(family: str, params: Params, root: Path | None = None, model_uri: str | None = None) -> EvalOutcome:
     """Evaluate the version ``train@<family>`` registered (``trained/<family>.json``; DVC stage
     ``evaluate@<family>``), or ``model_uri`` (any ``models:/`` URI, e.g. an alias, by hand).
@@ -478,15 +521,8 @@ def evaluate_family(family: str, params: Params, root: Path | None = None, model
             f"evaluate.split: the {cfg.split!r} split of {data.root} has {len(reals)} volume(s); need >= 2"
         )
 
-    loaded = registry.load_model(uri, device)
+    loaded = _load_evaluated(uri, family, data, device)
     model: LatentModel = loaded.model
-    if loaded.name != registry.registered_name(family):
-        raise ValueError(f"{uri} is a version of {loaded.name!r}, not of the {family} family "
-                         f"({registry.registered_name(family)!r})")
-    if tuple(model.volume_shape) != tuple(data.grid.shape):
-        raise ValueError(
-            f"{uri}: trained on volumes {tuple(model.volume_shape)}, but {data.root} holds {data.grid.shape}"
-        )
     extractor = resolve_feature_extractor(params, root, device)
     lineage = tracking.lineage_tags(params.data.processed_dir, root)
     protocol = evaluation_protocol(params, extractor.ident, lineage["data.content_sha256"])
@@ -508,35 +544,11 @@ def evaluate_family(family: str, params: Params, root: Path | None = None, model
     try:
         mlflow.log_params({**to_flat_dict(cfg, "evaluate."), "seed": params.seed, "device": params.device,
                            "n_real": len(reals)})
-        recons = reconstruct(model, reals, cfg.inversion_steps, batch)
-        metrics = reconstruction_metrics(recons, reals)
-        affine = data.grid.affine
-        k = min(params.train.n_fixed, len(reals))
-        tracking.log_volumes(reals[:k, 0].numpy(), affine, "volumes/reals", [f"real_{i:02d}" for i in range(k)])
-        tracking.log_volumes(recons[:k, 0].numpy(), affine, "volumes/reconstructions",
-                             [f"reconstruction_{i:02d}" for i in range(k)])
-        samples = generate(model, cfg.n_samples, params.seed, batch) if model.generative else None
-        if samples is not None:
-            metrics.update(generative_metrics(samples, reals, extractor, data.grid, cfg, params.seed,
-                                              params.data.intensity_percentiles, device,
-                                              sex_region_of(data.ground_truth_dir)))
-            k = min(params.train.n_samples, len(samples))
-            tracking.log_volumes(samples[:k, 0].numpy(), affine, "volumes/samples",
-                                 [f"sample_{i:02d}" for i in range(k)])
-        gate = _sample_quality(family, model, samples, reals, data, cfg, params.seed, batch, metrics)
+        metrics, gate = _measure(family, model, reals, data, params, extractor, device, batch)
         mlflow.log_metrics(metrics)
         tracking.log_json(metrics, "metrics.json")
 
-        client = MlflowClient()
-        version_tags = {f"eval.{k}": repr(float(v)) for k, v in metrics.items()}
-        version_tags.update(
-            {"eval.run_id": run.info.run_id, "eval.protocol": protocol, "eval.featurenet": extractor.ident}
-        )
-        if gate is not None:
-            version_tags.update({champion.GATE_TAG: "pass" if gate[0] else "fail", "eval.quality_gate_reason": gate[1]})
-            mlflow.set_tags({"quality_gate": "pass" if gate[0] else "fail", "quality_gate_reason": gate[1]})
-        for key, value in version_tags.items():
-            client.set_model_version_tag(loaded.name, str(loaded.version), key, value)
+        _tag_evaluated_version(loaded, metrics, run.info.run_id, protocol, extractor.ident, gate)
 
         decision = champion.decide(family, cfg.champion_metric[family], protocol, str(loaded.version))
         mlflow.set_tags({"champion_version": decision.champion or "none",

@@ -6,8 +6,7 @@ pretrained feature network). The learning-rate schedule is the StyleGAN projecto
 cosine ramp-down); optional latent noise, ramped down over the first steps, helps escape poor basins.
 
 What is optimised is the caller's choice: StyleGAN optimises w (B, w_dim) or w+ (B, n_layers, w_dim) from
-``w_avg`` (see ``StyleGAN.project``); a DCGAN optimises z from zeros or from the mean of a few prior draws
-(:func:`initial_latent`). Each sample's loss depends only on its own latent and Adam is element-wise, so a
+``w_avg`` (see ``StyleGAN.project``); a DCGAN optimises z from zeros, the prior's mode (``GAN.latent_init``). Each sample's loss depends only on its own latent and Adam is element-wise, so a
 batch inverts exactly like its samples would one by one.
 """
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from monai.metrics import SSIMMetric
@@ -82,26 +80,6 @@ def _feature_distance(a: Features, b: Features) -> Tensor:
     a_list = [a] if isinstance(a, Tensor) else list(a)
     b_list = [b] if isinstance(b, Tensor) else list(b)
     return sum((x.float() - y.float()).square().flatten(1).mean(dim=1) for x, y in zip(a_list, b_list))
-
-
-def initial_latent(
-    batch: int,
-    latent_shape: Sequence[int],
-    mode: Literal["zeros", "mean"] = "zeros",
-    n_samples: int = 16,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Starting point for a Gaussian-prior latent (e.g. DCGAN's z): zeros (the prior's mode) or the mean
-    of ``n_samples`` seeded N(0, I) draws, repeated for the batch. Returns (batch, *latent_shape)."""
-    if mode == "zeros":
-        z = torch.zeros(*latent_shape)
-    elif mode == "mean":
-        gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(n_samples, *latent_shape, generator=gen).mean(dim=0)
-    else:
-        raise ValueError(f"initial_latent: mode must be 'zeros' or 'mean', got {mode!r}")
-    return z.expand(batch, *latent_shape).clone().to(device)
 
 
 def _check_inversion(target: Tensor, init_latent: Tensor, steps: int, lr: float,

@@ -238,9 +238,3 @@ def _project_out(vector: np.ndarray, axes: np.ndarray) -> np.ndarray:
     """``vector (L,)`` minus its orthogonal projection onto the span of the columns of ``axes (L, c)``."""
     q, _ = np.linalg.qr(np.asarray(axes, np.float64).reshape(vector.size, -1))
     return vector - q @ (q.T @ vector)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two vectors (e.g. two models' or two probes' directions)."""
-    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -101,18 +101,6 @@ def probe_on_latents(latents: np.ndarray, probe: Pipeline, covariates: np.ndarra
     return probe_probability(probe, flat).reshape(s, k)
 
 
-def reencoded_probe_output(
-    traversals: np.ndarray,
-    encode: VolumeFn,
-    probe: Pipeline,
-    covariates: np.ndarray | None = None,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
-    """Re-encode every traversed volume and apply the probe -> ``(S, K)`` (see :func:`probe_on_latents`)."""
-    return probe_on_latents(reencode_traversals(traversals, encode, batch_size, device), probe, covariates)
-
-
 def predictions(
     traversals: np.ndarray, predict: VolumeFn, batch_size: int = 8, device: str | torch.device = "cpu"
 ) -> np.ndarray:
