@@ -4,16 +4,22 @@
   evaluation.py  repeated nested CV, subject-bootstrap CIs, permutation p-values, held-out scores
   targets.py     labels (sex, age_old, age_group, planted) and covariates (size, brain-mask volume) from subjects.csv
   suite.py       every probe of one model -> table, fitted probes, directions
+  headline.py    the directions stage's headline numbers, defined once
   direction.py   the ``Direction`` (unit raw-latent vector, SD step scale, JSON artifacts)
   traversal.py   decode along a direction; voxel-wise group difference maps
   effects.py     measures, re-encoded probe output and predictions along traversals; monotonicity
   groundtruth.py agreement with planted effects (synthetic cohort, positive controls)
   counterfactual.py  composition, reversibility, effectiveness and minimality of every direction
+  codec.py       LatentCodec: volumes <-> flat latents for every model family (the only family-aware code)
+  lookup.py      the direction fitted for a model version (DVC output or its MLflow run)
+  scan.py        traverse_scan: a user's scan along a fitted direction
+  study.py       one direction's traversal, measures and checks in the directions stage
+  experiment.py  the directions stage: encode -> probe -> direct -> traverse -> measure -> check -> record
 
 Method and conventions: docs/directions_method.md.
 """
 
-from .direction import Direction, cosine, direction_from_probe, raw_gradient
+from .direction import Direction, direction_from_probe, raw_gradient
 from .effects import Monotonicity, TraversalEffects, monotonicity, traversal_effects
 from .evaluation import Estimate, ProbeResult, evaluate_probe
 from .groundtruth import PLANTED_AGE_SIGNS, effect_agreement, effect_maps, ground_truth_metrics, map_correlation
@@ -25,7 +31,7 @@ from .traversal import DifferenceMap, decode_batched, group_difference_map, symm
 __all__ = [
     "TARGETS", "PLANTED_AGE_SIGNS", "CovariateResidualizer", "DifferenceMap", "Direction", "Estimate",
     "Monotonicity", "ProbeResult", "ProbeSettings", "ProbeSuite", "Target", "TraversalEffects",
-    "available_targets", "brain_mask_volume", "covariate", "cosine", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
+    "available_targets", "brain_mask_volume", "covariate", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
     "evaluate_probe", "ground_truth_metrics", "group_difference_map", "make_probe", "map_correlation",
     "monotonicity", "probe_probability", "raw_gradient", "run_probe_suite", "symmetric_steps", "target_labels",
     "traversal_effects", "traverse",

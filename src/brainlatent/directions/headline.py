@@ -15,8 +15,8 @@ from .evaluation import ProbeResult
 from .suite import ProbeSuite
 from .targets import TARGETS
 
-if TYPE_CHECKING:  # experiment.py imports this module
-    from .experiment import DirectionStudy
+if TYPE_CHECKING:
+    from .study import DirectionStudy
 
 AGE_DIRECTIONS = ("age_group", "age_old")
 PROBE_BASELINES = ("pca_voxels", "brain_mask_volume")
