@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_params_dict
 from mlflow.tracking import MlflowClient
 
+from brainlatent.anatomy import load_template
 from brainlatent.config import params_from_dict
 from brainlatent.grid import Grid
 from brainlatent.evaluation import evaluate_family, train_featurenet
@@ -59,6 +60,8 @@ def test_report_numbers_are_what_mlflow_holds(project, params):
     diff = np.zeros(grid.shape, np.float32)
     diff[4:7, 8:11, 8:11] = 0.2
     save_nifti(diff, grid.affine, project / "directions" / "gan" / "maps" / "sex_mean_difference.nii.gz")
+    placed = grid.centered_at(load_template().center_mm)  # a planted map, as `prepare` leaves it for a synthetic cohort
+    save_nifti(-diff, placed.affine, project / "data" / "processed" / "ground_truth" / "age_effect.nii.gz")
 
     out = build_report(params, project)
     assert list(out.table.index) == ["ae", "gan"] and out.warnings == []
@@ -84,16 +87,18 @@ def test_report_numbers_are_what_mlflow_holds(project, params):
     assert [d.dataset.name for d in trained.inputs.dataset_inputs] == ["data/processed"]  # the Dataset column
     assert out.table.loc["gan", "directions.sex.auc"] == 0.75 and pd.isna(out.table.loc["ae", "directions.sex.auc"])
 
-    for name in ("index.html", "metrics.md", "metrics.csv", "samples.png", "metrics.png", "maps/gan/sex_glass.png"):
+    for name in ("index.html", "metrics.md", "metrics.csv", "samples.png", "metrics.png", "maps/gan/sex_glass.png",
+                 "maps/planted/age_glass.png"):
         assert (out.out_dir / name).is_file(), name
     page = (out.out_dir / "index.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == 3  # self-contained: samples, metrics, glass brain
-    assert page.count("<iframe") == 1 and "brainsprite" in page  # the gan sex map's viewer; the AE has none
+    assert page.count('<img src="data:image/png;base64,') == 4  # self-contained: samples, metrics, 2 glass brains
+    assert page.count("<iframe") == 2 and "brainsprite" in page  # the gan sex map's and the planted map's viewers
     assert external_references(page) == []
     # Reading order: headline, one section per family (its maps in it), then the full tables.
     text = (out.out_dir / "metrics.md").read_text()
     order = [text.index(h) for h in ("## Headline", "## ae: brainlatent-ae v", "## gan: brainlatent-gan v",
-                                     "![gan sex](maps/gan/sex_glass.png)", "## Metrics (full table)", "## Models")]
+                                     "![gan sex](maps/gan/sex_glass.png)", "## Planted effects",
+                                     "![planted age](maps/planted/age_glass.png)", "## Metrics (full table)", "## Models")]
     assert order == sorted(order), order
     assert f"<td>{latest_ae.run_id}</td>" in page
     logged = {a.path for a in client.list_artifacts(out.run_id, "report")}

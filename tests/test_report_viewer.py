@@ -45,6 +45,7 @@ def _content(maps) -> ReportContent:
     table = pd.DataFrame({"mse": [0.01], "directions.age_old_auc": [0.9]}, index=pd.Index(["vae"], name="family"))
     models = pd.DataFrame({"model_version": ["3"], "has_samples": [True]}, index=pd.Index(["vae"], name="family"))
     return ReportContent(top=None, sections={"vae": family_section("vae", table, models, None)}, maps={"vae": maps},
+                         planted=[],
                          table=table, models=models, summary=None, notes=[], warnings=[], figures={})
 
 

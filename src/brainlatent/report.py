@@ -46,7 +46,8 @@ from mlflow.tracking import MlflowClient
 from brainlatent import model_ref, registry, tracking
 from brainlatent.config import FAMILIES, Params
 from brainlatent.metrics.registry import metric_direction
-from brainlatent.viz.direction_maps import DirectionMap, render_direction_maps
+from brainlatent.grid import Grid
+from brainlatent.viz.direction_maps import ReportMap, render_direction_maps, render_planted_maps
 from brainlatent.viz.montage import comparison_montage
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ def mean_processed_volume(root: Path, processed_dir: str) -> np.ndarray | None:
     return np.asarray(volumes.mean(axis=0, dtype=np.float64), np.float32)
 
 
-def direction_maps(root: Path, families: list[str], processed_dir: str, out_dir: Path) -> dict[str, list[DirectionMap]]:
+def direction_maps(root: Path, families: list[str], processed_dir: str, out_dir: Path) -> dict[str, list[ReportMap]]:
     """Glass brains and viewers of each family's direction maps (``directions/<family>/maps/``) under
     ``out_dir`` (emptied first: no map of an earlier run survives)."""
     if out_dir.exists():
@@ -359,6 +360,16 @@ def direction_maps(root: Path, families: list[str], processed_dir: str, out_dir:
             background = mean_processed_volume(root, processed_dir)
         maps[family] = render_direction_maps(family, folder, out_dir, background)
     return maps
+
+
+def planted_maps(root: Path, processed_dir: str, out_dir: Path) -> list[ReportMap]:
+    """Glass brains and viewers of the cohort's planted effects (none for a real cohort). Call after
+    :func:`direction_maps`, which empties ``out_dir``."""
+    processed = root / processed_dir
+    if not (processed / "ground_truth").is_dir():
+        return []
+    grid = Grid.load(processed / "grid.json")
+    return render_planted_maps(processed / "ground_truth", grid, out_dir, mean_processed_volume(root, processed_dir))
 
 
 def _direction(key: str) -> str | None:
@@ -435,7 +446,8 @@ class ReportContent:
 
     top: pd.DataFrame | None  # :func:`headline_table`
     sections: dict[str, pd.DataFrame]  # family -> :func:`family_section`
-    maps: dict[str, list[DirectionMap]]  # family -> its directions' maps (glass brain + viewer)
+    maps: dict[str, list[ReportMap]]  # family -> its directions' maps (glass brain + viewer)
+    planted: list[ReportMap]  # the synthetic cohort's planted effects (empty for a real cohort)
     table: pd.DataFrame  # the full metrics table (rows = family)
     models: pd.DataFrame  # rows = family; ``has_samples`` and ``quality_gate_reason`` are used, not shown
     summary: pd.DataFrame | None  # :func:`directions_summary`
@@ -507,6 +519,9 @@ def to_markdown(content: ReportContent) -> str:
         lines += [f"![{m.family} {m.name}]({MAPS_DIR}/{m.family}/{m.glass_png.name})"
                   for m in c.maps.get(family, [])]
         lines += [""] if c.maps.get(family) else []
+    if c.planted:
+        lines += ["## Planted effects (ground truth)", "", _PLANTED_NOTE, ""]
+        lines += [f"![planted {m.name}]({MAPS_DIR}/planted/{m.glass_png.name})" for m in c.planted] + [""]
     best = _best(c.table)
     full = _full_table(c.table, c.models)
     for col, family in best.items():
@@ -548,11 +563,16 @@ _MAPS_NOTE = ("Each direction's group difference map (last minus first traversal
               "(click to move the cuts; works offline), then a glass brain.")
 
 
+_PLANTED_NOTE = ("What the synthetic cohort's recipe planted (`data/processed/ground_truth/`), on the processed grid "
+                 "as the directions stage compares it: a direction found the planted effect when its map above looks "
+                 "like these (the `map_r` numbers measure it).")
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _html_maps(maps: list[DirectionMap]) -> str:
+def _html_maps(maps: list[ReportMap], heading: str = "<h3>Direction maps</h3>") -> str:
     if not maps:
         return ""
     esc = html.escape
@@ -561,7 +581,7 @@ def _html_maps(maps: list[DirectionMap]) -> str:
         f'alt="{esc(m.family)} {esc(m.name)} glass brain"></div>'
         for m in maps
     )
-    return f"<h3>Direction maps</h3><p>{esc(_MAPS_NOTE)}</p>{blocks}"
+    return f"{heading}<p>{esc(_MAPS_NOTE)}</p>{blocks}" if heading else blocks
 
 
 def to_html(content: ReportContent) -> str:
@@ -583,6 +603,8 @@ def to_html(content: ReportContent) -> str:
         f"{_html_table(section)}{_html_maps(c.maps.get(family, []))}</section>"
         for family, section in c.sections.items()
     )
+    planted = "" if not c.planted else (
+        f"<h2>Planted effects (ground truth)</h2><p>{esc(_PLANTED_NOTE)}</p>{_html_maps(c.planted, heading='')}")
     directions = "" if c.summary is None else (
         f"<h2>Latent directions (all families)</h2><p>{esc(_DIRECTIONS_NOTE)}</p>{_html_table(c.summary)}")
     note = ("<h2>Not included</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in c.notes) + "</ul>") if c.notes else ""
@@ -599,7 +621,7 @@ td.best {{ font-weight: bold; background: #e8f5e9; }} .scroll {{ overflow-x: aut
 .warn {{ color: #b71c1c; }} img {{ max-width: 100%; }} .direction-map {{ margin-bottom: 1.5em; }}
 </style></head><body>
 <h1>Model comparison</h1>{warn}{headline}
-{sections}
+{sections}{planted}
 <h2>Metrics (full table)</h2>
 <p>{esc(_METRICS_NOTE)} Full precision: <a href="metrics.csv">metrics.csv</a>.</p>
 <div class=scroll><table><tr><th>family</th>{head}</tr>
@@ -665,6 +687,7 @@ def build_report(params: Params, root: Path | None = None) -> ReportOutcome:
     content = ReportContent(
         top=top, sections={f: family_section(f, table, models, summary) for f in table.index},
         maps=direction_maps(root, list(table.index), params.data.processed_dir, out_dir / MAPS_DIR),
+        planted=planted_maps(root, params.data.processed_dir, out_dir / MAPS_DIR),
         table=table, models=models, summary=summary, notes=notes, warnings=warnings, figures=figures,
     )
     (out_dir / "metrics.md").write_text(to_markdown(content))

@@ -322,6 +322,7 @@ def processed_dataset(processed_dir: str, root: Path | None = None, lineage: dic
     with sex, age and split) named ``processed_dir``, sourced at the folder, with :func:`dataset_digest`."""
     import mlflow.data
     import pandas as pd
+    from mlflow.data.sources import LocalArtifactDatasetSource
 
     root = root or project_root()
     folder = (root / processed_dir).resolve()
@@ -331,10 +332,8 @@ def processed_dataset(processed_dir: str, root: Path | None = None, lineage: dic
                          "prepare` first)")
     lineage = lineage or lineage_tags(processed_dir, root)
     subjects = pd.read_csv(table, dtype={"subject_id": str})
-    with warnings.catch_warnings():  # a record of the cohort, not a model's input schema: no int-vs-NaN advice
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
-        return mlflow.data.from_pandas(subjects, source=str(folder), name=processed_dir,
-                                       digest=dataset_digest(lineage))
+    source = LocalArtifactDatasetSource(str(folder))  # explicit: a bare path matches two registered source types
+    return mlflow.data.from_pandas(subjects, source=source, name=processed_dir, digest=dataset_digest(lineage))
 
 
 def log_dataset(processed_dir: str, context: str, root: Path | None = None, lineage: dict[str, str] | None = None,
@@ -345,7 +344,9 @@ def log_dataset(processed_dir: str, context: str, root: Path | None = None, line
     from mlflow.entities import LoggedModelInput
 
     dataset = processed_dataset(processed_dir, root, lineage)
-    mlflow.log_input(dataset, context=context, model=LoggedModelInput(model_id) if model_id else None)
+    with warnings.catch_warnings():  # a record of the cohort, not a model's input schema: no int-vs-NaN advice
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        mlflow.log_input(dataset, context=context, model=LoggedModelInput(model_id) if model_id else None)
 
 
 # What DVC tells a stage about the experiment it runs in (`dvc exp run`, queued or not): tagged on every run,
