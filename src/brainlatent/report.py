@@ -5,18 +5,21 @@ evaluation run of that exact version (experiment ``brainlatent-evaluate``) are r
 the report is the one MLflow holds and belongs to the model the pipeline trained; nothing is recomputed. The
 models table says which version is each family's champion now. Outputs (DVC out ``report/``):
 
-* ``metrics.md`` and ``index.html`` (self-contained: figures embedded): the table, rows = family, columns =
-  metrics (best value per rankable column in bold), which model version and evaluation run each row comes
-  from, and warnings (rows scored with different feature extractors or protocols are not comparable);
-* ``metrics.csv``: the same table at full precision (Markdown and HTML show 6 significant digits);
-* ``samples.png``: mid-slice tri-planar views side by side, real scans then each family's logged samples
-  (reconstructions for the AE);
-* ``metrics.png``: bar plots of the headline metrics;
-* a "Latent directions" table (rows = questions, columns = families) of the directions stage's headline
-  numbers beside the targets the embedded synthetic cohort is checked against (``DIRECTION_CHECKS``).
+* ``metrics.md`` and ``index.html`` (self-contained: figures and viewers embedded), in reading order: the
+  headline table (:func:`headline_table`), one section per family (:func:`family_section`; in HTML its
+  directions' maps as nilearn viewers and glass brains, from ``directions/<family>/maps/``), the planted
+  effects of a synthetic cohort (``data/processed/ground_truth/``), then the full tables: metrics (best value
+  per rankable column in bold), models (which version and evaluation run each row comes from), the latent
+  directions' questions beside their targets (``DIRECTION_CHECKS``). Empty cells say why (:func:`blank_reason`);
+  warnings say which rows are not comparable (different feature extractors or protocols);
+* ``metrics.csv``: the metrics table at full precision (Markdown and HTML show 6 significant digits);
+  ``headline.csv``: the headline table;
+* ``samples.png``: real scans then each family's logged samples (reconstructions for the AE), nilearn ortho
+  views in world mm; ``maps/<family or planted>/<name>_glass.png``: the glass brains;
+* ``metrics.png``: bar plots of the headline metrics.
 
 An MLflow run in ``brainlatent-report`` logs the table as metrics ``<family>.<metric>`` and the files as
-artifacts. When ``metrics/directions/<family>.json`` exists its numeric values are added as
+artifacts, with the processed cohort as its input dataset. When ``metrics/directions/<family>.json`` exists its numeric values are added as
 ``directions.<key>`` columns (they come from that file, not from the evaluation runs).
 """
 
