@@ -63,6 +63,7 @@ def test_a_registered_version_has_its_dataset_description_and_few_tags(store):
     assert mv.description.index("val_mse") < mv.description.index("train_loss")  # the rule metric first
     # Moved, not lost: the run holds what the version no longer repeats.
     assert held.data.tags["volume_affine"] == json.dumps(np.eye(4).tolist())
+    assert held.data.tags["mlflow.note.content"] == mv.description  # the run page's Description
     assert held.data.metrics["val_psnr"] == 19.5 and held.data.metrics["val_mse"] == 0.0123
 
 

@@ -113,16 +113,17 @@ def log_and_register(
         )
     if "data.processed_dir" in tags:
         tracking.log_dataset(tags["data.processed_dir"], "training", lineage=tags, model_id=info.model_id)
-    _move_to_run(tags, metrics)
     version = str(info.registered_model_version)
     client = MlflowClient()
     rule = champion_metric[0] if champion_metric else VALIDATION_METRICS.get(family, ("", False))[0]
+    description = version_description(family, tags, metrics, rule)
+    _move_to_run(tags, metrics, description)
     kept = {k: v for k, v in tags.items() if k in VERSION_TAGS}
     if rule in metrics:
         kept[f"metric.{rule}"] = f"{metrics[rule]:.6g}"
     for key, value in kept.items():
         client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(name, version, description=version_description(family, tags, metrics, rule))
+    client.update_model_version(name, version, description=description)
     client.set_registered_model_alias(name, CANDIDATE, version)
     promoted = False
     if champion_metric is not None and champion_metric[0] in metrics:
@@ -131,13 +132,20 @@ def log_and_register(
     return version, promoted
 
 
-def _move_to_run(tags: dict[str, str], metrics: dict[str, float]) -> None:
-    """The tags a version does not keep, and final metrics the run has not logged, onto the active run."""
+# MLflow's run description (the run page's "Description").
+RUN_NOTE_TAG = "mlflow.note.content"
+
+
+def _move_to_run(tags: dict[str, str], metrics: dict[str, float], description: str) -> None:
+    """The tags a version does not keep, and final metrics the run has not logged, onto the active run; the
+    version's description becomes the run's too unless it has one."""
     run = mlflow.active_run()
     if run is None:
         return
     held = MlflowClient().get_run(run.info.run_id).data
     extra_tags = {k: v for k, v in tags.items() if k not in VERSION_TAGS and held.tags.get(k) != v}
+    if RUN_NOTE_TAG not in held.tags:
+        extra_tags[RUN_NOTE_TAG] = description
     if extra_tags:
         mlflow.set_tags(extra_tags)
     missing = {k: float(v) for k, v in metrics.items() if k not in held.metrics and math.isfinite(float(v))}

@@ -61,5 +61,6 @@ def viewer_page(
 
 def viewer_iframe(page: str, *, title: str, width: int = 660, height: int = 360) -> str:
     """``page`` (from :func:`viewer_page`) as an ``<iframe srcdoc>`` element to paste into another page."""
-    return (f'<iframe class=brain-viewer title="{html.escape(title)}" width={width} height={height} '
+    # loading=lazy: a report with dozens of viewers starts only those scrolled into view.
+    return (f'<iframe class=brain-viewer title="{html.escape(title)}" width={width} height={height} loading=lazy '
             f'style="border:0" srcdoc="{html.escape(page, quote=True)}"></iframe>')
