@@ -65,8 +65,8 @@ def triplanar_montage(
     fig = _black_figure(3 * panel_inches, n * panel_inches, dpi)
     for row in range(n):
         # Each row gets its own strip of the figure; nilearn lays its three cuts out inside it.
-        _ortho(fig, (0.0, 1.0 - (row + 1) / n, 1.0, 1.0 / n), as_image(vols[row], affine), cut,
-               None if titles is None else titles[row], cmap, vmin, vmax)
+        draw_anat(fig, (0.0, 1.0 - (row + 1) / n, 1.0, 1.0 / n), as_image(vols[row], affine), cut,
+                  None if titles is None else titles[row], cmap=cmap, vmin=vmin, vmax=vmax)
     return _saved(fig, path)
 
 
@@ -93,8 +93,7 @@ def comparison_montage(
     for g, (title, images) in enumerate(groups):
         fig.text((g + 0.5) * width, 1.0 - top / 2, title, color="white", ha="center", va="center", fontsize=8)
         for r, img in enumerate(images):
-            _ortho(fig, (g * width, 1.0 - top - (r + 1) * height, width, height), img, cut, None, "gray", vmin,
-                   vmax)
+            draw_anat(fig, (g * width, 1.0 - top - (r + 1) * height, width, height), img, cut, vmin=vmin, vmax=vmax)
     return _saved(fig, path)
 
 
@@ -104,9 +103,12 @@ def _black_figure(width: float, height: float, dpi: int) -> Figure:
     return fig
 
 
-def _ortho(fig: Figure, rect, img: nib.Nifti1Image, cut, title: str | None, cmap: str, vmin: float, vmax: float):
-    """nilearn's sagittal / coronal / axial cuts of ``img`` through ``cut`` (world mm) inside ``rect``."""
-    plotting.plot_anat(img, figure=fig, axes=rect, display_mode="ortho", cut_coords=cut, title=title,
+def draw_anat(fig: Figure, rect, img: nib.Nifti1Image, cut: Sequence[float], title: str | None = None, *,
+              display_mode: str = "ortho", cmap: str = "gray", vmin: float = 0.0, vmax: float = 1.0) -> None:
+    """nilearn's anatomical view of ``img`` inside ``rect`` of ``fig`` (None: the whole figure): cuts through
+    ``cut`` (world mm; one value per cut of ``display_mode``, e.g. three for "ortho", one for "x"), coordinates
+    and L/R annotated, the fixed grey scale ``[vmin, vmax]`` on black. Every anatomical panel is drawn here."""
+    plotting.plot_anat(img, figure=fig, axes=rect, display_mode=display_mode, cut_coords=list(cut), title=title,
                        annotate=True, draw_cross=False, black_bg=True, dim=0, cmap=cmap, vmin=vmin, vmax=vmax,
                        colorbar=False)
 

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from nilearn import plotting
 
 from brainlatent.viz.images import as_image, resolve_affine, slice_center, world_mm
+from brainlatent.viz.montage import draw_anat
 
 # nilearn's one-cut display modes, in the order of the strip's rows.
 VIEWS: tuple[tuple[str, str], ...] = (("sagittal", "x"), ("coronal", "y"), ("axial", "z"))
@@ -92,9 +93,8 @@ def save_traversal_strip(
         img = as_image(volume, affine)
         for i, (_, mode) in enumerate(VIEWS):
             rect = (j / k, 1.0 - top / (4.2 + top) - (i + 1) * height, 1.0 / k, height)
-            plotting.plot_anat(img, figure=fig, axes=rect, display_mode=mode, cut_coords=[cut[i]],
-                               title=labels[j] if i == 0 else None, annotate=True, draw_cross=False,
-                               black_bg=True, dim=0, vmin=vmin, vmax=vmax, colorbar=False)
+            draw_anat(fig, rect, img, [cut[i]], labels[j] if i == 0 else None, display_mode=mode, vmin=vmin,
+                      vmax=vmax)
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     return _save(fig, path)
@@ -102,8 +102,7 @@ def save_traversal_strip(
 
 def _render_frame(img, cut, label: str, vmin: float, vmax: float) -> np.ndarray:
     fig = _figure(6.0, 2.4, dpi=80)
-    plotting.plot_anat(img, figure=fig, display_mode="ortho", cut_coords=cut, title=label, annotate=True,
-                       draw_cross=False, black_bg=True, dim=0, vmin=vmin, vmax=vmax, colorbar=False)
+    draw_anat(fig, None, img, cut, label, vmin=vmin, vmax=vmax)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
