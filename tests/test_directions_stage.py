@@ -25,8 +25,10 @@ from brainlatent.models.stylegan import StyleGAN
 from brainlatent.train.runner import train_family
 
 # Tiny protocol: 2-fold CV, few bootstrap resamples and permutations, 4 traversed subjects x 3 steps.
+# The hand-made cohort (conftest.write_processed) has an eTIV column but no skull-based head size
+# (params.yaml's FS_IntraCranial_Vol): size control reads etiv_mm3 here.
 FAST = dict(n_splits=2, n_repeats=1, n_bootstrap=50, n_permutations=3, pca_components=4, inversion_steps=4,
-            n_traversal_subjects=4, n_strip_subjects=1, n_steps=3, max_step_sd=2.0)
+            n_traversal_subjects=4, n_strip_subjects=1, n_steps=3, max_step_sd=2.0, size_covariate="etiv_mm3")
 DIRECTION_NAMES = {"sex", "age_old", "age_group", "sex_size_controlled"}
 GROUP_AGE = {"22-25": 24.0, "26-30": 28.0, "31-35": 33.0, "36+": 36.5}
 
