@@ -103,6 +103,8 @@ def write_processed(root: Path, n: int = 24, shape=TINY_SHAPE, seed: int = 0) ->
                  brain_mask_volume_mm3=float((vol > 0.05).sum() * grid.voxel_volume_mm3),
                  # The ellipsoid's own volume (half-axes radius * 80 mm, x1.1 along y): the ventricle never moves it.
                  etiv_mm3=float(4 / 3 * np.pi * 1.1 * (radius * 80.0) ** 3),
+                 # The skull-based head size params.yaml's size control reads (data.covariates, as HCP gives it).
+                 FS_IntraCranial_Vol=float(4 / 3 * np.pi * 1.1 * (radius * 80.0) ** 3) * 1.2,
                  split=("train", "train", "val", "test")[i % 4] if i >= 4 else ("train", "val", "test", "train")[i],
                  center_x_mm=0.0, center_y_mm=-18.0, center_z_mm=18.0)
         )
