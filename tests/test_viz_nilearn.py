@@ -13,7 +13,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from brainlatent.directions.direction import Direction
-from brainlatent.directions.experiment import DirectionStudy, write_study
+from brainlatent.directions.study import DirectionStudy, write_study
 from brainlatent.directions.traversal import group_difference_map
 from brainlatent.grid import Grid
 from brainlatent.viz.images import centred_affine
