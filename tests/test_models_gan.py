@@ -279,3 +279,19 @@ def test_models_saved_before_the_template_option_load_as_plain_generators():
     config = GAN(latent_dim=8, volume_shape=(16, 20, 16)).config_dict()
     config.pop("template")  # what a config of an earlier release holds
     assert not hasattr(GAN(**config).generator, "template_logit")
+
+
+def test_the_minibatch_std_critic_sees_how_much_a_batch_varies():
+    """gan.d_mbstd_group_size: the same volume scores differently in a batch of copies (a collapsed generator)
+    than among varied volumes; without the layer a score depends on its own volume only."""
+    from brainlatent.models.gan import GAN
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 20, 16)
+    copies = x[:1].expand(4, -1, -1, -1, -1)
+    for group, depends_on_batch in ((4, True), (0, False)):
+        critic = GAN(latent_dim=8, volume_shape=(16, 20, 16), d_base_channels=4, d_max_channels=8,
+                     d_mbstd_group_size=group).discriminator
+        with torch.no_grad():
+            differs = not torch.allclose(critic(x)[0], critic(copies)[0], atol=1e-6)
+        assert differs == depends_on_batch, group

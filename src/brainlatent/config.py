@@ -294,7 +294,7 @@ class GANConfig(_FamilyConfig):
     """DCGAN-style 3D GAN (models/gan.py) with WGAN-GP or non-saturating + R1 and a generator EMA."""
 
     MODEL_KEYS = ("latent_dim", "g_base_channels", "g_max_channels", "d_base_channels", "d_max_channels",
-                  "min_bottleneck", "g_norm", "d_norm", "template")
+                  "min_bottleneck", "g_norm", "d_norm", "d_mbstd_group_size", "template")
     latent_dim: PositiveInt = 64
     g_base_channels: PositiveInt = 8
     g_max_channels: PositiveInt = 64
@@ -303,6 +303,7 @@ class GANConfig(_FamilyConfig):
     min_bottleneck: PositiveInt = 4
     g_norm: Literal["group", "layer", "none"] = "group"
     d_norm: Literal["group", "layer", "none"] = "layer"
+    d_mbstd_group_size: NonNegInt = 0  # minibatch-std feature in the critic (ProGAN; 0: none): catches mode collapse
     # The generator predicts the deviation (in logit space) from the mean training volume (models/gan.py).
     template: bool = False
     loss: Literal["wgan-gp", "ns-r1"] = "ns-r1"

@@ -4,6 +4,8 @@
   R1 penalty (Mescheder et al., 2018). Scores are cast to float32 before any reduction so the losses are safe
   under ``torch.autocast(..., dtype=torch.bfloat16)``.
 * The generator EMA (Karras et al., 2018; Yazici et al., 2019): one function, one ``decay`` for every family.
+* The minibatch standard-deviation layer of the critics (ProGAN): a critic that sees how much a batch varies
+  can tell a collapsed generator (every sample the same brain) from real scans.
 
 The training tasks that use them are in ``train/adversarial.py``.
 """
@@ -117,3 +119,34 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+class MinibatchStd(nn.Module):
+    """Append one feature map: the std of each feature over a group of samples, averaged over channels
+    and voxels (v1's ``minibatch_stddev_layer``, one new feature). Computed in float32.
+
+    Groups are strided (sample i is in group ``i % (B // G)``) as in v1. ``G = min(group_size, B)`` shrunk
+    to a divisor of B so the last ragged batch of an epoch still works.
+    (B, C, X, Y, Z) -> (B, C + 1, X, Y, Z).
+    """
+
+    def __init__(self, group_size: int = 4, eps: float = 1e-8) -> None:
+        super().__init__()
+        if group_size < 1:
+            raise ValueError(f"mbstd_group_size: expected >= 1, got {group_size}")
+        self.group_size, self.eps = group_size, eps
+
+    def group(self, batch: int) -> int:
+        g = min(self.group_size, batch)
+        while batch % g:
+            g -= 1
+        return g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, *spatial = x.shape
+        g = self.group(b)
+        y = x.float().reshape(g, -1, *x.shape[1:])  # (G, M, C, X, Y, Z)
+        std = torch.sqrt(y.var(dim=0, unbiased=False) + self.eps)  # (M, C, X, Y, Z)
+        stat = std.mean(dim=(1, 2, 3, 4)).view(-1, 1, 1, 1, 1)  # (M, 1, 1, 1, 1)
+        stat = stat.repeat(g, 1, *spatial).to(x.dtype)  # (B, 1, X, Y, Z); row i -> group i % M
+        return torch.cat([x, stat], dim=1)

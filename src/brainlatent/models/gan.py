@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainlatent.models.adversarial import update_ema
-from brainlatent.models.base import LatentModel, register_family
-from brainlatent.models.layers import Decoder3d, Encoder3d, Norm, as_shape3
+from brainlatent.models.adversarial import MinibatchStd, update_ema
+from brainlatent.models.base import LatentModel, constructor_config, register_family
+from brainlatent.models.layers import Decoder3d, Encoder3d, Norm, as_shape3, stage_channels
 
 
 TEMPLATE_EPS = 1e-3  # the mean volume is clamped into [eps, 1 - eps] before its logit (background 0 -> -6.9)
@@ -53,6 +53,23 @@ class TemplateGenerator(nn.Module):
         return torch.sigmoid(out + self.template_logit.to(out.dtype))
 
 
+def critic(volume_shape, base_channels: int, max_channels: int, min_bottleneck: int, norm: Norm,
+           mbstd_group_size: int) -> Encoder3d:
+    """The DCGAN critic: :class:`Encoder3d` with one score per volume; with ``mbstd_group_size > 0`` a
+    minibatch-std feature map (ProGAN) joins the bottleneck before the score, so the critic sees how much
+    the batch varies (a generator drawing one brain for every z is told apart from the reals)."""
+    enc = Encoder3d(volume_shape, 1, base_channels, max_channels, min_bottleneck, norm)
+    if mbstd_group_size > 0:
+        channels = stage_channels(len(enc.shapes) - 1, base_channels, max_channels)[-1]
+        linear = enc.head[-1]
+        enc.head = nn.Sequential(
+            MinibatchStd(mbstd_group_size),
+            enc.head[0],  # flatten
+            nn.Linear((channels + 1) * linear.in_features // channels, 1),
+        )
+    return enc
+
+
 # ------------------------------------------------------------------------------------------------ model
 @register_family
 class GAN(LatentModel):
@@ -69,6 +86,8 @@ class GAN(LatentModel):
         min_bottleneck: the smallest allowed bottleneck axis (see :func:`layers.stage_shapes`).
         g_norm: generator normalisation ("group", "layer", "none").
         d_norm: critic normalisation ("layer", "group", "none"); never batch statistics.
+        d_mbstd_group_size: minibatch-std group of the critic (:func:`critic`); 0: none (models saved before the
+            option existed).
         template: the generator predicts the deviation from the mean training volume (:class:`TemplateGenerator`;
             call :meth:`set_template` before training). False: a plain sigmoid generator (models saved
             before the option existed).
@@ -88,6 +107,7 @@ class GAN(LatentModel):
         min_bottleneck: int = 4,
         g_norm: Norm = "group",
         d_norm: Norm = "layer",
+        d_mbstd_group_size: int = 0,
         template: bool = False,
     ):
         super().__init__()
@@ -95,18 +115,6 @@ class GAN(LatentModel):
             raise ValueError(f"latent_dim: expected a positive integer, got {latent_dim}")
         self.latent_dim = int(latent_dim)
         self.volume_shape = as_shape3(volume_shape)
-        self._config = dict(
-            latent_dim=self.latent_dim,
-            volume_shape=list(self.volume_shape),
-            g_base_channels=g_base_channels,
-            g_max_channels=g_max_channels,
-            d_base_channels=d_base_channels,
-            d_max_channels=d_max_channels,
-            min_bottleneck=min_bottleneck,
-            g_norm=g_norm,
-            d_norm=d_norm,
-            template=bool(template),
-        )
         if template:
             decoder = Decoder3d(
                 self.volume_shape, self.latent_dim, g_base_channels, g_max_channels, min_bottleneck, g_norm, "none"
@@ -116,8 +124,11 @@ class GAN(LatentModel):
             self.generator = Decoder3d(
                 self.volume_shape, self.latent_dim, g_base_channels, g_max_channels, min_bottleneck, g_norm, "sigmoid"
             )
-        self.discriminator = Encoder3d(self.volume_shape, 1, d_base_channels, d_max_channels, min_bottleneck, d_norm)
+        self.discriminator = critic(
+            self.volume_shape, d_base_channels, d_max_channels, min_bottleneck, d_norm, int(d_mbstd_group_size)
+        )
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self._config = constructor_config(self, locals())
 
     def config_dict(self) -> dict[str, Any]:
         return dict(self._config)

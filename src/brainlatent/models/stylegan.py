@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainlatent.inversion import InversionResult, invert
-from brainlatent.models.adversarial import ns_d_loss, ns_g_loss, update_ema, wgan_g_loss, wgan_gp_d_loss
-from brainlatent.models.base import LatentModel, register_family
+from brainlatent.models.adversarial import MinibatchStd, ns_d_loss, ns_g_loss, update_ema, wgan_g_loss, wgan_gp_d_loss
+from brainlatent.models.base import LatentModel, constructor_config, register_family
 from brainlatent.models.equalized import (
     LRELU_GAIN,
     LRELU_SLOPE,
@@ -571,37 +571,6 @@ def _uniform(generator: torch.Generator | None, device: torch.device) -> float:
 
 
 # ------------------------------------------------------------------------------------- discriminator
-class MinibatchStd(nn.Module):
-    """Append one feature map: the std of each feature over a group of samples, averaged over channels
-    and voxels (v1's ``minibatch_stddev_layer``, one new feature). Computed in float32.
-
-    Groups are strided (sample i is in group ``i % (B // G)``) as in v1. ``G = min(group_size, B)`` shrunk
-    to a divisor of B so the last ragged batch of an epoch still works.
-    (B, C, X, Y, Z) -> (B, C + 1, X, Y, Z).
-    """
-
-    def __init__(self, group_size: int = 4, eps: float = 1e-8) -> None:
-        super().__init__()
-        if group_size < 1:
-            raise ValueError(f"mbstd_group_size: expected >= 1, got {group_size}")
-        self.group_size, self.eps = group_size, eps
-
-    def group(self, batch: int) -> int:
-        g = min(self.group_size, batch)
-        while batch % g:
-            g -= 1
-        return g
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, _, *spatial = x.shape
-        g = self.group(b)
-        y = x.float().reshape(g, -1, *x.shape[1:])  # (G, M, C, X, Y, Z)
-        std = torch.sqrt(y.var(dim=0, unbiased=False) + self.eps)  # (M, C, X, Y, Z)
-        stat = std.mean(dim=(1, 2, 3, 4)).view(-1, 1, 1, 1, 1)  # (M, 1, 1, 1, 1)
-        stat = stat.repeat(g, 1, *spatial).to(x.dtype)  # (B, 1, X, Y, Z); row i -> group i % M
-        return torch.cat([x, stat], dim=1)
-
-
 class DiscriminatorBlock(nn.Module):
     """``conv(c_in -> c_in) -> lrelu -> [blur] -> conv(c_in -> c_out) -> avgpool x2 -> lrelu`` (v1).
 
@@ -758,23 +727,6 @@ class StyleGAN(LatentModel):
         self.volume_shape = as_shape3(volume_shape)
         n_levels = default_n_levels(self.volume_shape) if n_levels is None else int(n_levels)
         self.latent_dim = int(w_dim)
-        self._config: dict[str, Any] = dict(
-            volume_shape=list(self.volume_shape),
-            z_dim=z_dim,
-            w_dim=w_dim,
-            n_mapping=n_mapping,
-            mapping_lr_mul=mapping_lr_mul,
-            n_levels=n_levels,
-            base_channels=base_channels,
-            max_channels=max_channels,
-            blur=blur,
-            mbstd_group_size=mbstd_group_size,
-            truncation_psi=truncation_psi,
-            truncation_cutoff=truncation_cutoff,
-            inversion_steps=inversion_steps,
-            inversion_lr=inversion_lr,
-            template=bool(template),
-        )
         self.truncation_psi, self.truncation_cutoff = truncation_psi, truncation_cutoff
         self.inversion_steps, self.inversion_lr = inversion_steps, inversion_lr
         widths = dict(n_levels=n_levels, base_channels=base_channels, max_channels=max_channels, blur=blur)
@@ -782,6 +734,7 @@ class StyleGAN(LatentModel):
                                    template=template)
         self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.discriminator = Discriminator(self.volume_shape, mbstd_group_size=mbstd_group_size, **widths)
+        self._config = constructor_config(self, locals())
 
     @torch.no_grad()
     def set_template(self, volumes: Tensor) -> None:
