@@ -366,8 +366,8 @@ class Check:
             self.flops_per_step[key] = counter.total / cycle
         if key in self.flops_per_step:
             tflops = self.flops_per_step[key] / mean / 1e12
-            row.update(gflop_per_step=round(self.flops_per_step[key] / 1e9, 2), tflops=round(tflops, 3),
-                       share_of_bf16_peak=round(tflops / self.results["peaks_tflops"]["bf16"], 4))
+            row.update(flop_per_step=int(self.flops_per_step[key]), tflops=float(f"{tflops:.4g}"),
+                       share_of_bf16_peak=float(f"{tflops / self.results['peaks_tflops']['bf16']:.4g}"))
         if not variant.bf16 and variant.deterministic and not variant.compiled:
             self.reference_losses.setdefault(key, first_losses)
         agrees = True
@@ -491,8 +491,9 @@ def markdown(results: dict) -> str:
         share = r.get("share_of_bf16_peak")
         cells = [r["stage"], r["model"], r.get("shape", ""), r.get("batch", ""), r["variant"],
                  r.get("step_ms_median", r.get("status", "")), r.get("step_ms_mean", ""), r.get("volumes_per_s", ""),
-                 r.get("s_per_1k_volumes", ""), r.get("gflop_per_step", ""), r.get("tflops", ""),
-                 "" if share is None else f"{100 * share:.1f}", r.get("peak_mem_gib", ""),
+                 r.get("s_per_1k_volumes", ""),
+                 f"{r['flop_per_step'] / 1e9:.3g}" if "flop_per_step" in r else "", r.get("tflops", ""),
+                 "" if share is None else f"{100 * share:.3g}", r.get("peak_mem_gib", ""),
                  r.get("peak_mib_per_volume", ""), r.get("warmup_s", ""), r.get("rel_diff_vs_fp32", ""),
                  "yes" if r["ok"] else "NO"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
