@@ -117,6 +117,10 @@ def environment(device: torch.device) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
            "device": str(device), "cpu_threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    import monai
+    import pydantic
+
+    env.update({m.__name__: f"{m.__version__} ({Path(m.__file__).parent.parent})" for m in (monai, pydantic)})
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version(), cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
@@ -377,7 +381,7 @@ class Check:
         row["ok"] = finite and agrees
 
     def run_training_stage(self, stage: Stage) -> None:
-        compile_s = 60.0 if any(v.compiled for v in stage.variants) and not self.args.tiny else 0.0
+        compile_s = 90.0 if any(v.compiled for v in stage.variants) and not self.args.tiny else 0.0
         for model in stage.models:
             for variant in stage.variants:
                 case = f"{stage.name} {model} {variant.label}"
@@ -537,7 +541,7 @@ def parse_args(argv=None):
     ap.add_argument("--allow-cpu", action="store_true", help="run on the CPU when CUDA is missing (tests)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and widths, few steps: a smoke run")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="output folder ($OUT)")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="start no case after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="start no case after this many seconds")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case, rounded up to whole lazy-R1 cycles (default 12; tiny 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
     ap.add_argument("--rtol", type=float, default=0.05, help="first-step losses vs fp32: largest relative diff")
@@ -552,6 +556,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as seed_everything, before cuBLAS starts
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif args.allow_cpu:

@@ -13,7 +13,8 @@ PYTHON=${PYTHON:-python3}
 WHEELS=.whl
 # What brainlatent's model and training code imports that the GPU image lacks (KINDS.md of the device tool):
 # MONAI (metrics, inversion) and pydantic (params files), with pydantic's own dependencies.
-CARRIED="monai pydantic pydantic_core annotated-types typing-inspection typing_extensions"
+# Names as wheel files spell them.
+CARRIED="monai pydantic pydantic_core annotated_types typing_inspection typing_extensions"
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     # The versions installed here (the project's tested ones), built for the GPU machine's CPython 3.12.
@@ -28,13 +29,18 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
 fi
 
 if ! "$PYTHON" -c 'import monai, pydantic' 2>/dev/null; then
-    if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
-        echo "gpu_check: monai/pydantic are missing and there is no $WHEELS/ wheelhouse: run" \
-             "'benchmarks/gpu_check.sh --fetch-wheels' on the development machine and carry $WHEELS" >&2
-        exit 2
-    fi
+    wheels=()
+    for name in $CARRIED; do  # ours only: other checks may carry other wheels in the same folder
+        found=$(compgen -G "$WHEELS/$name-[0-9]*.whl" || true)
+        if [[ -z "$found" ]]; then
+            echo "gpu_check: monai/pydantic are missing and $WHEELS/ has no $name wheel: run" \
+                 "'benchmarks/gpu_check.sh --fetch-wheels' on the development machine and carry $WHEELS" >&2
+            exit 2
+        fi
+        wheels+=($found)
+    done
     site=${TMPDIR:-/tmp}/gpu_check_site
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
