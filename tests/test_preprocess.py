@@ -26,7 +26,6 @@ from brainlatent.data.preprocess import (
     resample_to_grid,
 )
 from brainlatent.grid import Grid
-from brainlatent.viz.montage import save_nifti, triplanar_montage
 
 SHAPE = (16, 20, 16)
 FOV = (96.0, 120.0, 96.0)  # 6 mm voxels
@@ -275,21 +274,6 @@ def test_processed_data_names_missing_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ viz
-def test_montage_orientation_and_nifti(tmp_path):
-    vol = np.zeros((8, 10, 12), np.float32)
-    vol[6:, :, :] = 1.0  # right
-    fig = triplanar_montage(torch.from_numpy(vol)[None, None], titles=["r"], path=tmp_path / "m.png")
-    assert (tmp_path / "m.png").is_file()
-    axial = fig.axes[0].images[0].get_array()
-    assert axial.shape == (10, 8)  # rows = y (anterior up with origin="lower"), columns = x (right on the right)
-    assert axial[:, -1].min() == 1 and axial[:, 0].max() == 0
-    grid = Grid.box((8, 10, 12), (16.0, 20.0, 24.0), (0, 0, 0))
-    path = save_nifti(vol, grid.affine, tmp_path / "v.nii.gz")
-    img = nib.load(path)
-    assert img.get_data_dtype() == np.float32 and np.allclose(img.affine, grid.affine)
-    np.testing.assert_array_equal(img.get_fdata(), vol)
-
-
 # ------------------------------------------------------------------------------------------ covariates
 def test_given_covariates_reach_subjects_csv_under_their_names(tmp_path):
     cfg = manifest_cohort(tmp_path, n=8, covariates=("tiv", "site_scale"))

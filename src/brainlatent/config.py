@@ -303,19 +303,19 @@ class GANConfig(_FamilyConfig):
     min_bottleneck: PositiveInt = 4
     g_norm: Literal["group", "layer", "none"] = "group"
     d_norm: Literal["group", "layer", "none"] = "layer"
-    d_mbstd_group_size: NonNegInt = 0  # minibatch-std feature in the critic (ProGAN; 0: none): catches mode collapse
+    d_mbstd_group_size: NonNegInt = 4  # minibatch-std feature in the critic (ProGAN; 0: none): catches mode collapse
     # The generator predicts the deviation (in logit space) from the mean training volume (models/gan.py).
     template: bool = False
     loss: Literal["wgan-gp", "ns-r1"] = "ns-r1"
     gp_weight: NonNegFloat = 10.0
-    r1_gamma: NonNegFloat = 10.0
+    r1_gamma: NonNegFloat = 1.0
     r1_every: PositiveInt = 4  # lazy R1: the penalty (x r1_every) every r1_every discriminator steps
     n_critic: PositiveInt = 1  # discriminator steps per generator step
     ema_decay: Fraction = 0.99
     # Differentiable augmentation of what the discriminator sees (train/augment.py): "" or a comma-separated
     # subset of gain, translation, cutout.
     augment: str = ""
-    epochs: PositiveInt = 12
+    epochs: PositiveInt = 24
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 1e-3
     lr_d: PositiveFloat = 1e-3
@@ -345,7 +345,7 @@ class StyleGANConfig(_FamilyConfig):
     base_channels: PositiveInt = 8
     max_channels: PositiveInt = 32
     blur: bool = True
-    template: bool = False  # each level's output is a deviation from the mean training volume (models/stylegan.py)
+    template: bool = True  # each level's output is a deviation from the mean training volume (models/stylegan.py)
     mbstd_group_size: PositiveInt = 4
     truncation_psi: Annotated[float, Field(ge=0, le=1)] = 1.0
     truncation_cutoff: PositiveInt | None = None
@@ -353,7 +353,7 @@ class StyleGANConfig(_FamilyConfig):
     inversion_lr: PositiveFloat = 0.05
     loss: Literal["wgan-gp", "ns-r1"] = "ns-r1"
     gp_weight: NonNegFloat = 10.0
-    r1_gamma: NonNegFloat = 10.0
+    r1_gamma: NonNegFloat = 1.0
     r1_every: PositiveInt = 4  # lazy R1 (StyleGAN2): the penalty (x r1_every) every r1_every D steps
     n_critic: PositiveInt = 1
     mixing_prob: Fraction = 0.9
@@ -364,7 +364,7 @@ class StyleGANConfig(_FamilyConfig):
     # schedule into tune.epochs: tuning.trial_family_config), the first fade_fraction of them fading it in.
     epochs_per_level: PositiveFloat = 3
     fade_fraction: Fraction = 0.5  # share of a new level's epochs spent fading it in
-    epochs: PositiveInt = 20  # must reach and train the full resolution: >= levels * epochs_per_level
+    epochs: PositiveInt = 24  # must reach and train the full resolution: >= levels * epochs_per_level
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 2e-3
     lr_d: PositiveFloat = 2e-3

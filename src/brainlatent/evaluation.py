@@ -542,6 +542,7 @@ def evaluate_family(family: str, params: Params, root: Path | None = None, model
     }
     run = mlflow.start_run(experiment_id=exp_id, run_name=f"eval-{family}-v{loaded.version}", tags=tags)
     try:
+        tracking.log_dataset(params.data.processed_dir, "evaluation", root, lineage)  # the runs table's Dataset
         mlflow.log_params({**to_flat_dict(cfg, "evaluate."), "seed": params.seed, "device": params.device,
                            "n_real": len(reals)})
         metrics, gate = _measure(family, model, reals, data, params, extractor, device, batch)

@@ -694,6 +694,8 @@ def tune_family(family: str, params: Params, *, root: Path | None = None) -> Tun
         experiment_id = tracking.experiment_id(tracking.TUNE_EXPERIMENT, root)
         study, created = _open_study(name, open_storage(url), direction, tune, identity, storage_txt)
         parent = _start_parent_run(study, created, family, params, raw_space, lineage, experiment_id, storage_txt)
+        if created:  # the first worker records the cohort: the runs table's Dataset column
+            tracking.log_dataset(params.data.processed_dir, "tuning", root, lineage)
     status = "FAILED"
     try:
         objective = _Objective(family, params, specs, data, lineage, experiment_id, parent.info.run_id, name)

@@ -507,7 +507,7 @@ def _write_montage(volumes: np.ndarray, subjects: pd.DataFrame, n: int, grid: Gr
     picks = np.unique(np.linspace(0, len(subjects) - 1, min(n, len(subjects))).round().astype(int))
     rows = subjects.iloc[picks]
     titles = [f"{r.subject_id} {r.sex} {r.age_group} ({r.split})" for r in rows.itertuples()]
-    triplanar_montage(np.asarray(volumes[picks], dtype=np.float32), titles, path, voxel_mm=grid.voxel_mm)
+    triplanar_montage(np.asarray(volumes[picks], dtype=np.float32), titles, path, affine=grid.affine)
 
 
 def effect_map_grid(grid: Grid) -> Grid:

@@ -479,6 +479,7 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
     run_name = f"{family}-v{loaded.version}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=exp.run_tags())
     try:
+        tracking.log_dataset(params.data.processed_dir, "directions", exp.root)  # the runs table's Dataset
         mlflow.log_params(exp.run_params())
         clock = _Stopwatch()
         with clock("encode_s"):

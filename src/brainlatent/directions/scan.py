@@ -107,7 +107,7 @@ def write_scan_traversal(out: Path, input_path: Path, model_uri: str, fd: Fitted
     written.append(save_nifti(volume, grid.affine, out / "input.nii.gz"))
     title = f"{input_path.name}: {fitted.name} (+ = {fitted.positive}), {loaded.name} v{loaded.version}"
     written.append(save_traversal_strip(traversal, steps, out / f"{fitted.name}_strip.png",
-                                        title=title, voxel_mm=grid.voxel_mm))
+                                        title=title, affine=grid.affine))
     info = {
         "input": str(input_path), "model_uri": model_uri, "model_name": loaded.name,
         "model_version": str(loaded.version), "direction": fitted.name, "positive": fitted.positive,

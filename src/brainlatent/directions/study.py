@@ -141,13 +141,14 @@ def write_study(out: Path, name: str, study: DirectionStudy, ids: list[str], ste
     span = f"{steps[-1]:+.1f} vs {steps[0]:+.1f} SD, {study.difference.n_subjects} held-out subjects"
     save_difference_map(study.difference.mean_difference, out / "figures" / f"{name}_difference.png",
                         background=background, title=f"{name}: mean difference ({span}; + = {positive})",
-                        voxel_mm=grid.voxel_mm)
+                        affine=grid.affine)
     save_difference_map(study.difference.t_statistic, out / "figures" / f"{name}_tmap.png", background=background,
-                        title=f"{name}: paired t ({span})", label="paired t", voxel_mm=grid.voxel_mm)
+                        title=f"{name}: paired t ({span})", label="paired t", affine=grid.affine,
+                        threshold=3.0)  # |t| > 3: the default (5% of the colour range) is low for a t map
     for s in range(min(n_strip, len(ids))):
         title = f"{name} (+ = {positive}), subject {ids[s]}"
         _save_nifti_4d(study.traversals[s], grid.affine, out / "traversals" / f"{name}_{ids[s]}.nii.gz")
         save_traversal_strip(study.traversals[s], steps, out / "figures" / f"{name}_{ids[s]}_strip.png",
-                             title=title, voxel_mm=grid.voxel_mm)
+                             title=title, affine=grid.affine)
         save_traversal_gif(study.traversals[s], steps, out / "figures" / f"{name}_{ids[s]}.gif", title=name,
-                           voxel_mm=grid.voxel_mm)
+                           affine=grid.affine)
