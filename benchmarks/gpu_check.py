@@ -16,7 +16,7 @@ Stages, most wanted first; a time budget (``--budget-s``) skips what no longer f
 5. ``nondeterministic``: research, bf16 + channels-last with cuDNN autotuning (what determinism costs);
 6. ``compile``: research, bf16 + channels-last, torch.compile of the AE / VAE loss and the GAN generator.
 
-Per case: median and mean step time after warm-up, volumes/s, FLOPs of a step (torch's FlopCounterMode over
+Per case: median and mean step time after warm-up, volumes/s, FLOPs of a step (torch's flop_counter formulas over
 one lazy-R1 cycle) and the achieved TFLOP/s as a share of a bf16 matrix-product peak measured in the same run,
 peak GPU memory, every loss finite, and the first step's losses against the fp32 run's (same weights, batch
 and random draws) within ``--rtol``. Results go to ``<out>/gpu_check.json`` and ``gpu_check.md`` after every
