@@ -241,7 +241,8 @@ def test_encode_inverts_through_the_inversion_module():
 def test_template_generators_start_from_the_mean_training_volume():
     """With a silent last layer, both families draw exactly the (clamped) mean of the volumes they were given,
     at every StyleGAN level; the buffer travels with the state dict and into the EMA generator."""
-    from brainlatent.models.gan import GAN, TEMPLATE_EPS
+    from brainlatent.models.adversarial import TEMPLATE_EPS
+    from brainlatent.models.gan import GAN
     from brainlatent.models.stylegan import StyleGAN, reals_at_level
 
     torch.manual_seed(0)

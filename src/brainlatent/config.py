@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
@@ -289,6 +289,17 @@ class VAEConfig(_FamilyConfig):
     lr_min_ratio: Fraction = 0.05
 
 
+def _known_augment(value: str) -> str:
+    from brainlatent.train.augment import parse_policy
+
+    parse_policy(value)  # ValueError naming the unknown transform; pydantic names the field
+    return value
+
+
+# Differentiable augmentation of what a critic sees: "" or a comma-separated subset of train/augment.POLICIES.
+AugmentPolicy = Annotated[str, AfterValidator(_known_augment)]
+
+
 @dataclass(config=_STRICT)
 class GANConfig(_FamilyConfig):
     """DCGAN-style 3D GAN (models/gan.py) with WGAN-GP or non-saturating + R1 and a generator EMA."""
@@ -314,19 +325,11 @@ class GANConfig(_FamilyConfig):
     ema_decay: Fraction = 0.99
     # Differentiable augmentation of what the discriminator sees (train/augment.py): "" or a comma-separated
     # subset of gain, translation, cutout.
-    augment: str = ""
+    augment: AugmentPolicy = ""
     epochs: PositiveInt = 24
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 1e-3
     lr_d: PositiveFloat = 1e-3
-
-    @field_validator("augment")
-    @classmethod
-    def _known_augment(cls, value: str) -> str:
-        from brainlatent.train.augment import parse_policy
-
-        parse_policy(value)  # ValueError naming the unknown transform; pydantic names the field
-        return value
 
 
 @dataclass(config=_STRICT)
@@ -359,7 +362,7 @@ class StyleGANConfig(_FamilyConfig):
     mixing_prob: Fraction = 0.9
     w_avg_beta: Fraction = 0.995
     ema_decay: Fraction = 0.99
-    augment: str = ""  # as gan.augment (train/augment.py)
+    augment: AugmentPolicy = ""  # as gan.augment (train/augment.py)
     # Progressive growing: epochs at each resolution level (fractional for tuning trials, which compress the
     # schedule into tune.epochs: tuning.trial_family_config), the first fade_fraction of them fading it in.
     epochs_per_level: PositiveFloat = 3
@@ -368,14 +371,6 @@ class StyleGANConfig(_FamilyConfig):
     batch_size: PositiveInt = 4
     lr_g: PositiveFloat = 2e-3
     lr_d: PositiveFloat = 2e-3
-
-    @field_validator("augment")
-    @classmethod
-    def _known_augment(cls, value: str) -> str:
-        from brainlatent.train.augment import parse_policy
-
-        parse_policy(value)  # ValueError naming the unknown transform; pydantic names the field
-        return value
 
     def levels(self, volume_shape: tuple[int, int, int]) -> int:
         """Resolution levels for volumes of ``volume_shape`` (``n_levels``, or the default for that shape)."""

@@ -150,3 +150,12 @@ class MinibatchStd(nn.Module):
         stat = std.mean(dim=(1, 2, 3, 4)).view(-1, 1, 1, 1, 1)  # (M, 1, 1, 1, 1)
         stat = stat.repeat(g, 1, *spatial).to(x.dtype)  # (B, 1, X, Y, Z); row i -> group i % M
         return torch.cat([x, stat], dim=1)
+
+
+TEMPLATE_EPS = 1e-3  # a template volume is clamped into [eps, 1 - eps] before its logit (background 0 -> -6.9)
+
+
+def template_logit(mean_volume: torch.Tensor, eps: float = TEMPLATE_EPS) -> torch.Tensor:
+    """The logit of a mean training volume clamped to [eps, 1 - eps]: what a template-start generator adds to
+    its output before the sigmoid (``gan.TemplateGenerator``, StyleGAN's per-level templates)."""
+    return torch.logit(mean_volume.float().clamp(eps, 1 - eps))

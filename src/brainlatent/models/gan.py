@@ -15,18 +15,16 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from brainlatent.models.adversarial import MinibatchStd, update_ema
+from brainlatent.models.adversarial import MinibatchStd, template_logit, update_ema
 from brainlatent.models.base import LatentModel, constructor_config, register_family
-from brainlatent.models.layers import Decoder3d, Encoder3d, Norm, as_shape3, stage_channels
-
-
-TEMPLATE_EPS = 1e-3  # the mean volume is clamped into [eps, 1 - eps] before its logit (background 0 -> -6.9)
+from brainlatent.models.layers import Decoder3d, Encoder3d, Norm, as_shape3
 
 
 class TemplateGenerator(nn.Module):
@@ -44,9 +42,9 @@ class TemplateGenerator(nn.Module):
 
     @torch.no_grad()
     def set_template(self, volumes: torch.Tensor) -> None:
-        """The voxel-wise mean of ``volumes`` (N, 1, X, Y, Z), clamped to [eps, 1 - eps], as a logit."""
-        mean = volumes.float().mean(0, keepdim=True).clamp(TEMPLATE_EPS, 1 - TEMPLATE_EPS)
-        self.template_logit.copy_(torch.logit(mean).to(self.template_logit.device))
+        """The voxel-wise mean of ``volumes`` (N, 1, X, Y, Z) as a logit (:func:`adversarial.template_logit`)."""
+        logit = template_logit(volumes.float().mean(0, keepdim=True))
+        self.template_logit.copy_(logit.to(self.template_logit.device))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.decoder(z)
@@ -60,13 +58,9 @@ def critic(volume_shape, base_channels: int, max_channels: int, min_bottleneck: 
     the batch varies (a generator drawing one brain for every z is told apart from the reals)."""
     enc = Encoder3d(volume_shape, 1, base_channels, max_channels, min_bottleneck, norm)
     if mbstd_group_size > 0:
-        channels = stage_channels(len(enc.shapes) - 1, base_channels, max_channels)[-1]
-        linear = enc.head[-1]
-        enc.head = nn.Sequential(
-            MinibatchStd(mbstd_group_size),
-            enc.head[0],  # flatten
-            nn.Linear((channels + 1) * linear.in_features // channels, 1),
-        )
+        flatten, linear = enc.head
+        voxels = math.prod(enc.shapes[-1])  # the bottleneck grid; one more feature map on it
+        enc.head = nn.Sequential(MinibatchStd(mbstd_group_size), flatten, nn.Linear(linear.in_features + voxels, 1))
     return enc
 
 

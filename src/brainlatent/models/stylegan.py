@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainlatent.inversion import InversionResult, invert
-from brainlatent.models.adversarial import MinibatchStd, ns_d_loss, ns_g_loss, update_ema, wgan_g_loss, wgan_gp_d_loss
+from brainlatent.models.adversarial import MinibatchStd, ns_d_loss, ns_g_loss, update_ema, template_logit, wgan_g_loss, wgan_gp_d_loss
 from brainlatent.models.base import LatentModel, constructor_config, register_family
 from brainlatent.models.equalized import (
     LRELU_GAIN,
@@ -393,14 +393,14 @@ class SynthesisNetwork(nn.Module):
         return len(self.layers)
 
     @torch.no_grad()
-    def set_template(self, volumes: Tensor, eps: float = 1e-3) -> None:
+    def set_template(self, volumes: Tensor) -> None:
         """Each level's template: the mean of ``volumes`` (N, 1, X, Y, Z) box-downsampled to the level, as a
-        logit (clamped to [eps, 1 - eps]). A no-op without ``template``."""
+        logit (:func:`adversarial.template_logit`). A no-op without ``template``."""
         if not self.template:
             return
         mean = volumes.float().mean(0, keepdim=True)
         for level in range(self.n_levels):
-            logit = torch.logit(reals_at_level(mean, level, 1.0, self.n_levels).clamp(eps, 1 - eps))
+            logit = template_logit(reals_at_level(mean, level, 1.0, self.n_levels))
             buffer = getattr(self, f"template_logit_{level}")
             buffer.copy_(logit.to(buffer.device))
 
