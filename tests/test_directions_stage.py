@@ -111,8 +111,10 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
     assert len(summary) == 5 * len(DIRECTION_NAMES) and {"mean_spearman", "change_per_sd"} <= set(summary.columns)
     assert sorted(effects["step"].unique()) == [-2.0, 0.0, 2.0]
     probes = pd.read_csv(out / "probes.csv")
-    assert {"pca_voxels", "brain_mask_volume", "latent", "latent_size_controlled"} == set(probes["features"])
-    assert (probes["n_heldout"].where(probes["features"] != "pca_voxels", 6) == 6).all()
+    assert {"pca_voxels", "pca_reconstructions", "brain_mask_volume", "latent", "latent_size_controlled"} == set(
+        probes["features"])
+    assert (probes["n_heldout"] == 6).all()  # every probe, baselines included, scored on the 6 test subjects
+    assert 0.0 <= headline["age_old_pca_reconstructions_auc"] <= 1.0
     mean_diff = nib.load(out / "maps" / "age_group_mean_difference.nii.gz")
     np.testing.assert_allclose(mean_diff.affine, Grid.load(project / "data/processed/grid.json").affine)
     traversal = nib.load(next((out / "traversals").glob("sex_*.nii.gz")))

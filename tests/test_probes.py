@@ -150,17 +150,23 @@ def test_suite_runs_every_probe_and_baseline():
     vols = rng.normal(0.5, 0.05, size=(n, 6, 6, 6)).astype(np.float32)
     vols[:, :3, :3, :3] += 0.1 * size[:, None, None, None]
     settings = ProbeSettings(n_splits=3, n_repeats=1, C=1.0, n_bootstrap=100, n_permutations=0, pca_components=5)
+    # Reconstructions that lost the head-size corner: PCA of them cannot read sex through size.
+    recon = vols.copy()
+    recon[:, :3, :3, :3] = 0.5
     test_table, _ = _subjects(40, rng)
-    suite = run_probe_suite(z, table, settings, volumes=vols, test_latents=rng.normal(size=(40, 8)),
-                            test_subjects=test_table)
+    suite = run_probe_suite(z, table, settings, volumes=vols, reconstructions=recon,
+                            test_latents=rng.normal(size=(40, 8)), test_subjects=test_table)
     rows = suite.table().set_index(["target", "features"])
-    expected = {(t, f) for t in ("sex", "age_old", "age_group") for f in ("latent", "pca_voxels", "brain_mask_volume")}
+    kinds = ("latent", "pca_voxels", "pca_reconstructions", "brain_mask_volume")
+    expected = {(t, f) for t in ("sex", "age_old", "age_group") for f in kinds}
     assert expected | {("sex", "latent_size_controlled")} == set(rows.index)
+    assert rows.loc[("sex", "pca_reconstructions"), "cv_auc"] < rows.loc[("sex", "pca_voxels"), "cv_auc"] - 0.1
     assert rows.loc[("sex", "brain_mask_volume"), "cv_auc"] > 0.7  # size alone predicts sex here
     assert rows.loc[("sex", "latent_size_controlled"), "cv_auc"] > 0.65  # the local effect survives control
     assert rows.loc[("sex", "latent"), "cv_auc"] > rows.loc[("sex", "pca_voxels"), "cv_auc"]
     assert rows["heldout_auc"].notna().loc[[("sex", "latent"), ("sex", "brain_mask_volume")]].all()
-    assert (rows["n_heldout"] == np.where(rows.index.get_level_values(1) == "pca_voxels", 0, 40)).all()
+    no_test_volumes = rows.index.get_level_values(1).isin(["pca_voxels", "pca_reconstructions"])
+    assert (rows["n_heldout"] == np.where(no_test_volumes, 0, 40)).all()
     assert np.isnan(rows.loc[("sex", "pca_voxels"), "heldout_auc"])  # no test volumes were given
     assert set(suite.directions) == {"sex", "age_old", "age_group", "sex_size_controlled"}
     assert suite.directions["sex"].positive == "male" and suite.directions["age_group"].positive == "older"

@@ -16,6 +16,7 @@ from brainlatent.config import params_from_dict
 from brainlatent.grid import Grid
 from brainlatent.evaluation import evaluate_family, train_featurenet
 from brainlatent.report import (
+    below_baseline_reason,
     build_report,
     comparability_warnings,
     directions_summary,
@@ -151,7 +152,9 @@ def test_headline_puts_every_quality_number_beside_its_floors_and_says_why_cells
          "floor_recon.intensity_w1": [0.0056, float("nan"), float("nan")],
          "floor_recon.coverage": [1.0, float("nan"), float("nan")], "fid": [float("nan"), 5.1, 6.4],
          "directions.sex_auc": [0.92, 0.91, 0.88], "directions.sex_brain_mask_volume_auc": [0.93, 0.93, 0.93],
-         "directions.age_old_auc": [0.96, 0.97, 0.63], "directions.age_old_pca_voxels_auc": [0.89, 0.89, 0.89]},
+         "directions.age_old_auc": [0.96, 0.97, 0.63], "directions.age_old_pca_voxels_auc": [0.89, 0.89, 0.89],
+         "directions.age_old_pca_reconstructions_auc": [0.90, 0.88, 0.61],
+         "directions.encode_psnr_db": [30.0, 29.5, 23.7]},
         index=["ae", "vae", "gan"],
     )
     models = pd.DataFrame({"has_samples": [False, True, True], "quality_gate": ["", "pass", "fail"],
@@ -165,7 +168,8 @@ def test_headline_puts_every_quality_number_beside_its_floors_and_says_why_cells
     assert top.loc["gan", "W1 / AE floor"] == "17.5x" and top.loc["vae", "W1 / AE floor"] == "1.3x"
     assert top.loc["ae", "intensity W1 ↓"] == "0.0056 (reconstructions)"
     assert top.loc["ae", "FID ↓"] == top.loc["ae", "W1 / AE floor"] == "(not a sampler)"
-    assert top.loc["gan", "young/old AUC, test (PCA of voxels)"] == "0.63 (baseline 0.89)"
+    assert top.loc["gan", "young/old AUC, test (PCA of voxels; of the reconstructions)"] == (
+        "0.63 (voxels 0.89; reconstructions 0.61)")
     assert top.loc["vae", "age map vs planted (r)"] == "(not measured: the cohort or split lacks it)"
 
     section = family_section("ae", table, models, directions_summary(table))  # the family's own section
@@ -176,3 +180,18 @@ def test_headline_puts_every_quality_number_beside_its_floors_and_says_why_cells
     assert section.loc["directions: sex: probe AUC on held-out latents", "value"] == "0.92 pass"
     vae = family_section("vae", table, models, None)
     assert vae.loc[c2st].tolist() == ["0.97", "real floor 0.35"]
+    assert not any(k.startswith("directions: why") for k in vae.index)  # at its baseline: nothing to explain
+    gan = family_section("gan", table, models, directions_summary(table))
+    assert gan.loc["directions: why age_old is below the PCA-of-voxels baseline", "value"] == (
+        "latents 0.63 < PCA of the voxels 0.89: the encoding loses it, PCA of the reconstructions reaches 0.61 "
+        "(encode PSNR 23.7 dB)")
+
+
+def test_a_latent_probe_below_its_baseline_is_explained_by_what_the_reconstructions_keep():
+    kept = {"age_old_auc": 0.60, "age_old_pca_voxels_auc": 0.90, "age_old_pca_reconstructions_auc": 0.88}
+    assert below_baseline_reason("age_old", kept) == ("latents 0.60 < PCA of the voxels 0.90: the reconstructions "
+                                                      "keep it (PCA of them 0.88), the latents do not hold it linearly")
+    assert below_baseline_reason("age_old", {**kept, "age_old_auc": 0.87}) is None  # within the margin
+    assert below_baseline_reason("sex", kept) is None  # no numbers for sex
+    unmeasured = {"age_old_auc": 0.60, "age_old_pca_voxels_auc": 0.90}
+    assert below_baseline_reason("age_old", unmeasured) == "latents 0.60 < PCA of the voxels 0.90"

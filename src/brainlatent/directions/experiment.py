@@ -342,32 +342,38 @@ class Encoded:
     """Every subject's latent, and how well the traversed subjects' latents decode back."""
 
     latents: np.ndarray  # (N, D) float64, every subject
+    cohort_reconstructions: np.ndarray  # (N, X, Y, Z) decode(latents): the PCA-of-reconstructions baseline
     originals: np.ndarray  # (S, X, Y, Z) the traversed subjects' volumes
     reconstructions: np.ndarray  # (S, X, Y, Z) decode(latents[traversal_rows])
     psnr_db: np.ndarray  # (S,) reconstruction PSNR of the traversed subjects
 
 
 def encode(exp: Experiment) -> Encoded:
-    """Encode the cohort (GAN families: by inversion); decode the traversed subjects only: a decoder pass over
-    the whole cohort would cost as much as the traversals themselves on a CPU."""
+    """Encode the cohort (GAN families: by inversion) and decode it again: the reconstructions feed the
+    PCA-of-reconstructions baseline (what encoding keeps of each label) and the traversals' zero step. One
+    decoder pass over 160 default volumes costs well under a second; the cohort's volumes are in memory anyway
+    for the PCA-of-voxels baseline, and these are as many again."""
     latents = exp.codec.encode_volumes(exp.data.volumes, ENCODE_BATCH)
+    cohort_reconstructions = exp.codec.decode_latents(latents, DECODE_BATCH)
     originals = np.asarray(exp.data.volumes[exp.traversal_rows], np.float32)
-    reconstructions = exp.codec.decode_latents(latents[exp.traversal_rows], DECODE_BATCH)
+    reconstructions = cohort_reconstructions[exp.traversal_rows]
     psnr_db = psnr(torch.from_numpy(reconstructions), torch.from_numpy(originals), data_range=1.0).numpy()
-    return Encoded(latents, originals, reconstructions, psnr_db)
+    return Encoded(latents, cohort_reconstructions, originals, reconstructions, psnr_db)
 
 
-def probe(exp: Experiment, latents: np.ndarray) -> ProbeSuite:
+def probe(exp: Experiment, encoded: Encoded) -> ProbeSuite:
     """Every feasible target's probes (latent, size-controlled, baselines) fitted with repeated CV on the fitting
     rows and scored once on the held-out rows (``run_probe_suite``)."""
     fit, test = exp.fit_rows, exp.heldout_rows
     has_test = exp.split == "heldout"
+    latents, recon = encoded.latents, encoded.cohort_reconstructions
     volumes = np.asarray(exp.data.volumes, np.float32)  # (N, X, Y, Z): the PCA-of-voxels baseline
     subjects = exp.data.subjects
     return run_probe_suite(
-        latents[fit], subjects.iloc[fit], exp.settings, volumes=volumes[fit],
+        latents[fit], subjects.iloc[fit], exp.settings, volumes=volumes[fit], reconstructions=recon[fit],
         test_latents=latents[test] if has_test else None, test_subjects=subjects.iloc[test] if has_test else None,
-        test_volumes=volumes[test] if has_test else None, targets=exp.targets,
+        test_volumes=volumes[test] if has_test else None, test_reconstructions=recon[test] if has_test else None,
+        targets=exp.targets,
         size_control_targets=exp.size_control_targets, size_covariate=exp.params.directions.size_covariate,
     )
 
@@ -485,7 +491,7 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
         with clock("encode_s"):
             encoded = encode(exp)
         with clock("probes_s"):
-            suite = probe(exp, encoded.latents)
+            suite = probe(exp, encoded)
         direct(exp, suite)
         with clock("traversals_s"):
             ctx, featurenet_id = traversal_context(exp, encoded)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .study import DirectionStudy
 
 AGE_DIRECTIONS = ("age_group", "age_old")
-PROBE_BASELINES = ("pca_voxels", "brain_mask_volume")
+PROBE_BASELINES = ("pca_voxels", "pca_reconstructions", "brain_mask_volume")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ Feature sets
                           head size
   pca_voxels              PCA of the voxel intensities ``(N, X*Y*Z)`` (fitted in-fold), then the head:
                           does the latent space beat raw pixels?
+  pca_reconstructions     the same on the model's reconstructions ``decode(encode(x))``: what encoding keeps
+                          of the label. Below ``pca_voxels``: the encoder (a GAN's inversion) loses it; near
+                          ``pca_voxels`` while ``latent`` is below: it is kept, but not linearly in the latents
   brain_mask_volume       the native brain-mask volume ``(N, 1)`` alone: does it beat plain head size?
 """
 
@@ -37,8 +40,9 @@ from sklearn.preprocessing import SplineTransformer, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 Task = Literal["binary", "ordinal"]
-FeatureSet = Literal["latent", "latent_size_controlled", "pca_voxels", "brain_mask_volume"]
-FEATURE_SETS: tuple[str, ...] = ("latent", "latent_size_controlled", "pca_voxels", "brain_mask_volume")
+FeatureSet = Literal["latent", "latent_size_controlled", "pca_voxels", "pca_reconstructions", "brain_mask_volume"]
+FEATURE_SETS: tuple[str, ...] = ("latent", "latent_size_controlled", "pca_voxels", "pca_reconstructions",
+                                 "brain_mask_volume")
 TASKS: tuple[str, ...] = ("binary", "ordinal")
 # How the size covariate is regressed out of the latents: a straight line, or a cubic spline (4 knots at the
 # covariate's quantiles, linear beyond them), for latents that follow head size non-linearly.
@@ -167,7 +171,7 @@ def linear_head(task: Task, settings: ProbeSettings) -> BaseEstimator:
 def make_probe(task: Task, features: FeatureSet, settings: ProbeSettings, n_train: int | None = None) -> Pipeline:
     """An unfitted probe pipeline for ``task`` on ``features`` (see the module docstring).
 
-    ``n_train`` (pca_voxels only): rows the PCA will be fitted on, to cap its component count.
+    ``n_train`` (PCA feature sets only): rows the PCA will be fitted on, to cap its component count.
     """
     head = ("head", linear_head(task, settings))
     scale = ("scale", StandardScaler())
@@ -176,9 +180,9 @@ def make_probe(task: Task, features: FeatureSet, settings: ProbeSettings, n_trai
     if features == "latent_size_controlled":
         residualise = CovariateResidualizer(n_covariates=1, kind=settings.size_control)
         return Pipeline([("residualise", residualise), scale, head])
-    if features == "pca_voxels":
+    if features in ("pca_voxels", "pca_reconstructions"):
         if n_train is None:
-            raise ValueError("make_probe(features='pca_voxels') needs n_train to cap the number of components")
+            raise ValueError(f"make_probe(features={features!r}) needs n_train to cap the number of components")
         k = max(1, min(settings.pca_components, n_train - 1))
         # Voxels share one intensity scale: centre only (per-voxel scaling would inflate background noise),
         # then standardise the components so the L2 penalty treats them alike.

@@ -1,5 +1,5 @@
-"""All probes of one model: every target on latents, size-controlled latents and the two baselines
-(PCA of the voxels; the native brain-mask volume).
+"""All probes of one model: every target on latents, size-controlled latents and the baselines (PCA of the
+voxels; the native brain-mask volume; PCA of the model's reconstructions, when given).
 
 The one entry point the ``directions`` stage needs for the probing half of the experiment:
 ``run_probe_suite(latents, subjects, settings, volumes=...)`` -> results table, fitted latent probes and
@@ -45,7 +45,8 @@ class ProbeSuite:
 
 
 def _features(
-    kind: str, latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarray | None, size_covariate: str
+    kind: str, latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarray | None,
+    reconstructions: np.ndarray | None, size_covariate: str,
 ) -> np.ndarray | None:
     if kind == "latent":
         return latents
@@ -53,8 +54,9 @@ def _features(
         return np.hstack([latents, covariate(subjects, size_covariate)])
     if kind == "brain_mask_volume":
         return covariate(subjects, BRAIN_MASK_VOLUME)
-    if kind == "pca_voxels":
-        return None if volumes is None else np.asarray(volumes, np.float32).reshape(len(volumes), -1)
+    if kind in ("pca_voxels", "pca_reconstructions"):
+        source = volumes if kind == "pca_voxels" else reconstructions
+        return None if source is None else np.asarray(source, np.float32).reshape(len(source), -1)
     raise AssertionError(kind)
 
 
@@ -68,9 +70,11 @@ def run_probe_suite(
     settings: ProbeSettings,
     *,
     volumes: np.ndarray | None = None,
+    reconstructions: np.ndarray | None = None,
     test_latents: np.ndarray | None = None,
     test_subjects: pd.DataFrame | None = None,
     test_volumes: np.ndarray | None = None,
+    test_reconstructions: np.ndarray | None = None,
     targets: tuple[str, ...] | None = None,
     size_control_targets: tuple[str, ...] = ("sex",),
     size_covariate: str = DEFAULT_SIZE_COVARIATE,
@@ -84,7 +88,8 @@ def run_probe_suite(
     ``size_control_targets`` (eTIV by default; ``settings.size_control`` says linear or spline).
 
     ``volumes (N, X, Y, Z)``: the same subjects' processed volumes for the PCA-of-voxels baseline (skipped
-    when None). ``test_*``: a separate held-out set (same columns), scored once by probes fitted on all
+    when None). ``reconstructions (N, X, Y, Z)``: the model's ``decode(encode(volumes))``, for the
+    PCA-of-reconstructions baseline (skipped when None). ``test_*``: a separate held-out set (same columns), scored once by probes fitted on all
     fitting rows. Directions are fitted on all fitting rows for the ``latent`` probes and, for
     ``size_control_targets``, the ``latent_size_controlled`` probes.
 
@@ -94,18 +99,20 @@ def run_probe_suite(
     """
     latents = np.asarray(latents, np.float64)
     _check_inputs(latents, subjects, volumes, test_latents, test_subjects)
+    if reconstructions is not None and len(reconstructions) != len(subjects):
+        raise ValueError(f"reconstructions: expected {len(subjects)} volumes, got {len(reconstructions)}")
     targets = available_targets(subjects) if targets is None else tuple(targets)
     has_test = test_latents is not None
     suite = ProbeSuite()
-    for target_name, features in probe_plan(targets, size_control_targets, baselines):
-        X = _features(features, latents, subjects, volumes, size_covariate)
+    for target_name, features in probe_plan(targets, size_control_targets, baselines, reconstructions is not None):
+        X = _features(features, latents, subjects, volumes, reconstructions, size_covariate)
         if X is None:
             continue
         X_test = y_test = None
-        if has_test and not (features == "pca_voxels" and test_volumes is None):
+        if has_test:
             X_test = _features(features, np.asarray(test_latents, np.float64), test_subjects, test_volumes,
-                               size_covariate)
-            y_test = target_labels(test_subjects, target_name)
+                               test_reconstructions, size_covariate)
+            y_test = None if X_test is None else target_labels(test_subjects, target_name)
         result = _evaluate(target_name, features, X, target_labels(subjects, target_name), settings,
                            X_test, y_test, permute_baselines)
         suite.results.append(result)
@@ -124,16 +131,18 @@ def _check_inputs(latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarr
         raise ValueError(f"volumes: expected {len(subjects)} volumes, got {len(volumes)}")
 
 
-def probe_plan(targets: tuple[str, ...], size_control_targets: tuple[str, ...], baselines: bool
-               ) -> list[tuple[str, str]]:
-    """(target, features) of every probe, in the order they are run: latent, size-controlled, baselines."""
+def probe_plan(targets: tuple[str, ...], size_control_targets: tuple[str, ...], baselines: bool,
+               reconstructions: bool = False) -> list[tuple[str, str]]:
+    """(target, features) of every probe, in the order they are run: latent, size-controlled, baselines
+    (with ``reconstructions``, the PCA of the model's reconstructions too)."""
     unknown = sorted((set(targets) | set(size_control_targets)) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown probe target(s) {unknown}; expected some of {list(TARGETS)}")
     plan = [(t, "latent") for t in targets]
     plan += [(t, "latent_size_controlled") for t in size_control_targets]
     if baselines:
-        plan += [(t, f) for t in targets for f in ("pca_voxels", "brain_mask_volume")]
+        kinds = ("pca_voxels", "brain_mask_volume") + (("pca_reconstructions",) if reconstructions else ())
+        plan += [(t, f) for t in targets for f in kinds]
     return plan
 
 
