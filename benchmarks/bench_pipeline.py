@@ -34,6 +34,7 @@ FAMILIES = ("ae", "vae", "gan", "stylegan")
 SAMPLERS = ("vae", "gan", "stylegan")
 QUALITY = ("c2st_auc", "intensity_w1", "coverage", "density", "tissue_tv")
 DIRECTIONS = ("sex_auc", "sex_size_controlled_auc", "sex_brain_mask_volume_auc", "age_old_auc", "age_old_pca_voxels_auc",
+              "age_old_pca_reconstructions_auc",
               "age_map_r", "sex_local_map_r_raw", "sex_local_map_r_size_controlled", "age_ventricle_monotonicity",
               "encode_psnr_db")
 

@@ -11,6 +11,7 @@ from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
 
 from brainlatent.directions import Direction, ProbeSettings, direction_from_probe, make_probe, raw_gradient
+from brainlatent.directions.probes import CovariateResidualizer
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,6 +121,39 @@ def test_size_control_recovers_the_local_effect():
     assert abs(cosine(controlled.vector, u_size)) < 0.1  # the controlled one does not
     assert cosine(controlled.vector, u_local) >= 0.9
     assert cosine(controlled.vector, u_local) > cosine(raw.vector, u_local) + 0.2
+
+
+def test_size_control_is_fitted_within_sex_so_it_does_not_overcorrect():
+    """Latents that code head size with noise: a head-size slope pooled over both sexes also takes the latent
+    local effect for size (males have both), so removing it pushes the size-controlled direction towards
+    *smaller* heads and strips part of the local effect; fitted within each sex (an ANCOVA) it does not."""
+    rng = np.random.default_rng(4)
+    n, dim = 600, 10
+    male = rng.integers(0, 2, n).astype(float)
+    size = 1.5 * male + rng.normal(size=n)
+    local = 1.0 * male + rng.normal(size=n)  # size-independent
+    coded_size = size + rng.normal(size=n)  # what the latents hold of head size
+    factors = np.column_stack([coded_size, local, rng.normal(size=(n, dim - 2)) * np.linspace(0.5, 2, dim - 2)])
+    rotation = special_ortho_group.rvs(dim, random_state=5)
+    z = factors @ rotation.T
+    u_size, u_local = rotation[:, 0], rotation[:, 1]
+    head = 1.2e6 * (1 + 0.05 * size)  # a skull-based head size: the local effect is not in it
+    y = male.astype(np.int64)
+
+    def controlled(within: bool):
+        probe = make_probe("binary", "latent_size_controlled", SETTINGS).set_params(residualise__within_labels=within)
+        return direction_from_probe(probe.fit(np.column_stack([z, head]), y), z, "sex_size_controlled", "male",
+                                    covariates=head, labels=y)
+
+    within, pooled = controlled(True), controlled(False)
+    assert abs(cosine(within.vector, u_size)) < 0.05
+    assert cosine(pooled.vector, u_size) < -0.1  # overcorrected: the male direction shrinks the head
+    assert cosine(within.vector, u_local) > cosine(pooled.vector, u_local)
+    # The residualiser itself: the local feature has no head-size slope within sex; pooled, it seems to.
+    per_sd = 1.2e6 * 0.05
+    slope = {w: CovariateResidualizer(within_labels=w).fit(np.column_stack([local, head]), y).coef_.item() * per_sd
+             for w in (True, False)}
+    assert abs(slope[True]) < 0.1 and slope[False] > 0.15
 
 
 def test_json_round_trip(tmp_path):

@@ -82,7 +82,8 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
         assert key in headline, key
     # What the numbers are: the untouched test split, probes fitted on train + val, the covariate named.
     labels = {"heldout_split": "test", "fit_splits": "train+val", "size_covariate": "etiv_mm3",
-              "size_control": "linear", "cf_sex_effectiveness_predictor": "brain_volume_mm3",
+              "size_control": "linear", "size_control_fit": "within",
+              "cf_sex_effectiveness_predictor": "brain_volume_mm3",
               "cf_age_group_effectiveness_predictor": "ventricle_volume_mm3"}
     assert {k: headline.pop(k) for k in labels} == labels
     assert headline.pop("cv_interval").startswith("corrected resampled t")

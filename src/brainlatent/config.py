@@ -565,6 +565,9 @@ class DirectionsConfig:
     # cohort without one allows.
     size_covariate: str = "etiv_mm3"
     size_control: Literal["linear", "spline"] = "linear"  # spline: a cubic spline in the covariate (4 knots)
+    # within: the covariate's slope fitted within each label group (an ANCOVA), so that a size-independent
+    # group effect is not taken for size; pooled: one slope across groups (docs/directions_method.md)
+    size_control_fit: Literal["within", "pooled"] = "within"
     # Effectiveness check: add the registered feature network's P(male) / expected age group to what is
     # measured along every traversal (counterfactual.py); skipped with a warning when none is registered.
     effectiveness_featurenet: bool = True

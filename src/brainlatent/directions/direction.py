@@ -21,7 +21,11 @@ at fixed covariates ``c`` is unchanged, but ``r`` has (almost) no variance along
 the probe's weight there is poorly identified and can be large (it leans on whatever size variation the
 brain-volume measurement missed). The direction is therefore made orthogonal to the latent brain-volume
 predictor ``g`` (ridge regression of the covariate on the latents over the fitting subjects, raw-space
-coefficients): moving along it leaves the brain volume the latents predict unchanged, to first order.
+coefficients): moving along it leaves the brain volume the latents predict unchanged, to first order. Like the
+residualiser (``CovariateResidualizer.within_labels``), the predictor is fitted *within* the label groups
+(latents and covariate centred per group): fitted across them, it would also use the latent code of a
+size-independent male effect to predict the larger male heads, and projecting it out would remove part of
+the effect the size-controlled direction is for.
 
 Sign convention: moving along ``+vector`` raises the probe's output, i.e. towards label 1 (male, older)
 for binary probes and towards older groups for the ordinal probe (``Direction.positive`` says which).
@@ -186,13 +190,15 @@ def direction_from_probe(
     metadata: dict[str, Any] | None = None,
     covariates: np.ndarray | None = None,
     kind: str = "gradient",
+    labels: np.ndarray | None = None,
 ) -> Direction:
     """The unit raw-space direction (``kind``: see the module docstring) of a fitted latent probe, scaled on
     its fitting ``latents (N, L)``.
 
     ``covariates (N, c)``: the fitting subjects' covariates, required for size-controlled probes (whose
-    pattern is taken over the size-residualised latents the probe saw). ``logit_per_sd`` is the change of
-    the probe's output per +1 SD step along the direction.
+    pattern is taken over the size-residualised latents the probe saw). ``labels (N,)``: the fitting subjects'
+    labels, so that a residualiser fitted within label groups gets a latent covariate axis fitted the same way.
+    ``logit_per_sd`` is the change of the probe's output per +1 SD step along the direction.
     """
     if kind not in DIRECTION_KINDS:
         raise ValueError(f"direction {name!r}: kind must be one of {DIRECTION_KINDS}, got {kind!r}")
@@ -212,7 +218,8 @@ def direction_from_probe(
             seen = residualizers[0].transform(np.hstack([latents, covs]))
         vector = np.cov(seen, rowvar=False) @ grad
     if residualizers:
-        vector = _project_out(vector, covariate_axes(latents, covariates))  # see the module docstring
+        groups = labels if residualizers[0].within_labels else None
+        vector = _project_out(vector, covariate_axes(latents, covariates, groups))  # see the module docstring
         metadata["orthogonal_to"] = "latent covariate predictor"
     norm = np.linalg.norm(vector)
     if not norm > 0:
@@ -224,14 +231,28 @@ def direction_from_probe(
                      positive=positive, logit_per_sd=float(grad @ vector * step_sd), metadata=metadata)
 
 
-def covariate_axes(latents: np.ndarray, covariates: np.ndarray) -> np.ndarray:
-    """``(L, c)``: raw-latent-space gradients of ridge predictors of each covariate from ``latents (N, L)``."""
+def covariate_axes(latents: np.ndarray, covariates: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """``(L, c)``: raw-latent-space gradients of ridge predictors of each covariate from ``latents (N, L)``;
+    with ``groups (N,)``, fitted within them (latents and covariates centred per group)."""
+    latents = np.asarray(latents, np.float64)
     covariates = np.asarray(covariates, np.float64).reshape(len(latents), -1)
+    if groups is not None:
+        latents, covariates = _centred_per_group(latents, groups), _centred_per_group(covariates, groups)
     axes = []
     for column in covariates.T:
         predictor = Pipeline([("scale", StandardScaler()), ("head", RidgeCV(alphas=np.logspace(-3, 3, 13)))])
         axes.append(raw_gradient(predictor.fit(latents, column)))
     return np.stack(axes, axis=1)
+
+
+def _centred_per_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    groups = np.asarray(groups).ravel()
+    if len(groups) != len(values):
+        raise ValueError(f"groups: expected one label per row ({len(values)}), got {len(groups)}")
+    out = values.copy()
+    for g in np.unique(groups):
+        out[groups == g] -= values[groups == g].mean(axis=0)
+    return out
 
 
 def _project_out(vector: np.ndarray, axes: np.ndarray) -> np.ndarray:

@@ -108,7 +108,8 @@ def probe_settings(params: Params) -> ProbeSettings:
     c = params.directions
     return ProbeSettings(n_splits=c.n_splits, n_repeats=c.n_repeats, C=c.probe_C, n_bootstrap=c.n_bootstrap,
                          n_permutations=c.n_permutations, pca_components=c.pca_components, seed=params.seed,
-                         direction=c.direction, size_control=c.size_control)
+                         direction=c.direction, size_control=c.size_control,
+                         size_control_fit=c.size_control_fit)
 
 
 # ------------------------------------------------------------------------------------------- cohort
@@ -264,7 +265,8 @@ class Experiment:
         cfg = self.params.directions
         return {"heldout_split": HELDOUT_SPLIT if self.split == "heldout" else "none (cross-validated only)",
                 "fit_splits": "+".join(FIT_SPLITS), "size_covariate": cfg.size_covariate,
-                "size_control": cfg.size_control, "cv_interval": CV_INTERVAL}
+                "size_control": cfg.size_control, "size_control_fit": cfg.size_control_fit,
+                "cv_interval": CV_INTERVAL}
 
     def run_tags(self) -> dict[str, str]:
         loaded = self.loaded

@@ -48,6 +48,7 @@ TASKS: tuple[str, ...] = ("binary", "ordinal")
 # covariate's quantiles, linear beyond them), for latents that follow head size non-linearly.
 SIZE_CONTROLS: tuple[str, ...] = ("linear", "spline")
 SPLINE_KNOTS = 4
+SIZE_CONTROL_FITS: tuple[str, ...] = ("within", "pooled")  # CovariateResidualizer.within_labels
 DIRECTION_KINDS: tuple[str, ...] = ("pattern", "gradient")  # how a fitted probe becomes a direction (direction.py)
 
 
@@ -77,6 +78,7 @@ class ProbeSettings:
     seed: int = 0
     direction: str = "gradient"  # how a fitted probe becomes a direction: "gradient" | "pattern" (direction.py)
     size_control: str = "linear"  # how the size covariate is regressed out: "linear" | "spline"
+    size_control_fit: str = "within"  # its slope: "within" the label groups (ANCOVA) | "pooled" across them
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> None:
@@ -94,6 +96,8 @@ class ProbeSettings:
             bad("direction", f"one of {DIRECTION_KINDS}")
         if self.size_control not in SIZE_CONTROLS:
             bad("size_control", f"one of {SIZE_CONTROLS}")
+        if self.size_control_fit not in SIZE_CONTROL_FITS:
+            bad("size_control_fit", f"one of {SIZE_CONTROL_FITS}")
         if self.C is not None and not self.C > 0:
             bad("C", "None (nested CV) or a positive float")
         if not self.Cs or min(self.Cs) <= 0:
@@ -111,15 +115,24 @@ class CovariateResidualizer(TransformerMixin, BaseEstimator):
     """Regress covariates out of every feature, with the regression fitted on the training rows only.
 
     Input ``X`` is ``(N, F + n_covariates)``: features first, covariates in the last columns. Output is
-    the ``(N, F)`` residuals ``X_f - g(X_c)``: ``g`` linear (``kind="linear"``: ``a + B X_c``) or an additive
+    the ``(N, F)`` residuals ``X_f - g(X_c)``: ``g`` linear (``kind="linear"``: ``B X_c``) or an additive
     cubic spline of each covariate (``kind="spline"``: scikit-learn's ``SplineTransformer``, ``SPLINE_KNOTS``
     knots at the covariate's quantiles, linear extrapolation, then least squares). Written as a transformer
     (not a pre-processing step) so that it is re-fitted inside every cross-validation fold.
+
+    ``within_labels`` (default): when ``fit`` is given the labels ``y``, ``g`` is fitted jointly with one
+    intercept per label (an ANCOVA: ``X_f = g(X_c) + d_y + e``) and only ``g`` is removed, so its slope is
+    the covariate's effect *within* a label group. A slope pooled across groups (``within_labels=False``, or
+    no ``y``) also absorbs the group difference whenever the covariate differs between the groups: males have
+    larger heads, so a pooled slope of a feature that holds a size-independent male effect on head size is
+    partly that effect, and removing it removes part of what the size-controlled probe is there to find
+    (Miller & Chapman 2001, "Misunderstanding analysis of covariance"). Transforming never needs labels.
     """
 
-    def __init__(self, n_covariates: int = 1, kind: str = "linear"):
+    def __init__(self, n_covariates: int = 1, kind: str = "linear", within_labels: bool = True):
         self.n_covariates = n_covariates
         self.kind = kind
+        self.within_labels = within_labels
 
     def _split(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X = np.asarray(X, float)
@@ -134,18 +147,34 @@ class CovariateResidualizer(TransformerMixin, BaseEstimator):
             raise ValueError(f"CovariateResidualizer.kind: expected one of {SIZE_CONTROLS}, got {self.kind!r}")
         features, covariates = self._split(X)
         if self.kind == "spline":
-            basis = SplineTransformer(n_knots=SPLINE_KNOTS, degree=3, knots="quantile", extrapolation="linear",
-                                      include_bias=False)
-            self.regression_ = make_pipeline(basis, LinearRegression()).fit(covariates, features)
+            self.basis_ = SplineTransformer(n_knots=SPLINE_KNOTS, degree=3, knots="quantile", extrapolation="linear",
+                                            include_bias=False).fit(covariates)
         else:
-            self.regression_ = LinearRegression().fit(covariates, features)
+            self.basis_ = None
+        design = self._basis(covariates)
+        groups = label_indicators(y) if self.within_labels and y is not None else np.empty((len(design), 0))
+        fit = LinearRegression().fit(np.hstack([design, groups]), features)
+        # Only the covariate part is removed; the group intercepts stay in the residuals (constants do not
+        # matter to the standardised probe that follows).
+        self.coef_ = fit.coef_.reshape(features.shape[1], -1)[:, : design.shape[1]].T  # (basis, F)
         self.n_features_in_ = X.shape[1]
         return self
 
+    def _basis(self, covariates: np.ndarray) -> np.ndarray:
+        return covariates if self.basis_ is None else self.basis_.transform(covariates)
+
     def transform(self, X: np.ndarray) -> np.ndarray:
-        check_is_fitted(self, "regression_")
+        check_is_fitted(self, "coef_")
         features, covariates = self._split(X)
-        return features - self.regression_.predict(covariates).reshape(features.shape)
+        return features - self._basis(covariates) @ self.coef_
+
+
+def label_indicators(y: np.ndarray) -> np.ndarray:
+    """``(N, k - 1)`` indicator columns of the ``k`` distinct labels of ``y`` (the first label is the baseline):
+    the per-group intercepts of a within-group (ANCOVA) regression."""
+    y = np.asarray(y).ravel()
+    levels = np.unique(y)
+    return (y[:, None] == levels[None, 1:]).astype(float)
 
 
 def linear_head(task: Task, settings: ProbeSettings) -> BaseEstimator:
@@ -178,7 +207,8 @@ def make_probe(task: Task, features: FeatureSet, settings: ProbeSettings, n_trai
     if features in ("latent", "brain_mask_volume"):
         return Pipeline([scale, head])
     if features == "latent_size_controlled":
-        residualise = CovariateResidualizer(n_covariates=1, kind=settings.size_control)
+        residualise = CovariateResidualizer(n_covariates=1, kind=settings.size_control,
+                                            within_labels=settings.size_control_fit == "within")
         return Pipeline([("residualise", residualise), scale, head])
     if features in ("pca_voxels", "pca_reconstructions"):
         if n_train is None:

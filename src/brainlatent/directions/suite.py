@@ -165,10 +165,12 @@ def _add_direction(suite: ProbeSuite, result: ProbeResult, latents: np.ndarray, 
     suite.probes[f"{target_name}.{features}"] = result.fitted
     name = direction_name(target_name, features)
     controlled = features == "latent_size_controlled"
-    size = {"size_covariate": size_covariate, "size_control": settings.size_control} if controlled else {}
+    size = ({"size_covariate": size_covariate, "size_control": settings.size_control,
+             "size_control_fit": settings.size_control_fit} if controlled else {})
     suite.directions[name] = direction_from_probe(
         result.fitted, latents, name=name, positive=target.positive,
         covariates=covariate(subjects, size_covariate) if controlled else None,
+        labels=target_labels(subjects, target_name) if controlled else None,
         kind=settings.direction,
         metadata={"target": target_name, "task": target.task, "features": features,
                   "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
