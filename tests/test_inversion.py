@@ -83,6 +83,22 @@ def test_stylegan_inversion_in_w_plus(tiny_stylegan):
         tiny_stylegan.project(target, "z")
 
 
+def test_stylegan_encode_gives_flat_latents_that_decode_takes_back(tiny_stylegan):
+    """encode is project's latent, flattened: (B, w_dim) in W, (B, n_layers * w_dim) in W+; decode takes both."""
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        target = tiny_stylegan.synthesize(tiny_stylegan.mapping(z))
+    assert tiny_stylegan.inverts and tiny_stylegan.latent_spaces == ("w", "w+")
+    for space, dim in (("w", 16), ("w+", tiny_stylegan.n_layers * 16)):
+        projected = tiny_stylegan.project(target, space, steps=5, compute_ssim=False).latent
+        flat = tiny_stylegan.encode(target, space=space, steps=5, compute_ssim=False)
+        assert flat.shape == (2, dim) and torch.equal(flat, projected.reshape(2, -1))
+        with torch.no_grad():
+            assert torch.equal(tiny_stylegan.decode(flat), tiny_stylegan.decode(projected))
+    with pytest.raises(ValueError, match="space 'z'"):
+        tiny_stylegan.encode(target, space="z")
+
+
 def test_simple_generator_inversion_in_z_recovers_generated_volumes(tiny_generator):
     torch.manual_seed(12)
     z_true = torch.randn(4, 8)

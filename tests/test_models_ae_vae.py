@@ -106,6 +106,19 @@ def test_wrong_input_shapes_are_value_errors():
         model.decode(torch.rand(2, 7))
 
 
+@pytest.mark.parametrize("cls", [Autoencoder, VAE])
+def test_one_pass_encoders_take_the_shared_encode_call_and_refuse_inversion_options(cls):
+    model = tiny(cls).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    assert not model.inverts and model.latent_spaces == ("z",)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x, space="z"), model.encode(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"no inversion options, got \['steps'\]"):
+        model.encode(x, steps=10)
+    with pytest.raises(ValueError, match="space 'w'"):
+        model.encode(x, space="w")
+
+
 def test_autoencoder_is_not_generative():
     with pytest.raises(NotImplementedError, match="not generative"):
         tiny(Autoencoder).sample(2)

@@ -229,8 +229,8 @@ def test_encode_inverts_through_the_inversion_module():
     gan = tiny_gan()
     with torch.no_grad():  # a target the EMA generator can reach exactly
         x = gan.synthesize(torch.randn(2, gan.latent_dim, generator=torch.Generator().manual_seed(0)))
-    z = gan.encode(x, steps=60, lr=0.1, compute_ssim=False)
-    assert z.shape == (2, gan.latent_dim) and torch.isfinite(z).all() and not z.requires_grad
+    z = gan.encode(x, space="z", steps=60, lr=0.1, compute_ssim=False)
+    assert gan.inverts and z.shape == (2, gan.latent_dim) and torch.isfinite(z).all() and not z.requires_grad
     with torch.no_grad():
         err_init = (gan.decode(gan.latent_init(2)) - x).square().mean()
         err_inverted = (gan.decode(z) - x).square().mean()

@@ -2,9 +2,9 @@
 files, :mod:`.codec` (``LatentCodec``), :mod:`.lookup` (the direction look-up) and :mod:`.scan`
 (``traverse_scan``). New code imports from those."""
 
-from .codec import INVERTING_FAMILIES, LatentCodec
+from .codec import LatentCodec
 from .lookup import DIRECTION_ALIASES, DIRECTIONS_ARTIFACT_DIR, directions_dir, load_direction
 from .scan import traverse_scan
 
-__all__ = ["DIRECTIONS_ARTIFACT_DIR", "DIRECTION_ALIASES", "INVERTING_FAMILIES", "LatentCodec", "directions_dir",
+__all__ = ["DIRECTIONS_ARTIFACT_DIR", "DIRECTION_ALIASES", "LatentCodec", "directions_dir",
            "load_direction", "traverse_scan"]

@@ -1,11 +1,12 @@
 """``LatentCodec``: a registered model's encoder and decoder on flat latent vectors ``(N, D)``, for any family.
 
-The only place that knows how each family maps volumes to flat latent vectors:
+Every family encodes through one call, ``model.encode(x, space=..., **inversion_options)``, to flat latents
+``(B, D)``, and ``model.decode`` takes them back. What differs, the codec settles here:
 
-  ae / vae   ``model.encode`` / ``model.decode`` (z, ``latent_dim``)
-  gan        z by inversion (``GAN.encode(x, steps=...)``, Adam from z = 0), ``decode`` = EMA generator
-  stylegan   W (``w_dim``) or W+ flattened (``n_layers * w_dim``) by inversion from ``w_avg``
-             (``StyleGAN.project``); ``decode`` reshapes W+ back to ``(B, n_layers, w_dim)``
+  latent space  ``"z"`` (``latent_dim``) for ae / vae / gan; StyleGAN's ``"w"`` (``w_dim``) or ``"w+"``
+                (``n_layers * w_dim``), picked by ``directions.latent_space``
+  inversion     families with ``model.inverts`` (gan: Adam from z = 0; stylegan: from ``w_avg``) encode by
+                optimisation: the codec passes its step budget and runs them outside inference mode
 
 Everything else in ``brainlatent.directions`` sees arrays ``(N, D)`` and the codec's callables only.
 """
@@ -20,8 +21,6 @@ import torch
 from brainlatent.models.base import LatentModel
 
 from .traversal import decode_batched
-
-INVERTING_FAMILIES: tuple[str, ...] = ("gan", "stylegan")
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,8 @@ class LatentCodec:
     def for_model(cls, model: LatentModel, stylegan_space: str = "w", inversion_steps: int = 100) -> "LatentCodec":
         if stylegan_space not in ("w", "w+"):
             raise ValueError(f"directions.latent_space: expected 'w' or 'w+', got {stylegan_space!r}")
-        space = stylegan_space if model.family == "stylegan" else "z"
+        # directions.latent_space picks between the spaces of a family that has two (StyleGAN's W and W+).
+        space = stylegan_space if stylegan_space in model.latent_spaces else model.latent_spaces[0]
         return cls(model, space, int(inversion_steps))
 
     @property
@@ -50,7 +50,7 @@ class LatentCodec:
     @property
     def inverts(self) -> bool:
         """Encoding is an optimisation (GAN families): costly, and only approximately a preimage."""
-        return self.family in INVERTING_FAMILIES
+        return self.model.inverts
 
     @property
     def dim(self) -> int:
@@ -69,27 +69,19 @@ class LatentCodec:
         """Volumes ``(B, 1, X, Y, Z)`` in [0, 1] -> latents ``(B, D)`` float32 on the model's device."""
         self.model.check_volumes(x)
         x = x.to(self.device, torch.float32)
-        if not self.inverts:
-            with torch.inference_mode():
-                return self.model.encode(x).reshape(len(x), -1)
-        # Inversion needs autograd; callers may hold inference mode (effects.apply_batched does), which
-        # enable_grad cannot lift. Leave it locally and copy the input out of inference-tensor storage.
-        with torch.inference_mode(False):
-            x = x.clone()
-            if self.family == "stylegan":
-                z = self.model.project(x, self.latent_space, steps=self.inversion_steps, compute_ssim=False).latent
-            else:
-                z = self.model.encode(x, steps=self.inversion_steps, compute_ssim=False)
-        return z.detach().reshape(len(x), -1)
+        options = {"steps": self.inversion_steps, "compute_ssim": False} if self.inverts else {}
+        # One-pass encoders run in inference mode. Inversion needs autograd; callers may hold inference mode
+        # (effects.apply_batched does), which enable_grad cannot lift: leave it locally and copy the input out
+        # of inference-tensor storage.
+        with torch.inference_mode(not self.inverts):
+            z = self.model.encode(x.clone() if self.inverts else x, space=self.latent_space, **options)
+        return z.detach()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents ``(B, D)`` -> volumes ``(B, 1, X, Y, Z)`` in [0, 1]."""
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(f"{self.describe()}: expected latents (B, {self.dim}), got {tuple(z.shape)}")
-        z = z.to(self.device, torch.float32)
-        if self.latent_space == "w+":
-            z = z.reshape(len(z), self.model.n_layers, self.model.latent_dim)
-        return self.model.decode(z)
+        return self.model.decode(z.to(self.device, torch.float32))
 
     def encode_volumes(self, volumes: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """``(N, X, Y, Z)`` volumes (any float dtype, a memmap is fine) -> ``(N, D)`` float64 latents.

@@ -125,8 +125,9 @@ class Autoencoder(ReconstructionModel):
                          encoder_outputs=latent_dim)
         self._config = constructor_config(self, locals())
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, X, Y, Z) -> (B, latent_dim)."""
+    def encode(self, x: torch.Tensor, *, space: str | None = None, **inversion_kwargs: Any) -> torch.Tensor:
+        """(B, 1, X, Y, Z) -> (B, latent_dim) in one pass (``space`` None or "z"; no inversion options)."""
+        self.check_encode_options(space, inversion_kwargs)
         return self.encoder_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The family-agnostic latent-model interface and the family registry.
 
 Everything downstream of training (latent directions, traversals, reconstructions) talks to a
-:class:`LatentModel` only: ``encode`` maps volumes to vectors, ``decode`` maps vectors back to volumes.
+:class:`LatentModel` only: ``encode`` maps volumes to flat vectors, ``decode`` maps vectors back to volumes.
+Families whose ``encode`` is an optimisation (``inverts``: the GANs) take its options through the same call.
 A checkpoint is ``{"family", "config", "state_dict"}``; :func:`build_model` rebuilds the module from the
 JSON-able config (the constructor's keyword arguments) without pickling code.
 """
@@ -35,17 +36,28 @@ class LatentModel(nn.Module, abc.ABC):
 
     Subclasses set the class attribute ``family`` and the instance attributes ``latent_dim`` and
     ``volume_shape`` (X, Y, Z), and implement :meth:`encode`, :meth:`decode` and :meth:`config_dict`.
-    Generative families (``generative = True``) also implement :meth:`sample`.
+    Generative families (``generative = True``) also implement :meth:`sample`. Families whose ``encode`` is an
+    inversion (``inverts = True``) take its options in ``encode``; families with several latent spaces list
+    them in ``latent_spaces``, the default first.
     """
 
     family: ClassVar[str]
     generative: ClassVar[bool] = False
+    inverts: ClassVar[bool] = False
+    latent_spaces: ClassVar[tuple[str, ...]] = ("z",)
     latent_dim: int
     volume_shape: Shape3
 
     @abc.abstractmethod
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, X, Y, Z) volumes in [0, 1] -> (B, latent_dim) latent vectors (deterministic)."""
+    def encode(self, x: torch.Tensor, *, space: str | None = None, **inversion_kwargs: Any) -> torch.Tensor:
+        """(B, 1, X, Y, Z) volumes in [0, 1] -> (B, D) flat latent vectors, in the same call for every family.
+
+        ``space``: one of :attr:`latent_spaces` (None: the first), e.g. StyleGAN's ``"w"`` (D = w_dim) or
+        ``"w+"`` (D = n_layers * w_dim, flattened). A family that does not invert encodes in one pass,
+        deterministically, and refuses inversion options; one that inverts (``inverts``) optimises the latent,
+        ``inversion_kwargs`` (``steps``, ``lr``, ``compute_ssim``, ...) going to
+        :func:`brainlatent.inversion.invert`. Check both with :meth:`check_encode_options`.
+        """
 
     @abc.abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -71,6 +83,23 @@ class LatentModel(nn.Module, abc.ABC):
                 f"{type(self).__name__}: expected volumes of shape (B, 1, {', '.join(map(str, self.volume_shape))}), "
                 f"got {tuple(x.shape)}"
             )
+
+    def check_encode_options(self, space: str | None, inversion_kwargs: Mapping[str, Any]) -> str:
+        """The latent space :meth:`encode` was asked for (None: the family's default, ``latent_spaces[0]``).
+
+        Raises ValueError for a space the family does not have, or inversion options given to a family that
+        does not invert.
+        """
+        name = type(self).__name__
+        space = self.latent_spaces[0] if space is None else space
+        if space not in self.latent_spaces:
+            raise ValueError(f"{name}.encode: space {space!r} is not one of this family's {list(self.latent_spaces)}")
+        if inversion_kwargs and not self.inverts:
+            raise ValueError(
+                f"{name}.encode: family {self.family!r} encodes in one pass; it takes no inversion options, "
+                f"got {sorted(inversion_kwargs)}"
+            )
+        return space
 
     def check_latents(self, z: torch.Tensor) -> None:
         """Raise ValueError unless ``z`` is (B, latent_dim)."""

@@ -89,6 +89,7 @@ class GAN(LatentModel):
 
     family = "gan"
     generative = True
+    inverts = True
 
     def __init__(
         self,
@@ -151,12 +152,14 @@ class GAN(LatentModel):
         """Starting latents for inversion: the prior mean, zeros (n, latent_dim)."""
         return torch.zeros(n, self.latent_dim, device=self.device)
 
-    def encode(self, x: torch.Tensor, **inversion_kwargs: Any) -> torch.Tensor:
-        """(B, 1, X, Y, Z) -> (B, latent_dim) by optimising z so that synthesize(z) matches x.
+    def encode(self, x: torch.Tensor, *, space: str | None = None, **inversion_kwargs: Any) -> torch.Tensor:
+        """(B, 1, X, Y, Z) -> (B, latent_dim) by optimising z so that synthesize(z) matches x (``space`` None or
+        "z").
 
         Delegates to :func:`brainlatent.inversion.invert` from :meth:`latent_init` (imported here: the
         GAN trains and samples without it); ``inversion_kwargs`` (``steps``, ``lr``, ...) are passed through.
         """
+        self.check_encode_options(space, inversion_kwargs)
         self.check_volumes(x)
         from brainlatent.inversion import invert  # lazy: only encoding needs the inversion module
 

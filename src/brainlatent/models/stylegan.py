@@ -679,7 +679,8 @@ def generator_loss(
 # ------------------------------------------------------------------------------------------- wrapper
 @register_family
 class StyleGAN(LatentModel):
-    """StyleGAN v1 3D as a :class:`LatentModel` whose latent space is W (``latent_dim = w_dim``).
+    """StyleGAN v1 3D as a :class:`LatentModel` whose latent space is W (``latent_dim = w_dim``), or W+
+    (``encode(x, space="w+")``, flattened to ``n_layers * w_dim``).
 
     Holds the trained ``generator``, its EMA copy ``generator_ema`` (frozen; used by decode/sample/
     encode) and the ``discriminator``. ``decode`` synthesises with fixed ("const") noise so that encode
@@ -701,6 +702,8 @@ class StyleGAN(LatentModel):
 
     family = "stylegan"
     generative = True
+    inverts = True
+    latent_spaces = ("w", "w+")
 
     def __init__(
         self,
@@ -795,7 +798,10 @@ class StyleGAN(LatentModel):
         return self.generator_ema.synthesis(self.generator_ema.broadcast(w), None, 1.0, noise_mode)
 
     def decode(self, z: Tensor) -> Tensor:
-        """W (B, w_dim) or W+ (B, n_layers, w_dim) -> (B, 1, X, Y, Z) in [0, 1] (fixed noise)."""
+        """W (B, w_dim) or W+ (B, n_layers, w_dim), or W+ flat (B, n_layers * w_dim) as :meth:`encode` gives it,
+        -> (B, 1, X, Y, Z) in [0, 1] (fixed noise)."""
+        if z.ndim == 2 and z.shape[1] == self.n_layers * self.latent_dim:
+            z = z.unflatten(1, (self.n_layers, self.latent_dim))
         return self.synthesize(z).clamp(0.0, 1.0)
 
     def sample(
@@ -863,9 +869,12 @@ class StyleGAN(LatentModel):
             **invert_kwargs,
         )
 
-    def encode(self, x: Tensor) -> Tensor:
-        """(B, 1, X, Y, Z) -> W latents (B, w_dim) by optimisation from w_avg (see :meth:`project`)."""
-        return self.project(x, "w").latent
+    def encode(self, x: Tensor, *, space: str | None = None, **inversion_kwargs: Any) -> Tensor:
+        """(B, 1, X, Y, Z) -> flat latents by optimisation from w_avg: W (B, w_dim) for ``space`` "w" (None), W+
+        flattened (B, n_layers * w_dim) for "w+". ``inversion_kwargs`` (``steps``, ``lr``, ...) as in
+        :meth:`project`, which keeps the W+ shape and the whole :class:`InversionResult`."""
+        space = self.check_encode_options(space, inversion_kwargs)
+        return self.project(x, space, **inversion_kwargs).latent.flatten(1)
 
     def forward(self, z: Tensor) -> Tensor:
         """Same as :meth:`decode`."""

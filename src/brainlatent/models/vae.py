@@ -116,8 +116,10 @@ class VAE(ReconstructionModel):
         mu, logvar = self.encoder_features(x).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The posterior mean (B, latent_dim): deterministic, as latent directions need."""
+    def encode(self, x: torch.Tensor, *, space: str | None = None, **inversion_kwargs: Any) -> torch.Tensor:
+        """The posterior mean (B, latent_dim): deterministic, as latent directions need (``space`` None or "z";
+        no inversion options)."""
+        self.check_encode_options(space, inversion_kwargs)
         return self.posterior(x)[0]
 
     @staticmethod
