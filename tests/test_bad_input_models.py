@@ -23,7 +23,7 @@ from conftest import TINY_SHAPE
 
 from brainlatent import registry, tracking
 from brainlatent.directions import Direction
-from brainlatent.directions.apply import traverse_scan
+from brainlatent.directions.scan import traverse_scan
 from brainlatent.models.base import build_model, load_model, model_checkpoint
 from brainlatent.train.checkpoint import load_checkpoint, save_atomic
 

@@ -18,8 +18,9 @@ from brainlatent.anatomy import atlas_on_grid, load_template
 from brainlatent.config import params_from_dict
 from brainlatent.data.cohort import AGE_GROUPS
 from brainlatent.directions import Direction, map_correlation
-from brainlatent.directions.apply import LatentCodec, traverse_scan
+from brainlatent.directions.codec import LatentCodec
 from brainlatent.directions.experiment import GROUND_TRUTH_MAPS, feasible_targets, run_directions, traversal_rows
+from brainlatent.directions.scan import traverse_scan
 from brainlatent.grid import Grid
 from brainlatent.models.stylegan import StyleGAN
 from brainlatent.train.runner import train_family

@@ -314,7 +314,7 @@ def traverse(
     """Move a user's scan along a fitted latent direction; writes one NIfTI per step and a PNG strip."""
 
     def go():
-        from brainlatent.directions.apply import traverse_scan
+        from brainlatent.directions.scan import traverse_scan
 
         try:
             values = [float(v) for v in steps.split(",") if v.strip()]
