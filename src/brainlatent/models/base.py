@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -136,8 +136,18 @@ def constructor_config(model: "LatentModel", arguments: Mapping[str, Any]) -> di
 def randn_on(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
     """N(0, 1) draws of ``shape`` on ``device``, made on the generator's own device and then moved: a seeded CPU
     generator gives the same numbers whatever device the model lives on (no generator: drawn on ``device``)."""
+    return _drawn_on(torch.randn, generator, shape, device)
+
+
+def rand_on(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """U[0, 1) draws of ``shape`` on ``device``, made on the generator's device like :func:`randn_on`."""
+    return _drawn_on(torch.rand, generator, shape, device)
+
+
+def _drawn_on(draw: Callable[..., torch.Tensor], generator: torch.Generator | None, shape: tuple[int, ...],
+              device: torch.device | str) -> torch.Tensor:
     draw_on = generator.device if generator is not None else device
-    return torch.randn(*shape, generator=generator, device=draw_on).to(device)
+    return draw(shape, generator=generator, device=draw_on).to(device)
 
 
 def register_family(cls: type[LatentModel]) -> type[LatentModel]:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from brainlatent.inversion import InversionResult, invert
 from brainlatent.models.adversarial import MinibatchStd, ns_d_loss, ns_g_loss, update_ema, template_logit, wgan_g_loss, wgan_gp_d_loss
-from brainlatent.models.base import LatentModel, constructor_config, register_family
+from brainlatent.models.base import LatentModel, constructor_config, rand_on, randn_on, register_family
 from brainlatent.models.equalized import (
     LRELU_GAIN,
     LRELU_SLOPE,
@@ -183,15 +183,8 @@ class NoiseInjection(nn.Module):
         if mode == "const":
             return self.noise_const
         if mode == "random":
-            return _randn((x.shape[0], 1, *x.shape[2:]), generator, x.device)
+            return randn_on(generator, (x.shape[0], 1, *x.shape[2:]), x.device)
         raise ValueError(f"noise_mode: expected one of {NOISE_MODES}, got {mode!r}")
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Gaussian draws on the generator's device, moved to ``device`` (a seeded CPU generator gives the
-    same numbers whatever device the model is on)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(*shape, generator=generator, device=gen_device).to(device)
 
 
 def _per_channel(t: Tensor) -> Tensor:
@@ -533,10 +526,10 @@ class Generator(nn.Module):
         ws = self.broadcast(w)
         layers_in_use = 2 * (step + 1)
         if mixing_prob > 0:
-            draw = _uniform(generator, z.device)
+            draw = float(rand_on(generator, (), z.device))
             if draw < mixing_prob:
-                w2 = self.mapping(_randn(z.shape, generator, z.device).to(z.dtype))
-                crossover = 1 + int(_uniform(generator, z.device) * (layers_in_use - 1))
+                w2 = self.mapping(randn_on(generator, tuple(z.shape), z.device).to(z.dtype))
+                crossover = 1 + int(float(rand_on(generator, (), z.device)) * (layers_in_use - 1))
                 ws = self.mix_styles(w, w2, crossover)
         return self.truncate(ws, psi, truncation_cutoff)
 
@@ -563,11 +556,6 @@ class Generator(nn.Module):
         )
         img = self.synthesis(ws, step, alpha, noise_mode, generator)
         return (img, ws) if return_ws else img
-
-
-def _uniform(generator: torch.Generator | None, device: torch.device) -> float:
-    gen_device = generator.device if generator is not None else device
-    return float(torch.rand((), generator=generator, device=gen_device))
 
 
 # ------------------------------------------------------------------------------------- discriminator
@@ -815,7 +803,7 @@ class StyleGAN(LatentModel):
         if n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n}")
         psi = self.truncation_psi if psi is None else psi
-        z = _randn((n, self.z_dim), generator, self.device)
+        z = randn_on(generator, (n, self.z_dim), self.device)
         g = self.generator_ema
         ws = g.truncate(g.broadcast(g.mapping(z)), psi, self.truncation_cutoff)
         return g.synthesis(ws, None, 1.0, noise_mode, generator).clamp(0.0, 1.0)
@@ -826,8 +814,8 @@ class StyleGAN(LatentModel):
         ones at a crossover halfway through the layers (fixed noise). (n + n + n * n, 1, X, Y, Z) in [0, 1],
         row-major."""
         g = self.generator_ema
-        za = torch.randn(n, self.z_dim, generator=generator).to(self.device)
-        zb = torch.randn(n, self.z_dim, generator=generator).to(self.device)
+        za = randn_on(generator, (n, self.z_dim), self.device)
+        zb = randn_on(generator, (n, self.z_dim), self.device)
         wa, wb = g.mapping(za), g.mapping(zb)
         crossover = g.n_layers // 2
         vols = [self.synthesize(wa), self.synthesize(wb)]
@@ -840,7 +828,7 @@ class StyleGAN(LatentModel):
         """One z rendered at each truncation psi (psi = 0 is the average w's image), fixed noise.
         (len(psis), 1, X, Y, Z) in [0, 1]."""
         g = self.generator_ema
-        ws = g.broadcast(g.mapping(torch.randn(1, self.z_dim, generator=generator).to(self.device)))
+        ws = g.broadcast(g.mapping(randn_on(generator, (1, self.z_dim), self.device)))
         return torch.cat([g.synthesis(g.truncate(ws, psi), None, 1.0, "const") for psi in psis]).clamp(0, 1)
 
     def project(
