@@ -458,18 +458,7 @@ def measure_volumes(
         volumes = volumes[None]
     _check_shape(volumes, grid)
     atlas = atlas_on_grid(grid)
-    template_levels = tissue_levels(tuple(float(p) for p in percentiles))
-    if isinstance(levels, str):
-        if levels not in ("data", "template"):
-            raise ValueError(f"levels: expected 'data', 'template' or TissueLevels, got {levels!r}")
-        if levels == "data":
-            levels = estimate_tissue_levels(volumes, grid)
-            if not _usable(levels):
-                log.warning("measure_volumes: the volumes' fitted tissue levels %s are not a T1 contrast; "
-                            "measuring with the template's", levels)
-                levels = template_levels
-        else:
-            levels = template_levels
+    levels = _reference_levels(levels, volumes, grid, percentiles)
     region = atlas.regions.get(sex_region)
     if region is None:
         raise ValueError(f"sex_region: unknown region {sex_region!r}; expected one of {sorted(LOCAL_REGIONS)}")
@@ -497,6 +486,26 @@ def measure_volumes(
             measured[column] = float(np.sum(w * f[idx]))
         rows.append({k: v * vv for k, v in measured.items()})
     return pd.DataFrame(rows, columns=list(MEASURE_COLUMNS))
+
+
+def _reference_levels(levels: TissueLevels | Literal["data", "template"], volumes: np.ndarray, grid: Grid,
+                      percentiles: tuple[float, float]) -> TissueLevels:
+    """:func:`measure_volumes`' ``levels`` resolved: given levels as they are, ``"template"`` the template's
+    contrast, ``"data"`` the levels fitted to ``volumes`` (the template's, with a warning, when the fit is not a
+    T1 contrast)."""
+    template_levels = tissue_levels(tuple(float(p) for p in percentiles))
+    if not isinstance(levels, str):
+        return levels
+    if levels not in ("data", "template"):
+        raise ValueError(f"levels: expected 'data', 'template' or TissueLevels, got {levels!r}")
+    if levels == "template":
+        return template_levels
+    fitted = estimate_tissue_levels(volumes, grid)
+    if _usable(fitted):
+        return fitted
+    log.warning("measure_volumes: the volumes' fitted tissue levels %s are not a T1 contrast; "
+                "measuring with the template's", fitted)
+    return template_levels
 
 
 def _rescale_to_wm(v: np.ndarray, core: np.ndarray, basis: np.ndarray | None, levels: TissueLevels) -> np.ndarray:
