@@ -517,37 +517,14 @@ def _render(
     Without ``nuisance`` this is the noise-free rendering of the planted biology alone (effect maps).
     """
     p = cfg.recipe_config
-    grid, ch, c = model.grid, model.channels, model.center_mm
+    grid, ch = model.grid, model.channels
     years = sp.age - cfg.age_min
     log_growth = p.ventricle_growth_per_year * max(years, 0.0)
     age_field = fields.exp(model.ventricle_velocity, model.ventricle_t(log_growth)) if log_growth > 0 else None
     thinning = _age_loss(p, years)
     local = model.local_fields.get(sp.local_sign)
-    # Subject -> template about the brain centre: undo the head shape and the global scale.
-    unshape = math.exp(-sp.log_volume / 3.0) * np.linalg.inv(nuisance.shape if nuisance is not None else np.eye(3))
-
-    # Subject voxel -> template before the effect fields: undo the rigid misalignment (folded, with the
-    # grid affine, into one affine map), deform, unshape and unscale about the template brain's centre.
-    to_aligned = grid.affine.copy()
-    if nuisance is not None:  # y = R^T (x - c - tau) + c with x = A ijk + a
-        rigid_inv = np.eye(4)
-        rigid_inv[:3, :3] = nuisance.rotation.T
-        rigid_inv[:3, 3] = c - nuisance.rotation.T @ (c + nuisance.translation)
-        to_aligned = rigid_inv @ to_aligned
-
-    def aligned(ijk: np.ndarray) -> np.ndarray:
-        y = to_aligned[:3, :3] @ ijk + to_aligned[:3, 3:]
-        if nuisance is not None and nuisance.deformation is not None:
-            y += nuisance.deformation(y)
-        return col(c) + unshape @ (y - col(c))
-
-    b = model.block
-    n_blocks = -(-np.asarray(grid.shape) // b)
-    centres = (b - 1) / 2 + b * voxel_points(n_blocks, np.arange(int(n_blocks.prod())))
-    hit = (model.support(aligned(centres))[0] > 0.5).reshape(n_blocks)
-    hit = hit.repeat(b, 0).repeat(b, 1).repeat(b, 2)[: grid.shape[0], : grid.shape[1], : grid.shape[2]]
-    candidates = np.flatnonzero(hit)
-    log.debug("rendering %d of %d voxels", candidates.size, hit.size)
+    aligned = _subject_to_template(model, sp, nuisance)
+    candidates = _candidate_voxels(model, aligned)
 
     image = np.zeros(grid.shape, np.float32)
     flat = image.reshape(-1)
@@ -593,6 +570,44 @@ def _render(
         "sex_region_volume_mm3": sums["region"] * vv,
     }
     return image, truth
+
+
+def _subject_to_template(
+    model: _Model, sp: SubjectParams, nuisance: _Nuisance | None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Subject voxels (3, N) -> template world points (3, N) before the effect fields: undo the rigid
+    misalignment (folded, with the grid affine, into one affine map), deform, unshape and unscale about the
+    template brain's centre."""
+    grid, c = model.grid, model.center_mm
+    # Subject -> template about the brain centre: undo the head shape and the global scale.
+    unshape = math.exp(-sp.log_volume / 3.0) * np.linalg.inv(nuisance.shape if nuisance is not None else np.eye(3))
+    to_aligned = grid.affine.copy()
+    if nuisance is not None:  # y = R^T (x - c - tau) + c with x = A ijk + a
+        rigid_inv = np.eye(4)
+        rigid_inv[:3, :3] = nuisance.rotation.T
+        rigid_inv[:3, 3] = c - nuisance.rotation.T @ (c + nuisance.translation)
+        to_aligned = rigid_inv @ to_aligned
+
+    def aligned(ijk: np.ndarray) -> np.ndarray:
+        y = to_aligned[:3, :3] @ ijk + to_aligned[:3, 3:]
+        if nuisance is not None and nuisance.deformation is not None:
+            y += nuisance.deformation(y)
+        return col(c) + unshape @ (y - col(c))
+
+    return aligned
+
+
+def _candidate_voxels(model: _Model, aligned: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Flat indices of the output voxels worth rendering: those in ``model.block``-sized blocks whose centre
+    ``aligned`` maps into the template's support (the rest of the grid stays background)."""
+    grid, b = model.grid, model.block
+    n_blocks = -(-np.asarray(grid.shape) // b)
+    centres = (b - 1) / 2 + b * voxel_points(n_blocks, np.arange(int(n_blocks.prod())))
+    hit = (model.support(aligned(centres))[0] > 0.5).reshape(n_blocks)
+    hit = hit.repeat(b, 0).repeat(b, 1).repeat(b, 2)[: grid.shape[0], : grid.shape[1], : grid.shape[2]]
+    candidates = np.flatnonzero(hit)
+    log.debug("rendering %d of %d voxels", candidates.size, hit.size)
+    return candidates
 
 
 def _write_nifti(data: np.ndarray, grid: Grid, path: Path) -> None:
