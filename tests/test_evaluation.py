@@ -19,6 +19,7 @@ from brainlatent.evaluation import (
     FEATURENET_MODEL,
     PSNR_CAP_DB,
     evaluate_family,
+    reconstruct,
     reconstruction_metrics,
     resolve_feature_extractor,
     train_featurenet,
@@ -139,6 +140,26 @@ def test_evaluate_ae_logs_metrics_writes_json_and_tags_the_version(project, para
     assert mv.tags["eval.run_id"] == out.run_id
     arts = [a.path for a in client.list_artifacts(out.run_id, "volumes/reconstructions")]
     assert any(a.endswith("montage.png") for a in arts) and any(a.endswith(".nii.gz") for a in arts)
+
+
+def test_reconstruct_inverts_stylegan_in_w_with_the_step_budget():
+    """Families that invert reconstruct from ``encode``'s default space with ``inversion_steps``: StyleGAN's W
+    (as ``project(x, "w")``), in batches; a one-pass family as ``decode(encode(x))``."""
+    from brainlatent.models.autoencoder import Autoencoder
+    from brainlatent.models.stylegan import StyleGAN
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 8, 8, 8)
+    model = StyleGAN((8, 8, 8), n_levels=2, z_dim=8, w_dim=8, n_mapping=2, base_channels=4, max_channels=8).eval()
+    ws = [model.project(x[i : i + 2], "w", steps=2, compute_ssim=False).latent for i in (0, 2)]
+    assert [tuple(w.shape) for w in ws] == [(2, model.latent_dim), (1, model.latent_dim)]
+    with torch.no_grad():
+        expected = torch.cat([model.decode(w) for w in ws])
+    assert torch.equal(reconstruct(model, x, inversion_steps=2, batch_size=2), expected)
+
+    ae = Autoencoder(latent_dim=4, volume_shape=(8, 8, 8), base_channels=4, max_channels=8).eval()
+    with torch.no_grad():
+        assert torch.equal(reconstruct(ae, x, inversion_steps=2), ae.decode(ae.encode(x)))
 
 
 def test_psnr_of_an_exact_reconstruction_is_capped():

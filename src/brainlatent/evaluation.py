@@ -25,6 +25,7 @@ by ``evaluate.champion_metric.<family>`` (docs/metrics.md, "Champion rules").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 FEATURENET_FAMILY = "featurenet"
 FEATURENET_MODEL = registry.registered_name(FEATURENET_FAMILY)
-GAN_FAMILIES = ("gan", "stylegan")
 # PSNR of an exact reconstruction is +inf; a cap keeps the mean finite and every store able to hold it.
 PSNR_CAP_DB = 100.0
 
@@ -282,19 +282,16 @@ def reconstruct(
 ) -> torch.Tensor:
     """Reconstructions (n, 1, X, Y, Z) float32 on the CPU of ``volumes`` (n, 1, X, Y, Z).
 
-    AE/VAE: ``decode(encode(x))``. GAN: z optimised from zeros; StyleGAN: w optimised from w_avg; both with
-    ``inversion_steps`` Adam steps and decoded with ``decode`` (clamped to [0, 1], fixed noise).
+    ``decode(encode(x))`` in the family's default latent space. AE/VAE encode in one pass (no autograd). Families
+    that invert (``model.inverts``; GAN: z optimised from zeros, StyleGAN: w in W optimised from w_avg) take
+    ``inversion_steps`` Adam steps; ``decode`` clamps to [0, 1] with fixed noise.
     """
+    options = {"steps": inversion_steps, "compute_ssim": False} if model.inverts else {}
     out = []
     for i in range(0, len(volumes), batch_size):
         x = volumes[i : i + batch_size].to(model.device, torch.float32)
-        if model.family == "stylegan":
-            z = model.project(x, "w", steps=inversion_steps, compute_ssim=False).latent
-        elif model.family == "gan":
-            z = model.encode(x, steps=inversion_steps, compute_ssim=False)
-        else:
-            with torch.no_grad():
-                z = model.encode(x)
+        with contextlib.nullcontext() if model.inverts else torch.no_grad():  # inversion needs autograd
+            z = model.encode(x, **options)
         with torch.no_grad():
             out.append(model.decode(z).float().cpu())
     return torch.cat(out)
@@ -537,7 +534,7 @@ def evaluate_family(family: str, params: Params, root: Path | None = None, model
         "model_uri": f"models:/{loaded.name}/{loaded.version}", "requested_uri": uri,
         "evaluated_run_id": loaded.run_id or "", "eval_protocol": protocol, "split": cfg.split,
         "featurenet.backbone": extractor.backbone, "featurenet.id": extractor.ident,
-        "reconstruction": f"inversion ({cfg.inversion_steps} steps)" if family in GAN_FAMILIES else "encode/decode",
+        "reconstruction": f"inversion ({cfg.inversion_steps} steps)" if model.inverts else "encode/decode",
         **extractor.tags, **lineage,
     }
     run = mlflow.start_run(experiment_id=exp_id, run_name=f"eval-{family}-v{loaded.version}", tags=tags)
