@@ -141,6 +141,23 @@ def test_gradient_penalty_vanishes_for_a_unit_norm_linear_critic():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.parameters())
 
 
+def test_gradient_penalty_interpolates_at_the_generators_uniform_draws():
+    """Between real = 0 and fake = 1 the critic sees x_hat = alpha: the seeded generator's U[0, 1) draws, one per
+    volume, in the input's dtype (bfloat16 under autocast)."""
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return x.float().flatten(1).sum(1)
+
+    real, fake = torch.zeros(3, 1, *SHAPE), torch.ones(3, 1, *SHAPE)
+    alpha = torch.rand(3, 1, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    for dtype in (torch.float32, torch.bfloat16):
+        gradient_penalty(Recorder(), real.to(dtype), fake, generator=torch.Generator().manual_seed(4))
+        assert seen[-1].dtype == dtype and torch.equal(seen[-1], alpha.to(dtype).expand_as(real))
+
+
 def test_r1_penalty_is_zero_for_a_constant_critic_and_the_squared_gradient_norm_otherwise():
     real = blobs(3, SHAPE, seed=0)
     assert r1_penalty(ConstantCritic(), real).item() == 0.0

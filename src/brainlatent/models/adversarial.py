@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brainlatent.models.base import rand_on
+
 
 def _input_grad_sq_norm(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """Per-sample squared L2 norm of d(sum scores)/d(inputs), differentiable (create_graph): (B,) float32."""
@@ -38,9 +40,7 @@ def gradient_penalty(
     """
     # Under autocast the generator's output may be bfloat16 while real data is float32.
     real, fake = real.detach(), fake.detach().to(real.dtype)
-    gen_device = real.device if generator is None else generator.device
-    alpha = torch.rand((real.shape[0],) + (1,) * (real.ndim - 1), generator=generator, device=gen_device)
-    alpha = alpha.to(device=real.device, dtype=real.dtype)
+    alpha = rand_on(generator, (real.shape[0],) + (1,) * (real.ndim - 1), real.device).to(real.dtype)
     x_hat = torch.lerp(real, fake, alpha).requires_grad_(True)
     # The epsilon keeps sqrt differentiable where the gradient vanishes.
     norm = (_input_grad_sq_norm(discriminator(x_hat), x_hat) + 1e-12).sqrt()

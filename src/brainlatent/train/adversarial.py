@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from brainlatent.metrics.generative import mmd_rbf
 from brainlatent.models import adversarial as losses
 from brainlatent.models import stylegan as S
-from brainlatent.models.base import build_model
+from brainlatent.models.base import build_model, randn_on
 from brainlatent.train.augment import augment, parse_policy
 from brainlatent.train.device import adam
 from brainlatent.train.loop import Task
@@ -234,7 +234,7 @@ class StyleGANTask(_AdversarialTask):
         (the noise used to come from the global stream, so the proxy moved with the training batches)."""
         m = self.model
         g = m.generator_ema
-        z = torch.randn(n, m.z_dim, generator=generator).to(self.device)
+        z = randn_on(generator, (n, m.z_dim), self.device)
         vol = g(z, self.level, self.alpha, psi=m.truncation_psi, noise_mode="random", generator=generator)
         if tuple(vol.shape[2:]) != tuple(m.volume_shape):
             vol = F.interpolate(vol.float(), size=tuple(m.volume_shape), mode="trilinear", align_corners=False)
