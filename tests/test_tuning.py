@@ -74,6 +74,7 @@ def test_invalid_spec_names_the_param(spec, message, tiny_params):
         ({"ae": {"epochs": {"low": 1, "high": 3}}}, r"tune\.space\.ae\.epochs.*tune\.epochs"),
         ({"ae": {"latent_dim": {"low": 4.5, "high": 8.0}}}, r"tune\.space\.ae\.latent_dim.*not a valid"),
         ({"diffusion": {"lr": {"low": 1e-4, "high": 1e-3}}}, r"tune\.space\.diffusion.*unknown model family"),
+        ({"vae": {"lr": {"low": 1e-4, "high": 1e-3}}}, r"tune\.space\.ae: no parameters to search"),
     ],
 )
 def test_invalid_space_fails_before_any_work(space, where, project, tiny_params):

@@ -646,6 +646,22 @@ def _setup_lock(root: Path) -> FileLock:
     return FileLock(Path(tempfile.gettempdir()) / f"brainlatent-tune-{digest}.lock", timeout=600)
 
 
+def _check_tunable(family: str, params: Params, specs: dict[str, ParamSpec]) -> None:
+    """ValueError, before any store is opened, unless a family in ``tune.families`` can be tuned: its schedule
+    and ``tune.epochs`` make a valid trial, and ``tune.space`` has parameters to search."""
+    tune = params.tune
+    check_schedules(params, family)  # StyleGAN: a schedule that cannot reach the last level fails now, by name
+    try:
+        trial_family_config(params.family(family), tune.epochs)
+    except ValueError as err:
+        raise ValueError(f"tune.epochs: {tune.epochs} epochs per trial is not valid for {family}: {err}") from None
+    if not specs:
+        raise ValueError(
+            f"tune.space.{family}: no parameters to search, but {family} is in tune.families. Add a search space "
+            f"(docs/tuning.md) or remove {family} from tune.families."
+        )
+
+
 def tune_family(family: str, params: Params, *, root: Path | None = None) -> TuneResult:
     """Run (or join) the Optuna study of ``family`` until it holds ``tune.n_trials`` finished trials.
 
@@ -664,16 +680,7 @@ def tune_family(family: str, params: Params, *, root: Path | None = None) -> Tun
         write_json_atomic(_summary(family, None, metric, direction), path)
         log.info("%s is not in tune.families: not tuned (%s marks it skipped)", family, path)
         return TuneResult(family, True, None, metric, direction, None, {}, None, 0, 0, 0, None, path)
-    check_schedules(params, family)  # StyleGAN: a schedule that cannot reach the last level fails now, by name
-    try:
-        trial_family_config(params.family(family), tune.epochs)
-    except ValueError as err:
-        raise ValueError(f"tune.epochs: {tune.epochs} epochs per trial is not valid for {family}: {err}") from None
-    if not specs:
-        raise ValueError(
-            f"tune.space.{family}: no parameters to search, but {family} is in tune.families. Add a search space "
-            f"(docs/tuning.md) or remove {family} from tune.families."
-        )
+    _check_tunable(family, params, specs)
 
     from brainlatent.data.dataset import ProcessedData
 
