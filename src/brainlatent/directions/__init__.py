@@ -10,7 +10,7 @@
   effects.py     measures, re-encoded probe output and predictions along traversals; monotonicity
   groundtruth.py agreement with planted effects (synthetic cohort, positive controls)
   counterfactual.py  composition, reversibility, effectiveness and minimality of every direction
-  codec.py       LatentCodec: volumes <-> flat latents for every model family (the only family-aware code)
+  codec.py       LatentCodec: volumes <-> flat latents for any family (picks the latent space and inversion budget)
   lookup.py      the direction fitted for a model version (DVC output or its MLflow run)
   scan.py        traverse_scan: a user's scan along a fitted direction
   study.py       one direction's traversal, measures and checks in the directions stage
