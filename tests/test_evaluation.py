@@ -73,10 +73,13 @@ def test_featurenet_stage_trains_registers_and_loads_back(project, params):
     data = ProcessedData.open(project / "data" / "processed")
     x = data.load_split("val")
     assert net.features(x).shape == (len(x), 16)
-    # The registered weights are the kept ones: they reproduce the logged held-out metrics exactly.
+    # The registered weights are the kept ones: they reproduce the logged held-out metrics (to float32 rounding:
+    # the reloaded net may run its convolutions in another memory layout, another summation order; another
+    # epoch's weights would differ by orders of magnitude more).
     rows = data.subjects.iloc[data.split_indices("val")]
     again = evaluate_featurenet(net, x, encode_sex(rows["sex"].tolist()), encode_age_group(rows["age_group"].tolist()))
-    assert {f"val_{k}": v for k, v in again.items()} == {k: v for k, v in out.metrics.items() if k != "best_epoch"}
+    logged = {k: v for k, v in out.metrics.items() if k != "best_epoch"}
+    assert {f"val_{k}": v for k, v in again.items()} == pytest.approx(logged, rel=1e-6)
 
     other_shape = dataclasses.replace(params, data=dataclasses.replace(params.data, shape=(16, 16, 8)))
     with pytest.raises(ValueError, match="re-run `brainlatent featurenet`"):
