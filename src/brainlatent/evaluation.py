@@ -25,7 +25,6 @@ by ``evaluate.champion_metric.<family>`` (docs/metrics.md, "Champion rules").
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -282,18 +281,19 @@ def reconstruct(
 ) -> torch.Tensor:
     """Reconstructions (n, 1, X, Y, Z) float32 on the CPU of ``volumes`` (n, 1, X, Y, Z).
 
-    ``decode(encode(x))`` in the family's default latent space. AE/VAE encode in one pass (no autograd). Families
-    that invert (``model.inverts``; GAN: z optimised from zeros, StyleGAN: w in W optimised from w_avg) take
-    ``inversion_steps`` Adam steps; ``decode`` clamps to [0, 1] with fixed noise.
+    ``decode(encode(x))`` in the family's default latent space, through the directions' :class:`LatentCodec` (the
+    one place that knows how to encode any family): AE/VAE in one pass; families that invert (``model.inverts``;
+    GAN: z optimised from zeros, StyleGAN: w in W optimised from w_avg) with ``inversion_steps`` Adam steps;
+    ``decode`` clamps to [0, 1] with fixed noise.
     """
-    options = {"steps": inversion_steps, "compute_ssim": False} if model.inverts else {}
+    from brainlatent.directions.codec import LatentCodec  # lazy: only reconstruction needs the directions package
+
+    codec = LatentCodec.for_model(model, "w", inversion_steps)
     out = []
     for i in range(0, len(volumes), batch_size):
-        x = volumes[i : i + batch_size].to(model.device, torch.float32)
-        with contextlib.nullcontext() if model.inverts else torch.no_grad():  # inversion needs autograd
-            z = model.encode(x, **options)
+        z = codec.encode(volumes[i : i + batch_size])
         with torch.no_grad():
-            out.append(model.decode(z).float().cpu())
+            out.append(codec.decode(z).float().cpu())
     return torch.cat(out)
 
 

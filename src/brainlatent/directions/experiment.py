@@ -352,9 +352,10 @@ class Encoded:
 
 def encode(exp: Experiment) -> Encoded:
     """Encode the cohort (GAN families: by inversion) and decode it again: the reconstructions feed the
-    PCA-of-reconstructions baseline (what encoding keeps of each label) and the traversals' zero step. One
-    decoder pass over 160 default volumes costs well under a second; the cohort's volumes are in memory anyway
-    for the PCA-of-voxels baseline, and these are as many again."""
+    PCA-of-reconstructions baseline (what encoding keeps of each label) and the traversals' zero step. Measured
+    on the default cohort (BENCHMARKS.md, Run I vs Run H): the AE / VAE's encode step stays under 0.5 s, the
+    GAN families' +4-7 s on top of 32-34 s of inversion. The cohort's volumes are in memory anyway for the
+    PCA-of-voxels baseline, and these are as many again."""
     latents = exp.codec.encode_volumes(exp.data.volumes, ENCODE_BATCH)
     cohort_reconstructions = exp.codec.decode_latents(latents, DECODE_BATCH)
     originals = np.asarray(exp.data.volumes[exp.traversal_rows], np.float32)

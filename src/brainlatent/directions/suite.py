@@ -89,8 +89,8 @@ def run_probe_suite(
 
     ``volumes (N, X, Y, Z)``: the same subjects' processed volumes for the PCA-of-voxels baseline (skipped
     when None). ``reconstructions (N, X, Y, Z)``: the model's ``decode(encode(volumes))``, for the
-    PCA-of-reconstructions baseline (skipped when None). ``test_*``: a separate held-out set (same columns), scored once by probes fitted on all
-    fitting rows. Directions are fitted on all fitting rows for the ``latent`` probes and, for
+    PCA-of-reconstructions baseline (skipped when None). ``test_*``: a separate held-out set (same columns),
+    scored once by probes fitted on all fitting rows. Directions are fitted on all fitting rows for the ``latent`` probes and, for
     ``size_control_targets``, the ``latent_size_controlled`` probes.
 
     Baselines get the same repeated CV and bootstrap CIs; their permutation tests are skipped unless
@@ -98,9 +98,7 @@ def run_probe_suite(
     part by far, and the CIs already say whether the latents beat it).
     """
     latents = np.asarray(latents, np.float64)
-    _check_inputs(latents, subjects, volumes, test_latents, test_subjects)
-    if reconstructions is not None and len(reconstructions) != len(subjects):
-        raise ValueError(f"reconstructions: expected {len(subjects)} volumes, got {len(reconstructions)}")
+    _check_inputs(latents, subjects, volumes, reconstructions, test_latents, test_subjects)
     targets = available_targets(subjects) if targets is None else tuple(targets)
     has_test = test_latents is not None
     suite = ProbeSuite()
@@ -122,13 +120,15 @@ def run_probe_suite(
 
 
 def _check_inputs(latents: np.ndarray, subjects: pd.DataFrame, volumes: np.ndarray | None,
-                  test_latents: np.ndarray | None, test_subjects: pd.DataFrame | None) -> None:
+                  reconstructions: np.ndarray | None, test_latents: np.ndarray | None,
+                  test_subjects: pd.DataFrame | None) -> None:
     if latents.ndim != 2 or latents.shape[0] != len(subjects):
         raise ValueError(f"latents: expected ({len(subjects)}, L), one row per subject, got {latents.shape}")
     if test_latents is not None and test_subjects is None:
         raise ValueError("run_probe_suite: test_latents given without test_subjects")
-    if volumes is not None and len(volumes) != len(subjects):
-        raise ValueError(f"volumes: expected {len(subjects)} volumes, got {len(volumes)}")
+    for name, per_subject in (("volumes", volumes), ("reconstructions", reconstructions)):
+        if per_subject is not None and len(per_subject) != len(subjects):
+            raise ValueError(f"{name}: expected {len(subjects)} volumes, got {len(per_subject)}")
 
 
 def probe_plan(targets: tuple[str, ...], size_control_targets: tuple[str, ...], baselines: bool,
