@@ -75,7 +75,7 @@ def main() -> int:
         "n_train": len(train), "n_val": len(val),
         **{k: round(quality[k], 4) for k in ("intensity_w1", "coverage", "density", "c2st_auc", "tissue_tv")},
         "floor_real_intensity_w1": round(floor["intensity_w1"], 4),
-        "val_proxy": round(history[-1].get("val_proxy", float("nan")), 5),
+        "val/proxy": round(history[-1].get("val/proxy", float("nan")), 5),
     }
     line = json.dumps(row)
     print(line, flush=True)

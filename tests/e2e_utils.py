@@ -141,26 +141,28 @@ def find_or_install_chromium() -> tuple[str | None, str]:
     return (path, "") if path else (None, "apt-get installed chromium but it is not on PATH")
 
 
-def chromium_cmd(chromium: str, profile: Path, budget_ms: int = 15000) -> list[str]:
-    """Headless flags that keep Chromium offline (no sync, updates, field trials) and reproducible."""
+def chromium_cmd(chromium: str, profile: Path, budget_ms: int = 15000, window: str = "1400,900") -> list[str]:
+    """Headless flags that keep Chromium offline (no sync, updates, field trials) and reproducible. A taller
+    ``window`` ("width,height") lets pages that render lazily (MLflow's chart view) draw more at once."""
     return [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1400,900",
+        "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={window}",
         f"--virtual-time-budget={budget_ms}",
     ]
 
 
-def render_dom(chromium: str, url: str, profile: Path, budget_ms: int = 15000) -> str:
+def render_dom(chromium: str, url: str, profile: Path, budget_ms: int = 15000, window: str = "1400,900") -> str:
     """The DOM after the page's scripts ran (``--dump-dom``)."""
-    proc = subprocess.run([*chromium_cmd(chromium, profile, budget_ms), "--dump-dom", url],
+    proc = subprocess.run([*chromium_cmd(chromium, profile, budget_ms, window), "--dump-dom", url],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"chromium --dump-dom {url} exited {proc.returncode}: {proc.stderr[-3000:]}"
     return proc.stdout
 
 
-def screenshot(chromium: str, url: str, png: Path, profile: Path, budget_ms: int = 15000) -> Path:
-    proc = subprocess.run([*chromium_cmd(chromium, profile, budget_ms), f"--screenshot={png}", url],
+def screenshot(chromium: str, url: str, png: Path, profile: Path, budget_ms: int = 15000,
+               window: str = "1400,900") -> Path:
+    proc = subprocess.run([*chromium_cmd(chromium, profile, budget_ms, window), f"--screenshot={png}", url],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and png.is_file(), (
         f"chromium --screenshot {url} exited {proc.returncode}: {proc.stderr[-3000:]}"

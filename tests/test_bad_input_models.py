@@ -101,7 +101,7 @@ def registered(project) -> Path:
     tracking.configure(project)
     model = build_model("ae", AE_CONFIG)
     with mlflow.start_run(experiment_id=tracking.experiment_id("bad-input", project)):
-        registry.log_and_register(model, "ae", model.config_dict(), {"val_mse": 0.1})
+        registry.log_and_register(model, "ae", model.config_dict(), {"val/mse": 0.1})
     (weights,) = project.glob("mlartifacts/**/artifacts/weights.pt")
     return weights.parent
 

@@ -42,7 +42,7 @@ def _run(cmd: list[str], root: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def _losses(client: MlflowClient, run_id: str) -> list[float]:
-    return [m.value for m in client.get_metric_history(run_id, "train_loss")]
+    return [m.value for m in client.get_metric_history(run_id, "train/loss")]
 
 
 @pytest.mark.slow

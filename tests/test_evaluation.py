@@ -61,8 +61,8 @@ def test_featurenet_stage_trains_registers_and_loads_back(project, params):
     client = MlflowClient()
     run = client.get_run(out.run_id)
     assert run.data.tags["model"] == "featurenet" and run.data.params["featurenet.feature_dim"] == "16"
-    assert [m.step for m in client.get_metric_history(out.run_id, "epoch_val_loss")] == [1, 2]
-    assert run.data.metrics["val_sex_auc"] == out.metrics["val_sex_auc"]
+    assert [m.step for m in client.get_metric_history(out.run_id, "val/loss")] == [1, 2]
+    assert run.data.metrics["kept/sex_auc"] == out.metrics["kept/sex_auc"]
     on_disk = json.loads((project / "metrics" / "featurenet.json").read_text())
     assert on_disk == {"backbone": "featurenet", **out.metrics}
     mv = client.get_model_version_by_alias(FEATURENET_MODEL, "champion")
@@ -78,8 +78,8 @@ def test_featurenet_stage_trains_registers_and_loads_back(project, params):
     # epoch's weights would differ by orders of magnitude more).
     rows = data.subjects.iloc[data.split_indices("val")]
     again = evaluate_featurenet(net, x, encode_sex(rows["sex"].tolist()), encode_age_group(rows["age_group"].tolist()))
-    logged = {k: v for k, v in out.metrics.items() if k != "best_epoch"}
-    assert {f"val_{k}": v for k, v in again.items()} == pytest.approx(logged, rel=1e-6)
+    logged = {k: v for k, v in out.metrics.items() if k != "kept/epoch"}
+    assert {f"kept/{k}": v for k, v in again.items()} == pytest.approx(logged, rel=1e-6)
 
     other_shape = dataclasses.replace(params, data=dataclasses.replace(params.data, shape=(16, 16, 8)))
     with pytest.raises(ValueError, match="re-run `brainlatent featurenet`"):

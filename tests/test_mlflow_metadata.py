@@ -36,9 +36,9 @@ def test_experiments_are_marked_as_model_development(store):
 def test_a_registered_version_has_its_dataset_description_and_few_tags(store):
     lineage = tracking.lineage_tags("data/processed", store)
     model = build_model("ae", {"latent_dim": 4, "volume_shape": [16, 16, 16], "hidden": [8]})
-    final = {"val_mse": 0.0123, "train_loss": 0.02, "val_psnr": 19.5, "lr": 1e-3}
+    final = {"val/mse": 0.0123, "train/loss": 0.02, "val/psnr": 19.5, "lr": 1e-3}
     with mlflow.start_run(experiment_id=tracking.experiment_id("brainlatent-train", store)) as run:
-        mlflow.log_metrics({"val_mse": 0.0123, "train_loss": 0.02}, step=2)  # what training logs per epoch
+        mlflow.log_metrics({"val/mse": 0.0123, "train/loss": 0.02}, step=2)  # what training logs per epoch
         version, _ = registry.log_and_register(
             model, "ae", model.config_dict(), final,
             tags={**lineage, "run_id": run.info.run_id, "volume_affine": json.dumps(np.eye(4).tolist())})
@@ -55,16 +55,16 @@ def test_a_registered_version_has_its_dataset_description_and_few_tags(store):
     assert {"subject_id", "sex", "age", "split"} <= {c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
 
     mv = client.get_model_version("brainlatent-ae", version)
-    assert set(mv.tags) <= {*registry.VERSION_TAGS, "metric.val_mse"} and mv.tags["metric.val_mse"] == "0.0123"
+    assert set(mv.tags) <= {*registry.VERSION_TAGS, "metric.val/mse"} and mv.tags["metric.val/mse"] == "0.0123"
     assert mv.tags["data.content_sha256"] == lineage["data.content_sha256"]
     for words in ("**ae**", run.info.run_id, "data/processed", lineage["data.content_sha256"][:16],
-                  "val_mse 0.0123", "val_psnr 19.5"):
+                  "val/mse 0.0123", "val/psnr 19.5"):
         assert words in mv.description, (words, mv.description)
-    assert mv.description.index("val_mse") < mv.description.index("train_loss")  # the rule metric first
+    assert mv.description.index("val/mse") < mv.description.index("train/loss")  # the rule metric first
     # Moved, not lost: the run holds what the version no longer repeats.
     assert held.data.tags["volume_affine"] == json.dumps(np.eye(4).tolist())
     assert held.data.tags["mlflow.note.content"] == mv.description  # the run page's Description
-    assert held.data.metrics["val_psnr"] == 19.5 and held.data.metrics["val_mse"] == 0.0123
+    assert held.data.metrics["val/psnr"] == 19.5 and held.data.metrics["val/mse"] == 0.0123
 
 
 def test_a_run_without_processed_data_says_what_is_missing(store, tmp_path):

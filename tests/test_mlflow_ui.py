@@ -9,6 +9,7 @@ training anything: the test is about what the UI shows of it. Screenshots go to 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def logged(project, tiny_processed):
                               tags={"model": family, "stage": "train", **lineage}) as run:
             tracking.log_dataset("data/processed", "training", project, lineage)
             for epoch in range(1, EPOCHS + 1):
-                mlflow.log_metrics({metric: (1 + i) / epoch}, step=epoch)
+                mlflow.log_metrics({metric: (1 + i) / epoch, "train/loss": 2 * (1 + i) / epoch}, step=epoch)
             if family == "ae":
                 model = build_model("ae", {"latent_dim": 4, "volume_shape": [16, 16, 16], "hidden": [8]})
                 registry.log_and_register(model, family, model.config_dict(), {metric: 1 / EPOCHS},
@@ -65,10 +66,10 @@ def server(project, logged):
         log.close()
 
 
-def _open(chromium, url: str, name: str, tmp_path: Path) -> str:
+def _open(chromium, url: str, name: str, tmp_path: Path, window: str = "1400,900") -> str:
     """The DOM after the UI rendered ``url``; its screenshot kept in test-artifacts/."""
-    dom = render_dom(chromium, url, tmp_path / "profile", budget_ms=25000)
-    png = screenshot(chromium, url, tmp_path / name, tmp_path / "profile", budget_ms=25000)
+    dom = render_dom(chromium, url, tmp_path / "profile", budget_ms=25000, window=window)
+    png = screenshot(chromium, url, tmp_path / name, tmp_path / "profile", budget_ms=25000, window=window)
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(png, ARTIFACTS / name)
     (ARTIFACTS / name).with_suffix(".html").write_text(dom, encoding="utf-8")
@@ -87,11 +88,15 @@ def test_the_ui_shows_datasets_curves_and_descriptions(logged, server, chromium,
     cell = f'<span title="data/processed ({digest})"'  # the Dataset column's cell: name (digest)
     assert table.count(cell) == len(FAMILIES), "the Dataset column is not filled for every run"
 
-    charts = _open(chromium, tracking.experiment_url(exp, charts=True), "ui_validation_curves.png", tmp_path)
+    # Tall enough that the chart view draws both sections (it renders charts lazily, as they scroll into view).
+    charts = _open(chromium, tracking.experiment_url(exp, charts=True), "ui_validation_curves.png", tmp_path,
+                   window="1400,1600")
     for metric in {m for m, _ in registry.VALIDATION_METRICS.values()}:
         assert metric in charts, f"no chart of {metric}"
+    sections = re.findall(r'compare-runs-section-header.*?white-space: pre;">([^<]+)</div>', charts)
+    assert {"train", "val"} <= set(sections), f"metrics not grouped by prefix into sections: {sections}"
     assert charts.count('class="main-svg') >= 2  # plotly drew the charts, not only their titles
 
     version = _open(chromium, f"{server}/#/models/{registry.registered_name('ae')}/versions/1",
                     "ui_model_version.png", tmp_path)
-    assert "trained in run" in version and f"val_mse {1 / EPOCHS:.4g}" in version
+    assert "trained in run" in version and f"val/mse {1 / EPOCHS:.4g}" in version

@@ -103,7 +103,7 @@ def test_dvc_metrics_show_every_family(pipeline):
         for fam in FAMILIES:
             path = f"metrics/{kind}/{fam}.json"
             assert path in files and files[path], f"{path} missing or empty in `dvc metrics show`"
-    assert "val_mse" in files["metrics/train/vae.json"]
+    assert "val/mse" in files["metrics/train/vae.json"]
     assert "sex_auc" in files["metrics/directions/ae.json"]
 
 
@@ -382,7 +382,7 @@ def test_mlflow_run_train_entry_point(pipeline, store):
     assert launched.info.status == "FINISHED"
     assert launched.data.tags["model"] == "vae"
     assert launched.data.tags.get("mlflow.project.entryPoint") == "train"
-    assert "val_mse" in launched.data.metrics
+    assert "val/mse" in launched.data.metrics
     versions = client.search_model_versions("name='brainlatent-vae'")
     added = [v for v in versions if v.version not in versions_before]
     assert len(added) == 1 and added[0].run_id == launched.info.run_id

@@ -110,7 +110,7 @@ def test_training_logs_and_registers_on_the_postgres_tracking_server(postgres, m
     assert logged.info.status == "FINISHED" and logged.data.tags["model"] == "ae"
     assert client.get_experiment(logged.info.experiment_id).name == tracking.TRAIN_EXPERIMENT
     assert logged.data.params["ae.epochs"] == "2"
-    assert [m.step for m in client.get_metric_history(run_id, "val_mse")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "val/mse")] == [1, 2]
     candidate = client.get_model_version_by_alias("brainlatent-ae", "candidate")
     assert candidate.run_id == run_id and candidate.version == "1"
     # The rows are in PostgreSQL and the artifacts went through the server to its destination.

@@ -154,7 +154,7 @@ from brainlatent.models.base import build_model
 tracking.configure()
 model = build_model("vae", {"latent_dim": 4, "volume_shape": [16, 16, 16], "hidden": [8]})
 with mlflow.start_run(experiment_id=tracking.experiment_id(tracking.TRAIN_EXPERIMENT)):
-    version, _ = registry.log_and_register(model, "vae", model.config_dict(), {"val_mse": 0.5})
+    version, _ = registry.log_and_register(model, "vae", model.config_dict(), {"val/mse": 0.5})
 MlflowClient().set_registered_model_alias("brainlatent-vae", "champion", version)
 """
 

@@ -34,9 +34,9 @@ def test_ae_run_is_logged_registered_and_loadable(tiny_processed, tiny_params, p
     assert run.data.params["data.shape"] == "[16, 16, 16]"
     assert run.data.tags["model"] == "ae"
     assert len(run.data.tags["git_commit"]) > 0 and len(run.data.tags["data.content_sha256"]) == 64
-    history = client.get_metric_history(out.run_id, "val_mse")
+    history = client.get_metric_history(out.run_id, "val/mse")
     assert [m.step for m in history] == [1, 2]
-    for key in ("train_loss", "val_psnr", "val_ssim"):
+    for key in ("train/loss", "val/psnr", "val/ssim"):
         assert key in run.data.metrics
 
     arts = [a.path for a in client.list_artifacts(out.run_id, "volumes/epoch_002/reconstructions")]
@@ -81,13 +81,13 @@ def test_vae_resume_gives_identical_weights(tiny_processed, tiny_params, project
     second = train_family("vae", sliced, resume=True, register=False)
     assert second.finished and second.resumed_from == 1
     assert second.run_id == first.run_id  # same MLflow run continues
-    assert [m.step for m in MlflowClient().get_metric_history(second.run_id, "val_mse")] == [1, 2]
+    assert [m.step for m in MlflowClient().get_metric_history(second.run_id, "val/mse")] == [1, 2]
 
     wa, wb = _weights(project / "ck_a/vae/last.pt"), _weights(project / "ck_b/vae/last.pt")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    assert a.metrics["val_mse"] == pytest.approx(second.metrics["val_mse"], rel=0, abs=0)
+    assert a.metrics["val/mse"] == pytest.approx(second.metrics["val/mse"], rel=0, abs=0)
 
 
 def test_resume_ignores_checkpoint_of_other_config(tiny_processed, tiny_params, project):
@@ -105,7 +105,7 @@ def test_registering_moves_candidate_and_only_an_explicit_rule_moves_champion(pr
     client = MlflowClient()
     exp = tracking.experiment_id("registry-test", project)
     with mlflow.start_run(experiment_id=exp):  # a model family: no champion from training metrics
-        version, promoted = registry.log_and_register(model, "ae", model.config_dict(), {"val_mse": 0.01})
+        version, promoted = registry.log_and_register(model, "ae", model.config_dict(), {"val/mse": 0.01})
     assert (version, promoted) == ("1", False)
     assert set(client.get_registered_model("brainlatent-ae").aliases) == {"candidate"}
     # The feature net's training-time rule (champion_metric), on a registered name of its own.

@@ -21,7 +21,7 @@ def test_gan_trains_registers_and_samples_by_alias(tiny_processed, tiny_params):
     assert out.finished and out.model_version == "1"
     client = MlflowClient()
     run = client.get_run(out.run_id)
-    for key in ("train_d_loss", "train_g_loss", "train_d_r1", "val_proxy"):
+    for key in ("train/d_loss", "train/g_loss", "train/d_r1", "val/proxy"):
         assert key in run.data.metrics, key
     arts = [a.path for a in client.list_artifacts(out.run_id, "volumes/epoch_002/samples")]
     assert any(a.endswith("montage.png") for a in arts)
@@ -34,9 +34,9 @@ def test_stylegan_grows_progressively_and_logs_mixing_and_truncation(tiny_proces
     out = train_family("stylegan", tiny_params)
     assert out.finished
     client = MlflowClient()
-    levels = [m.value for m in client.get_metric_history(out.run_id, "resolution_level")]
+    levels = [m.value for m in client.get_metric_history(out.run_id, "schedule/resolution_level")]
     assert levels == [0.0, 1.0, 2.0]  # one epoch per level, 3 levels for 16^3
-    alphas = [m.value for m in client.get_metric_history(out.run_id, "alpha")]
+    alphas = [m.value for m in client.get_metric_history(out.run_id, "schedule/alpha")]
     assert alphas[0] == 1.0 and alphas[1] == 0.0  # a new level starts faded out
     final = "volumes/epoch_003"
     kinds = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(out.run_id, final)}

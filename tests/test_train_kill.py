@@ -50,7 +50,7 @@ def _logged_steps(db: Path, other_than: str) -> list[int]:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
             rows = con.execute(
-                "SELECT step FROM metrics WHERE key = 'epoch_seconds' AND run_uuid != ?", (other_than,)
+                "SELECT step FROM metrics WHERE key = 'time/epoch_seconds' AND run_uuid != ?", (other_than,)
             )
             return [r[0] for r in rows]
     except sqlite3.OperationalError:  # the writer holds the lock
@@ -101,7 +101,7 @@ def test_sigkill_mid_epoch_resumes_into_the_same_run_with_identical_weights(tmp_
     runs = client.search_runs([client.get_experiment_by_name("brainlatent-train").experiment_id])
     assert sorted(r.info.run_id for r in runs) == sorted([ref.run_id, run_id])  # kill + resume: one run
     assert client.get_run(run_id).info.status == "FINISHED"
-    for key in ("train_loss", "val_mse", "epoch_seconds"):
+    for key in ("train/loss", "val/mse", "time/epoch_seconds"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, EPOCHS + 1)), key
     assert len(client.search_model_versions("name='brainlatent-ae'")) == 1
 
@@ -109,7 +109,7 @@ def test_sigkill_mid_epoch_resumes_into_the_same_run_with_identical_weights(tmp_
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    values = [[m.value for m in client.get_metric_history(r, "val_mse")] for r in (ref.run_id, run_id)]
+    values = [[m.value for m in client.get_metric_history(r, "val/mse")] for r in (ref.run_id, run_id)]
     assert values[0] == values[1]
 
 
@@ -135,9 +135,9 @@ def test_kill_after_a_checkpoint_but_before_its_metrics_or_the_registry(tiny_pro
     assert out.model_version is not None
     client = MlflowClient()
     assert client.get_run(first.run_id).info.status == "FINISHED"
-    history = client.get_metric_history(first.run_id, "val_mse")
+    history = client.get_metric_history(first.run_id, "val/mse")
     assert [m.step for m in history] == [1, 2]
-    assert history[1].value == load_checkpoint(b)["history"][1]["val_mse"]
+    assert history[1].value == load_checkpoint(b)["history"][1]["val/mse"]
     assert (project / "metrics/train/ae.json").is_file()
 
     # A finished run is not reopened: --resume then trains afresh, in a new run.
@@ -244,7 +244,7 @@ def test_two_training_processes_on_one_fresh_store_lose_no_run(tmp_path):
     assert sorted(r.data.tags["model"] for r in runs) == ["ae", "vae"]
     for run in runs:
         assert run.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mse")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mse")]
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
     registered = {m.name for m in client.search_registered_models()}
     assert registered >= {"brainlatent-ae", "brainlatent-vae"}, f"{registered}\n" + "\n".join(o[-2500:] for o in outputs)

@@ -108,7 +108,7 @@ def test_study_writes_tuned_file_logs_nested_runs_and_feeds_training(tiny_proces
     result = tune_family("ae", params)
 
     tuned = json.loads((project / "tuned" / "ae.json").read_text())
-    assert tuned["family"] == "ae" and tuned["metric"] == "val_mse" and tuned["study"] == result.study
+    assert tuned["family"] == "ae" and tuned["metric"] == "val/mse" and tuned["study"] == result.study
     assert result.study.startswith("brainlatent-ae-")  # prefix, family, then a hash of the configuration
     assert set(tuned["params"]) == {"lr", "latent_dim"} and tuned["n_complete"] == 3
     assert tuned["value"] == pytest.approx(result.best_value) and not tuned["skipped"]
@@ -133,7 +133,7 @@ def test_study_writes_tuned_file_logs_nested_runs_and_feeds_training(tiny_proces
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags["state"] == "complete"
         assert run.data.params["ae.epochs"] == "2" and run.data.params["ae.latent_dim"] in ("4", "8")
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mse")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mse")] == [1, 2]
     by_number = {int(r.data.tags["optuna.trial"]): r for r in trials}
     assert by_number[study.best_trial.number].info.run_id == study.best_trial.user_attrs["mlflow_run_id"]
 

@@ -199,7 +199,7 @@ def train(
         for key, (mine, theirs) in tuned.overridden.items():
             typer.echo(f"  note: {model}.{key} = {theirs!r} from tuning, not params.yaml's {mine!r} "
                        f"(pin it with tune.pinned.{model}, docs/tuning.md)")
-        keys = [k for k in ("val_mse", "val_psnr", "val_ssim", "val_proxy") if k in out.metrics]
+        keys = [k for k in ("val/mse", "val/psnr", "val/ssim", "val/proxy") if k in out.metrics]
         typer.echo("  " + "  ".join(f"{k}={out.metrics[k]:.4g}" for k in keys))
 
     _run(go)

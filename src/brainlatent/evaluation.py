@@ -3,7 +3,7 @@
 ``train_featurenet`` trains :class:`~brainlatent.models.featurenet.FeatureNet` on the train split (the val
 split picks the epoch), logs it to MLflow (experiment ``brainlatent-featurenet``) and registers it as
 ``brainlatent-featurenet`` with the same artifact layout as the generative families (``weights.pt`` +
-``config.json``, family ``featurenet``); its champion rule is ``val_sex_auc`` (higher is better). With
+``config.json``, family ``featurenet``); its champion rule is ``kept/sex_auc`` (higher is better). With
 ``featurenet.backbone: medicalnet`` nothing is trained: the stage records the user's MedicalNet weights file.
 
 ``evaluate_family`` loads the version ``train@<family>`` registered (``trained/<family>.json``, see
@@ -127,9 +127,9 @@ def _medicalnet_path(params: Params, root: Path) -> Path:
 def train_featurenet(params: Params, root: Path | None = None) -> FeatureNetOutcome:
     """Train, log and register the feature network (DVC stage ``featurenet``); writes metrics/featurenet.json.
 
-    FeatureNet: per-epoch ``train_loss`` / ``epoch_val_*`` as MLflow metrics (step = epoch), then the held-out
-    metrics of the kept (lowest val loss) weights: ``val_loss``, ``val_sex_auc``, ``val_sex_acc``,
-    ``val_age_acc``, ``val_age_mae_groups``. MedicalNet: loads the weights once (fails early on a bad file)
+    FeatureNet: per-epoch ``train/loss`` and ``val/*`` as MLflow metrics (step = epoch), then the validation
+    metrics of the kept (lowest val loss) weights: ``kept/loss``, ``kept/sex_auc``, ``kept/sex_acc``,
+    ``kept/age_acc``, ``kept/age_mae_groups``, ``kept/epoch``. MedicalNet: loads the weights once (fails early on a bad file)
     and records the file's path and sha256; nothing is trained or registered.
     """
     root = _root(root)
@@ -174,14 +174,14 @@ def train_featurenet(params: Params, root: Path | None = None) -> FeatureNetOutc
             batch_size=cfg.batch_size, age_weight=cfg.age_weight, seed=params.seed, augment=cfg.augment,
             device=device,
         )
-        # Curves under epoch_* names: the plain val_* names hold the kept (lowest val loss) epoch's values,
+        # Curves as train/* and val/* (step = epoch); the kept (lowest val loss) epoch's values under kept/*,
         # which MLflow would otherwise hide behind the last epoch's (its "latest" value is the highest step).
         for row in history:
-            curves = {(k if k == "train_loss" else f"epoch_{k}"): v for k, v in row.items() if k != "epoch"}
+            curves = {k.replace("_", "/", 1): v for k, v in row.items() if k != "epoch"}
             mlflow.log_metrics(curves, step=int(row["epoch"]))
         held_out = evaluate_featurenet(model, x_va, s_va, a_va, device=device, age_weight=cfg.age_weight)
-        metrics = {f"val_{k}": v for k, v in held_out.items()}
-        metrics["best_epoch"] = float(min(history, key=lambda r: r["val_loss"])["epoch"])
+        metrics = tracking.grouped("kept", held_out)
+        metrics["kept/epoch"] = float(min(history, key=lambda r: r["val_loss"])["epoch"])
         mlflow.log_metrics(metrics)
         version, champion = registry.log_and_register(
             model, FEATURENET_FAMILY, model.config, metrics,

@@ -34,13 +34,14 @@ FORMAT_VERSION = 1
 
 # The validation metric each family reports every epoch (what Optuna optimises) and whether higher is better.
 VALIDATION_METRICS: dict[str, tuple[str, bool]] = {
-    "ae": ("val_mse", False),
-    "vae": ("val_mse", False),
-    "gan": ("val_proxy", False),
-    "stylegan": ("val_proxy", False),
+    "ae": ("val/mse", False),
+    "vae": ("val/mse", False),
+    "gan": ("val/proxy", False),
+    "stylegan": ("val/proxy", False),
 }
-# The feature net's champion: the version whose sex head separates the validation split best.
-FEATURENET_CHAMPION_METRIC = ("val_sex_auc", True)
+# The feature net's champion: the version whose sex head (its kept epoch's weights) separates the validation
+# split best.
+FEATURENET_CHAMPION_METRIC = ("kept/sex_auc", True)
 
 
 def registered_name(family: str) -> str:

@@ -4,7 +4,7 @@ Both use Adam with beta1 = 0 (as in ProGAN/StyleGAN), one discriminator step per
 step every ``n_critic`` batches, a generator EMA for everything that is logged or registered, lazy R1 for
 the non-saturating loss (the penalty, scaled by ``r1_every``, only every ``r1_every`` discriminator steps:
 StyleGAN2's lazy regularisation; the double backward is the most expensive part of a D step), and the
-same validation proxy until the evaluation stage supplies FID: ``val_proxy`` = unbiased RBF-MMD^2 (median
+same validation proxy until the evaluation stage supplies FID: ``val/proxy`` = unbiased RBF-MMD^2 (median
 heuristic) between EMA samples and the validation volumes, both average-pooled 2x per axis (a cheap,
 seed-fixed distribution distance in voxel space; lower is better).
 """
@@ -143,8 +143,8 @@ class _AdversarialTask(Task):
         fake = self.proxy_samples(max(len(val), 16))
         mmd = mmd_rbf(_pooled(fake).numpy(), _pooled(val).numpy())["mmd_rbf"]
         return {
-            "val_proxy": float(mmd),
-            "val_sample_mean_abs_err": float((fake.mean(0) - val.mean(0)).abs().mean()),
+            "proxy": float(mmd),
+            "sample_mean_abs_err": float((fake.mean(0) - val.mean(0)).abs().mean()),
         }
 
     @torch.no_grad()
@@ -243,7 +243,7 @@ class StyleGANTask(_AdversarialTask):
     @torch.no_grad()
     def validate(self, val):
         metrics = super().validate(val)
-        metrics["val_proxy_final_level"] = float(self.level == self.model.n_levels - 1 and self.alpha >= 1.0)
+        metrics["proxy_final_level"] = float(self.level == self.model.n_levels - 1 and self.alpha >= 1.0)
         return metrics
 
     @torch.no_grad()

@@ -28,11 +28,15 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from brainlatent.tracking import grouped
 from brainlatent.train import distributed
 from brainlatent.train.checkpoint import load_checkpoint, save_atomic
 from brainlatent.train.device import autocast, to_memory_format
 
 log = logging.getLogger(__name__)
+
+# Per-epoch metrics are grouped (tracking.grouped): train/<loss>, val/<metric>, schedule/<value>, and this.
+EPOCH_SECONDS = "time/epoch_seconds"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,7 +125,8 @@ class Task(ABC):
 
     @abstractmethod
     def validate(self, val: torch.Tensor) -> dict[str, float]:
-        """Validation metrics on the whole validation split ``(N, 1, X, Y, Z)``."""
+        """Validation metrics on the whole validation split ``(N, 1, X, Y, Z)``, unprefixed (the loop logs
+        them as ``val/<name>``)."""
 
     def artifacts(self, fixed: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Volumes worth looking at (reconstructions of ``fixed``, samples): name -> ``(N, 1, X, Y, Z)``."""
@@ -316,19 +321,19 @@ def run_loop(
             # checkpoint records; then every rank must hold exactly rank 0's state.
             distributed.broadcast_state(task.model, buffers_only=True)
             distributed.assert_in_sync(task.model, f"after epoch {epoch + 1}")
-        metrics = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        metrics = grouped("train", {k: v / max(n_batches, 1) for k, v in sums.items()})
         last = epoch + 1 == cfg.epochs
         if last:
             task.on_train_end(train)
         if rank0:
-            metrics.update(task.validate(val))
-        metrics.update(sched_values)
-        metrics["epoch_seconds"] = time.perf_counter() - t0
+            metrics.update(grouped("val", task.validate(val)))
+        metrics.update(grouped("schedule", sched_values))
+        metrics[EPOCH_SECONDS] = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, **metrics})
         if rank0:
             log.info(
                 "epoch %d/%d %s", epoch + 1, cfg.epochs,
-                " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("lr")),
+                " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "schedule/lr"),
             )
             save_atomic(_checkpoint(task, optimizers, schedulers, gen, epoch + 1, history, cfg, checkpoint_extra),
                         cfg.checkpoint)

@@ -86,7 +86,7 @@ class ReconstructionTask(Task):
     def validate(self, val):
         recon = self.reconstruct(val)
         per_volume = reconstruction_per_volume(recon, val)
-        metrics = {f"val_{k}": float(v.mean()) for k, v in per_volume.items()}
+        metrics = {k: float(v.mean()) for k, v in per_volume.items()}
         if self.family == "vae":
             terms = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
             n = 0
@@ -97,7 +97,7 @@ class ReconstructionTask(Task):
                 for k in terms:
                     terms[k] += float(out[k]) * len(xb)
                 n += len(xb)
-            metrics.update({"val_elbo_loss": terms["loss"] / n, "val_kl": terms["kl"] / n})
+            metrics.update({"elbo_loss": terms["loss"] / n, "kl": terms["kl"] / n})
         return metrics
 
     @torch.no_grad()

@@ -27,7 +27,9 @@ from brainlatent.data.dataset import ProcessedData
 from brainlatent.model_ref import ModelRef, write_ref
 from brainlatent.train import distributed
 from brainlatent.train.device import resolve_device, seed_everything
-from brainlatent.train.loop import LoopConfig, Task, Terminated, deferred_sigterm, resumable_checkpoint, run_loop
+from brainlatent.train.loop import (
+    EPOCH_SECONDS, LoopConfig, Task, Terminated, deferred_sigterm, resumable_checkpoint, run_loop,
+)
 from brainlatent.tuning import TunedValues
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def _write_outputs(root: Path, family: str, metrics: dict[str, float], history: 
 def _log_missing_epochs(run_id: str, history: list[dict]) -> None:
     """A kill between writing an epoch's checkpoint and logging its metrics leaves that epoch unlogged:
     log it on resume, so the run has each epoch exactly once."""
-    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch_seconds")}
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, EPOCH_SECONDS)}
     for row in history:
         if row["epoch"] not in logged:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
