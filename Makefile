@@ -31,7 +31,7 @@ repro: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The lowest allowed versions: every direct dependency pinned to its floor in pyproject.toml
 # (.ci/floor_constraints.py), torch kept at the CPU wheel installed first, newest versions of everything else.
