@@ -427,7 +427,10 @@ class _Objective:
         from brainlatent.train.device import resolve_device
 
         self.family, self.params, self.specs = family, params, specs
-        self.train_x, self.val_x, self.grid = data.load_split("train"), data.load_split("val"), data.grid
+        from brainlatent.data.dataset import open_split
+
+        # Streamed when too large for memory, as in train_family (issue 17); validation stays in memory.
+        self.train_x, self.val_x, self.grid = open_split(data, "train"), data.load_split("val"), data.grid
         if len(self.val_x) == 0:
             raise ValueError(f"{data.root}: the validation split is empty; increase data.split_fractions[1]")
         self.lineage, self.experiment_id, self.parent_run_id = lineage, experiment_id, parent_run_id

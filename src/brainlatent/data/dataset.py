@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from torch.utils.data import Dataset
 
 from brainlatent.data.preprocess import SPLITS, SUBJECT_COLUMNS
 from brainlatent.grid import Grid
+
+log = logging.getLogger(__name__)
 
 REQUIRED_FILES: tuple[str, ...] = ("volumes.npy", "subjects.csv", "grid.json")
 
@@ -88,3 +92,201 @@ class VolumeDataset(Dataset):
         row = int(self.indices[i])
         volume = torch.from_numpy(np.asarray(self.data.volumes[row], dtype=np.float32))
         return volume.unsqueeze(0), row
+
+
+# -- streaming (issue 17) ------------------------------------------------------------------------------------
+# How training holds a split: "auto" (stream when the float32 split would not fit comfortably in memory),
+# "always" or "never". The environment variable overrides the default (TrainConfig has no field for it yet).
+STREAM_ENV = "BRAINLATENT_STREAM"
+STREAM_MODES = ("auto", "always", "never")
+# "Comfortably": the float32 split takes at most this share of the memory available now (the model, its
+# activations, the validation split and the other processes need the rest).
+STREAM_MEMORY_SHARE = 0.25
+# DataLoader workers reading the memmap (one per core is enough to hide the reads: see docs/research_scale.md).
+STREAM_WORKERS_ENV = "BRAINLATENT_STREAM_WORKERS"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (psutil when installed, else /proc via sysconf)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a dependency of MLflow's system metrics
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def stream_mode(mode: str | None = None) -> str:
+    """``mode``, else $BRAINLATENT_STREAM, else auto; ValueError for anything else."""
+    mode = mode or os.environ.get(STREAM_ENV) or "auto"
+    if mode not in STREAM_MODES:
+        raise ValueError(f"stream mode {mode!r} ({STREAM_ENV}): expected one of {list(STREAM_MODES)}")
+    return mode
+
+
+def should_stream(n_volumes: int, shape: tuple[int, ...], mode: str | None = None,
+                  available: int | None = None) -> bool:
+    """Whether a split of ``n_volumes`` of ``shape`` is streamed: always / never, or (auto) when its float32
+    size exceeds STREAM_MEMORY_SHARE of ``available`` (default: :func:`available_memory`)."""
+    mode = stream_mode(mode)
+    if mode != "auto":
+        return mode == "always"
+    nbytes = n_volumes * int(np.prod(shape)) * 4
+    return nbytes > STREAM_MEMORY_SHARE * (available_memory() if available is None else available)
+
+
+def stream_workers() -> int:
+    """DataLoader workers for a streamed split: $BRAINLATENT_STREAM_WORKERS, else one per core up to 4."""
+    env = os.environ.get(STREAM_WORKERS_ENV)
+    if env is not None:
+        return max(0, int(env))
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class StreamedSplit:
+    """One split read from the memmap on demand: the operations the loop and the tasks use on a split tensor.
+
+    ``len``, ``shape`` / ``ndim`` / ``dtype``, ``x[i:j]`` and ``x[index_tensor]`` (float32 (b, 1, X, Y, Z),
+    read from the float16 memmap), ``x.float()`` (itself) and ``x.mean(0, keepdim)`` (accumulated in float64
+    over batches). Training draws its batches through :meth:`loader`: a DataLoader whose workers read the
+    loop's own index batches (same order, same drop rule), pinned on CUDA. Only the rows being read are in
+    memory, plus the page cache the kernel may drop at will.
+    """
+
+    dtype = torch.float32
+    ndim = 5
+    read_batch = 16  # volumes per read in mean()
+
+    def __init__(self, volumes_path: str | Path, rows: np.ndarray, volume_shape: tuple[int, ...]) -> None:
+        self.path = Path(volumes_path)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = torch.Size((len(self.rows), 1, *volume_shape))
+        self._volumes: np.ndarray | None = None
+        self._loader = None
+
+    @classmethod
+    def of(cls, data: "ProcessedData", split: str) -> "StreamedSplit":
+        return cls(data.root / "volumes.npy", data.split_indices(split), data.grid.shape)
+
+    # -- pickling (DataLoader workers under spawn): reopen the memmap, never copy it ----------------------
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "rows": self.rows, "shape": self.shape}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self.rows, self.shape = state["path"], state["rows"], state["shape"]
+        self._volumes, self._loader = None, None
+
+    @property
+    def volumes(self) -> np.ndarray:
+        if self._volumes is None:
+            self._volumes = np.load(self.path, mmap_mode="r")
+        return self._volumes
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def read(self, positions) -> torch.Tensor:
+        """Volumes at ``positions`` (into this split) as float32 (b, 1, X, Y, Z), in the order given; the
+        memmap is read in ascending row order (sequential on disk)."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        rows = self.rows[pos]
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.shape[2:]), dtype=np.float32)
+        out[order] = self.volumes[rows[order]]
+        return torch.from_numpy(out).unsqueeze(1)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            return self.read(np.arange(len(self))[key])
+        if isinstance(key, int):
+            return self.read([key])[0]
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        key = np.asarray(key)
+        if key.dtype == bool:
+            key = np.flatnonzero(key)
+        return self.read(key)
+
+    def float(self) -> "StreamedSplit":
+        return self
+
+    def mean(self, dim: int = 0, keepdim: bool = False) -> torch.Tensor:
+        """Voxel-wise mean over the volumes (dim 0 only), summed in float64 batch by batch."""
+        if dim != 0:
+            raise NotImplementedError("StreamedSplit.mean: only over the volumes (dim 0)")
+        total = np.zeros(self.shape[2:], dtype=np.float64)
+        for i in range(0, len(self), self.read_batch):
+            rows = self.rows[i : i + self.read_batch]
+            total += np.asarray(self.volumes[np.sort(rows)], dtype=np.float64).sum(0)
+        mean = torch.from_numpy((total / max(len(self), 1)).astype(np.float32)).unsqueeze(0)
+        return mean.unsqueeze(0) if keepdim else mean
+
+    # -- the training loader ------------------------------------------------------------------------------
+    def epoch_loader(self, batches: list[torch.Tensor], pin_memory: bool = False, num_workers: int | None = None):
+        """A DataLoader yielding ``batches`` (this epoch's index batches, each read as one float32 tensor),
+        in their order. Kept for the next epoch (persistent workers) until :meth:`close`. Its base seed comes
+        from its own generator, so iterating it never touches the global torch RNG that training and its
+        checkpoint use."""
+        if self._loader is None:
+            from torch.utils.data import DataLoader
+
+            workers = stream_workers() if num_workers is None else num_workers
+            self._sampler = EpochBatches()
+            self._loader = DataLoader(
+                _BatchReader(self), batch_size=None, sampler=self._sampler, num_workers=workers,
+                pin_memory=pin_memory, persistent_workers=workers > 0,
+                prefetch_factor=2 if workers > 0 else None, generator=torch.Generator().manual_seed(0),
+            )
+        self._sampler.batches = list(batches)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the loader's workers (they would otherwise live until the process exits)."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+    def __repr__(self) -> str:
+        return f"StreamedSplit({self.path}, n={len(self)}, shape={tuple(self.shape)})"
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The loop's index batches of the current epoch, yielded as they are (no reshuffle, no drop): the
+    DataLoader's sampler, re-read at every epoch by its persistent workers' iterator."""
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+
+    def __iter__(self):
+        return iter([b.tolist() for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _BatchReader(Dataset):
+    """``reader[list of positions]`` -> the batch (b, 1, X, Y, Z): one DataLoader item is one whole batch."""
+
+    def __init__(self, split: StreamedSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, positions) -> torch.Tensor:
+        return self.split.read(positions)
+
+
+def open_split(data: "ProcessedData", split: str, mode: str | None = None,
+               available: int | None = None) -> torch.Tensor | StreamedSplit:
+    """``split`` in memory (:meth:`ProcessedData.load_split`) or streamed (:class:`StreamedSplit`), by
+    :func:`should_stream`. Tiny cohorts stay in memory: same tensors, same speed as before."""
+    n = len(data.split_indices(split))
+    if should_stream(n, data.grid.shape, mode, available):
+        log.info("%s split: %d volumes of %s streamed from %s", split, n, data.grid.shape, data.root)
+        return StreamedSplit.of(data, split)
+    return data.load_split(split)

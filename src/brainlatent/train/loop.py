@@ -23,11 +23,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from brainlatent.data.dataset import StreamedSplit
 from brainlatent.tracking import grouped
 from brainlatent.train import distributed
 from brainlatent.train.checkpoint import load_checkpoint, save_atomic
@@ -222,7 +223,16 @@ def _restore(resume_from: dict[str, Any], task: Task, optimizers: dict, schedule
     return int(resume_from["epoch"]), list(resume_from.get("history", []))
 
 
-def _train_epoch(task: Task, train: torch.Tensor, cfg: LoopConfig, gen: torch.Generator, epoch: int
+def _epoch_data(train: torch.Tensor | StreamedSplit, batches: list[torch.Tensor], task: Task) -> Iterable[torch.Tensor]:
+    """This rank's slice of each index batch, as volumes: indexed from the in-memory split, or read from the
+    memmap by a streamed split's DataLoader workers (the same batches in the same order, pinned on CUDA)."""
+    shards = [distributed.shard(idx) for idx in batches]
+    if isinstance(train, StreamedSplit):
+        return train.epoch_loader(shards, pin_memory=task.device.type == "cuda")
+    return (train[idx] for idx in shards)
+
+
+def _train_epoch(task: Task, train: torch.Tensor | StreamedSplit, cfg: LoopConfig, gen: torch.Generator, epoch: int
                  ) -> tuple[dict[str, float], int, dict[str, float]]:
     """One pass over the shuffled training split: (summed losses, batches, the schedule values of the epoch).
 
@@ -235,12 +245,12 @@ def _train_epoch(task: Task, train: torch.Tensor, cfg: LoopConfig, gen: torch.Ge
     sched_values = task.on_epoch_start(epoch)
     sums: dict[str, float] = {}
     bar = tqdm(
-        batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", mininterval=1.0,
-        disable=not rank0,
+        _epoch_data(train, batches, task), total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False, unit="batch", mininterval=1.0, disable=not rank0,
     )
-    for step, idx in enumerate(bar):
+    for step, x in enumerate(bar):
         with distributed.rank_rng(cfg.seed, epoch, step, task.device):
-            losses = task.train_step(task.prepare_batch(train[distributed.shard(idx)]), epoch, step)
+            losses = task.train_step(task.prepare_batch(x), epoch, step)
         keys = list(losses)
         values = distributed.mean_across_ranks([float(losses[k]) for k in keys])
         for k, value in zip(keys, values):
@@ -278,7 +288,7 @@ def _checkpoint(task: Task, optimizers: dict, schedulers: dict, gen: torch.Gener
 
 def run_loop(
     task: Task,
-    train: torch.Tensor,
+    train: torch.Tensor | StreamedSplit,
     val: torch.Tensor,
     cfg: LoopConfig,
     *,
@@ -288,10 +298,24 @@ def run_loop(
 ) -> LoopResult:
     """Train ``task`` on ``train`` (N, 1, X, Y, Z) for ``cfg.epochs`` epochs, validating on ``val``.
 
+    ``train`` is a tensor in memory or a :class:`StreamedSplit` (``data.dataset.open_split``: a split too
+    large for memory), whose batches DataLoader workers read from the memmap; both give the same batches,
+    hence the same weights, and the loader's workers are stopped when the loop returns or fails.
+
     ``on_epoch_end(epoch, metrics, log_artifacts)`` is where the caller logs to MLflow (0-based epoch); under
     torchrun it, validation and the checkpoint run on rank 0 only, and ``resume_from`` must be given on
     every rank (the runner broadcasts it).
     """
+    try:
+        return _run_loop(task, train, val, cfg, resume_from, on_epoch_end, checkpoint_extra)
+    finally:
+        if isinstance(train, StreamedSplit):
+            train.close()
+
+
+def _run_loop(task: Task, train: torch.Tensor | StreamedSplit, val: torch.Tensor, cfg: LoopConfig,
+              resume_from: dict[str, Any] | None, on_epoch_end: Callable[[int, dict[str, float], bool], None] | None,
+              checkpoint_extra: dict[str, Any] | None) -> LoopResult:
     if len(train) < 2:
         raise ValueError(f"training split has {len(train)} volume(s); at least 2 are needed")
     world, rank0 = distributed.world_size(), distributed.is_rank0()

@@ -23,7 +23,7 @@ import torch
 
 from brainlatent import registry, tracking
 from brainlatent.config import Params, to_flat_dict
-from brainlatent.data.dataset import ProcessedData
+from brainlatent.data.dataset import ProcessedData, open_split
 from brainlatent.model_ref import ModelRef, write_ref
 from brainlatent.train import distributed
 from brainlatent.train.device import resolve_device, seed_everything
@@ -126,7 +126,10 @@ def train_family(
         tracking.configure(root)  # fail fast on an unreachable server, before any expensive work
     seed_everything(params.seed)
     data = ProcessedData.open(root / params.data.processed_dir)
-    train_x, val_x = data.load_split("train"), data.load_split("val")
+    # The training split is streamed from the memmap when it would not fit comfortably in memory (issue 17:
+    # data.dataset.should_stream, $BRAINLATENT_STREAM); validation holds its split and as many reconstructions
+    # or samples in memory whatever it is given, so the (smaller) validation split stays in memory.
+    train_x, val_x = open_split(data, "train"), data.load_split("val")
     if len(val_x) == 0:
         raise ValueError(f"{data.root}: the validation split is empty; increase data.split_fractions[1]")
 
