@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import special_ortho_group
 from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
 
-from brainlatent.directions import Direction, ProbeSettings, direction_from_probe, make_probe, raw_gradient
+from brainlatent.config import ConfigError, build_section
+from brainlatent.directions import (Direction, ProbeSettings, direction_from_probe, make_probe, raw_gradient,
+                                    run_probe_suite)
+from brainlatent.directions.direction import covariate_axes
 from brainlatent.directions.probes import CovariateResidualizer
+from brainlatent.directions.sizeaxis import SCALING_FACTOR, rescale, scaling_axis
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -209,3 +214,133 @@ def test_pattern_direction_ignores_a_collapsed_dimension_the_gradient_follows():
     assert pattern.metadata["kind"] == "pattern" and pattern.logit_per_sd > 0  # the probe still rises along +a
     with pytest.raises(ValueError, match="kind must be one of"):
         direction_from_probe(probe, z, "sex", "male", kind="filter")
+
+
+def _local_effect_read_as_size(seed: int, n: int = 600, dim: int = 10):
+    """A local region that grows with head size *and* is larger in males at fixed head size (a size-independent
+    local effect), in latents that code head size with noise. Within each sex the local latent predicts head size,
+    so a ridge predictor of head size from the latents (the covariate axis) leans on it; the model's own size axis
+    (what a global rescaling moves: ``u_size`` by construction) does not."""
+    rng = np.random.default_rng(seed)
+    male = rng.integers(0, 2, n).astype(float)
+    size = 1.5 * male + rng.normal(size=n)
+    local = 1.0 * male + 0.6 * size + 0.6 * rng.normal(size=n)  # +1 SD in males at any head size
+    coded_size = size + 0.7 * rng.normal(size=n)
+    factors = np.column_stack([coded_size, local, rng.normal(size=(n, dim - 2)) * np.linspace(0.5, 2, dim - 2)])
+    rotation = special_ortho_group.rvs(dim, random_state=5)
+    z = factors @ rotation.T
+    head = 1.2e6 * (1 + 0.05 * size)  # skull-based: the local effect is not in it
+    return z, head, male.astype(np.int64), rotation[:, 0], rotation[:, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scaling_axis_keeps_the_local_effect_the_covariate_axis_removes_part_of(seed):
+    """Issue 16's failure, in miniature: the covariate-derived head-size axis holds part of the local effect, so the
+    size-controlled direction made orthogonal to it loses part of the local effect and turns towards smaller heads;
+    made orthogonal to the scaling axis it keeps the local effect and leaves head size alone."""
+    z, head, y, u_size, u_local = _local_effect_read_as_size(seed)
+    probe = make_probe("binary", "latent_size_controlled", SETTINGS).fit(np.column_stack([z, head]), y)
+    by_covariate = direction_from_probe(probe, z, "sex_size_controlled", "male", covariates=head, labels=y)
+    by_scaling = direction_from_probe(probe, z, "sex_size_controlled", "male", covariates=head, labels=y,
+                                      size_axis=-3.0 * u_size)  # any scale or sign: only the axis matters
+
+    covariate_axis = covariate_axes(z, head, y)[:, 0]
+    assert abs(cosine(covariate_axis, u_local)) > 0.5  # the local effect is in the covariate axis...
+    assert abs(cosine(-3.0 * u_size, u_local)) < 1e-12  # ...and not in the scaling axis
+    assert cosine(by_scaling.vector, u_local) >= 0.95  # keeps the local effect
+    assert cosine(by_covariate.vector, u_local) < cosine(by_scaling.vector, u_local) - 0.1  # loses part of it
+    assert cosine(by_covariate.vector, u_size) < -0.4  # and shrinks the head instead
+    assert abs(cosine(by_scaling.vector, u_size)) < 1e-9
+    assert by_scaling.metadata["orthogonal_to"] == "latent scaling axis"
+    assert by_covariate.metadata["orthogonal_to"] == "latent covariate predictor"
+    assert 0.5 < by_scaling.metadata["size_axis_cos_covariate_axis"] < 0.9
+
+
+def test_size_axis_must_fit_the_latents():
+    z, head, y, u_size, _ = _local_effect_read_as_size(0, n=200)
+    probe = make_probe("binary", "latent_size_controlled", SETTINGS).fit(np.column_stack([z, head]), y)
+    for bad in (u_size[:-1], np.zeros_like(u_size), np.full_like(u_size, np.nan)):
+        with pytest.raises(ValueError, match="size_axis must be a finite non-zero"):
+            direction_from_probe(probe, z, "sex_size_controlled", "male", covariates=head, labels=y, size_axis=bad)
+    # A probe without size control ignores it.
+    raw_probe = make_probe("binary", "latent", SETTINGS).fit(z, y)
+    d = direction_from_probe(raw_probe, z, "sex", "male", size_axis=u_size)
+    assert "orthogonal_to" not in d.metadata
+
+
+def _blobs(n: int, seed: int, shape=(28, 32, 28)) -> np.ndarray:
+    """Gaussian blobs of varying width, off the volume's centre (as brains are in a field of view)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    centre = np.array(shape, float)[:, None, None, None] * np.array([0.45, 0.55, 0.4])[:, None, None, None]
+    widths = rng.uniform(3.0, 4.0, n)
+    return np.stack([np.exp(-((grid - centre) ** 2).sum(0) / (2 * w**2)) for w in widths]).astype(np.float32)
+
+
+def _moments(volumes: np.ndarray) -> np.ndarray:
+    """A toy encoder: (mass, centre of mass x, y, z) of each volume."""
+    v = np.asarray(volumes, np.float64)
+    mass = v.sum(axis=(1, 2, 3))
+    coms = [(v * np.arange(s).reshape([-1 if k == a else 1 for k in range(3)])).sum(axis=(1, 2, 3)) / mass
+            for a, s in enumerate(v.shape[1:])]
+    return np.column_stack([mass, *coms])
+
+
+def test_rescale_is_an_isotropic_scaling_about_the_centre_of_mass():
+    vols = _blobs(3, 0)
+    np.testing.assert_allclose(rescale(vols, 1.0), vols, atol=1e-5)
+    before = _moments(vols)
+    for factor in (1 / 1.03, 1.03, 1.1):
+        after = _moments(rescale(vols, factor))
+        # mass grows as s^3, up to the trilinear interpolation's blur (+0.5-1% on these 3-4 voxel blobs)
+        np.testing.assert_allclose(after[:, 0] / before[:, 0], factor**3, rtol=0.015)
+        np.testing.assert_allclose(after[:, 1:], before[:, 1:], atol=0.02)  # no translation
+    # The central difference's point: both sides are blurred alike, so their ratio is s^6 far more closely.
+    ratio = _moments(rescale(vols, 1.03))[:, 0] / _moments(rescale(vols, 1 / 1.03))[:, 0]
+    np.testing.assert_allclose(ratio, 1.03**6, rtol=0.002)
+    with pytest.raises(ValueError, match=r"expected \(N, X, Y, Z\)"):
+        rescale(vols[0], 1.03)
+
+
+def test_scaling_axis_is_the_models_tangent_of_a_global_rescaling():
+    """With an encoder that reads (mass, centre of mass), a rescaling about the centre of mass moves the mass only:
+    the axis is the mass coordinate, and every subject's tangent agrees."""
+    offset = np.random.default_rng(1).normal(size=3)
+    mixing = special_ortho_group.rvs(4, random_state=2)
+    encode = lambda v: _moments(v) @ mixing.T  # noqa: E731 - a latent space that mixes the moments
+    axis = scaling_axis(encode, _blobs(6, 1))
+    assert axis.n_subjects == 6 and axis.factor == SCALING_FACTOR
+    assert cosine(axis.vector, mixing[:, 0]) > 0.999  # +vector = larger
+    assert axis.agreement > 0.999
+    assert abs(np.linalg.norm(axis.vector) - 1) < 1e-12
+    with pytest.raises(ValueError, match="factor must be > 1"):
+        scaling_axis(encode, _blobs(2, 1), factor=0.97)
+    with pytest.raises(ValueError, match="does not change their latents"):
+        scaling_axis(lambda v: np.zeros((len(v), 3)) + offset, _blobs(2, 1))  # a model that ignores size
+
+
+def test_size_axis_option_is_validated_by_name():
+    with pytest.raises(ValueError, match=r"ProbeSettings\.size_axis: expected one of \('scaling', 'covariate'\)"):
+        ProbeSettings(size_axis="ridge")
+    with pytest.raises(ConfigError, match=r"directions\.size_axis: Input should be 'scaling' or 'covariate'"):
+        build_section("directions", {"size_axis": "ridge"})
+    with pytest.raises(ConfigError, match=r"directions\.size_axis_subjects"):
+        build_section("directions", {"size_axis_subjects": 0})
+    assert build_section("directions", {"size_axis": "scaling"}).size_axis == "scaling"
+
+
+def test_suite_needs_the_scaling_axis_when_asked_for_it():
+    z, head, y, u_size, u_local = _local_effect_read_as_size(0, n=300)
+    subjects = pd.DataFrame({"sex": np.where(y == 1, "M", "F"), "etiv_mm3": head})
+    settings = SETTINGS.replace(size_axis="scaling", n_repeats=1, n_bootstrap=20, n_permutations=0)
+    with pytest.raises(ValueError, match="settings.size_axis is 'scaling' but no size_axis"):
+        run_probe_suite(z, subjects, settings, targets=("sex",), baselines=False)
+    suite = run_probe_suite(z, subjects, settings, targets=("sex",), baselines=False, size_axis=u_size)
+    controlled = suite.directions["sex_size_controlled"]
+    assert controlled.metadata["size_axis"] == "scaling"
+    assert abs(controlled.vector @ u_size) < 1e-9 and cosine(controlled.vector, u_local) > 0.9
+    assert "orthogonal_to" not in suite.directions["sex"].metadata  # the raw direction is untouched
+    # covariate: the axis given is not used
+    plain = run_probe_suite(z, subjects, settings.replace(size_axis="covariate"), targets=("sex",), baselines=False,
+                            size_axis=u_size).directions["sex_size_controlled"]
+    assert plain.metadata["orthogonal_to"] == "latent covariate predictor"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlflow
 import nibabel as nib
@@ -19,7 +20,10 @@ from brainlatent.config import params_from_dict
 from brainlatent.data.cohort import AGE_GROUPS
 from brainlatent.directions import Direction, map_correlation
 from brainlatent.directions.codec import LatentCodec
-from brainlatent.directions.experiment import GROUND_TRUTH_MAPS, feasible_targets, run_directions, traversal_rows
+from brainlatent.data.dataset import ProcessedData
+from brainlatent.directions.experiment import (FIT_SPLITS, GROUND_TRUTH_MAPS, feasible_targets, run_directions,
+                                               size_axis_rows, traversal_rows)
+from brainlatent.directions.sizeaxis import scaling_axis
 from brainlatent.directions.scan import traverse_scan
 from brainlatent.grid import Grid
 from brainlatent.models.stylegan import StyleGAN
@@ -83,7 +87,7 @@ def test_ae_stage_logs_run_metrics_artifacts_tags_and_dvc_outputs(project, ae):
         assert key in headline, key
     # What the numbers are: the untouched test split, probes fitted on train + val, the covariate named.
     labels = {"heldout_split": "test", "fit_splits": "train+val", "size_covariate": "etiv_mm3",
-              "size_control": "linear", "size_control_fit": "within",
+              "size_control": "linear", "size_control_fit": "within", "size_axis": "scaling",
               "cf_sex_effectiveness_predictor": "brain_volume_mm3",
               "cf_age_group_effectiveness_predictor": "ventricle_volume_mm3"}
     assert {k: headline.pop(k) for k in labels} == labels
@@ -197,6 +201,38 @@ def test_ground_truth_checks_recover_a_planted_map(project, ae):
     assert "gt.age_old.ventricle_volume_mm3.change_per_sd" in run.data.metrics
     version = MlflowClient().get_model_version("brainlatent-ae", "1")
     assert float(version.tags["directions.age_map_r"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_scaling_size_axis_makes_the_size_controlled_directions_orthogonal_to_the_models_own_size_axis(project, ae):
+    """directions.size_axis=scaling: the stage rescales a seeded subset of the fitting subjects, encodes them and
+    makes the size-controlled direction orthogonal to the mean latent tangent; the raw directions are unchanged."""
+    by_covariate = replace(ae, directions=replace(ae.directions, size_axis="covariate"))
+    baseline = run_directions("ae", by_covariate, root=project)
+    assert "size_axis_agreement" not in baseline.metrics
+    assert Direction.load(project / "directions" / "ae" / "directions" / "sex_size_controlled.json").metadata[
+        "orthogonal_to"] == "latent covariate predictor"
+    raw_before = Direction.load(project / "directions" / "ae" / "directions" / "sex.json")
+    params = replace(ae, directions=replace(ae.directions, size_axis="scaling", size_axis_subjects=8))
+    outcome = run_directions("ae", params, root=project)
+    m = outcome.metrics
+    assert m["size_axis_subjects"] == 8 and 0 < m["size_axis_agreement"] <= 1 and "time_size_axis_s" in m
+    assert 0 <= m["sex_size_controlled_size_axis_cos_covariate_axis"] <= 1
+    headline = json.loads((project / "metrics" / "directions" / "ae.json").read_text())
+    assert headline["size_axis"] == "scaling"
+    d = Direction.load(project / "directions" / "ae" / "directions" / "sex_size_controlled.json")
+    assert d.metadata["orthogonal_to"] == "latent scaling axis" and d.metadata["size_axis"] == "scaling"
+    # The axis, recomputed from the same subjects with the registered model: the direction has no part along it.
+    loaded = registry.load_model("models:/brainlatent-ae/1", torch.device("cpu"))
+    codec = LatentCodec.for_model(loaded.model)
+    data = ProcessedData.open(project / "data" / "processed")
+    fit = np.sort(np.concatenate([data.split_indices(s) for s in FIT_SPLITS]))
+    axis = scaling_axis(codec.encode_volumes, data.volumes[size_axis_rows(fit, 8, params.seed)])
+    assert abs(d.vector @ axis.vector) < 1e-6
+    assert axis.agreement == pytest.approx(m["size_axis_agreement"], abs=1e-6)
+    # Same probes, same raw directions; the size-controlled probe's AUC does not depend on the axis.
+    np.testing.assert_allclose(Direction.load(project / "directions" / "ae" / "directions" / "sex.json").vector,
+                               raw_before.vector, atol=1e-12)
+    assert m["sex_size_controlled_auc"] == pytest.approx(baseline.metrics["sex_size_controlled_auc"])
 
 
 def test_gan_stage_inverts_the_cohort_and_reencodes_a_subset(project, params):

@@ -568,6 +568,13 @@ class DirectionsConfig:
     # within: the covariate's slope fitted within each label group (an ANCOVA), so that a size-independent
     # group effect is not taken for size; pooled: one slope across groups (docs/directions_method.md)
     size_control_fit: Literal["within", "pooled"] = "within"
+    # The latent head-size axis the size-controlled directions are made orthogonal to. scaling: the model's own
+    # latent tangent of an isotropic rescaling of the volumes (a local effect cannot move it; costs
+    # 2 x size_axis_subjects encodings, inversions for GAN families); covariate: a ridge regression of
+    # size_covariate on the latents within each label group, the earlier behaviour. scaling recovers the planted
+    # local effects as well or better on both cohorts (docs/directions_method.md, "Size control")
+    size_axis: Literal["scaling", "covariate"] = "scaling"
+    size_axis_subjects: PositiveInt = 32  # fitting subjects (seeded) the scaling axis is averaged over
     # Effectiveness check: add the registered feature network's P(male) / expected age group to what is
     # measured along every traversal (counterfactual.py); skipped with a warning when none is registered.
     effectiveness_featurenet: bool = True

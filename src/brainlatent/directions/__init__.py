@@ -6,6 +6,7 @@
   suite.py       every probe of one model -> table, fitted probes, directions
   headline.py    the directions stage's headline numbers, defined once
   direction.py   the ``Direction`` (unit raw-latent vector, SD step scale, JSON artifacts)
+  sizeaxis.py    the model's own latent head-size axis: the tangent of a global rescaling of the volumes
   traversal.py   decode along a direction; voxel-wise group difference maps
   effects.py     measures, re-encoded probe output and predictions along traversals; monotonicity
   groundtruth.py agreement with planted effects (synthetic cohort, positive controls)

@@ -27,6 +27,13 @@ residualiser (``CovariateResidualizer.within_labels``), the predictor is fitted 
 size-independent male effect to predict the larger male heads, and projecting it out would remove part of
 the effect the size-controlled direction is for.
 
+That predictor is estimated from the cohort, so it also holds whatever part of a *local* effect the latents
+code the way they code "a larger brain" (a local enlargement adds brain volume too): projecting it out then
+removes part of the local effect (measured on the tissue cohort, docs/directions_method.md). ``size_axis``
+replaces it with an axis the caller estimates another way, the model's own latent tangent of an isotropic
+rescaling of the volumes (``sizeaxis.scaling_axis``, ``directions.size_axis: scaling``): a local effect cannot
+move that axis, since it is defined without the labels or the covariate.
+
 Sign convention: moving along ``+vector`` raises the probe's output, i.e. towards label 1 (male, older)
 for binary probes and towards older groups for the ordinal probe (``Direction.positive`` says which).
 
@@ -48,7 +55,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .probes import DIRECTION_KINDS, CovariateResidualizer
+from .probes import DIRECTION_KINDS, CovariateResidualizer, centred_per_group
 
 _FORMAT = "brainlatent.direction/1"
 
@@ -191,6 +198,7 @@ def direction_from_probe(
     covariates: np.ndarray | None = None,
     kind: str = "gradient",
     labels: np.ndarray | None = None,
+    size_axis: np.ndarray | None = None,
 ) -> Direction:
     """The unit raw-space direction (``kind``: see the module docstring) of a fitted latent probe, scaled on
     its fitting ``latents (N, L)``.
@@ -198,6 +206,9 @@ def direction_from_probe(
     ``covariates (N, c)``: the fitting subjects' covariates, required for size-controlled probes (whose
     pattern is taken over the size-residualised latents the probe saw). ``labels (N,)``: the fitting subjects'
     labels, so that a residualiser fitted within label groups gets a latent covariate axis fitted the same way.
+    ``size_axis (L,)``: for size-controlled probes, the latent head-size axis to make the direction orthogonal
+    to instead of the covariate predictor (``sizeaxis.scaling_axis``); its cosine with the covariate predictor
+    is kept in the metadata (``size_axis_cos_covariate_axis``). Ignored for probes without size control.
     ``logit_per_sd`` is the change of the probe's output per +1 SD step along the direction.
     """
     if kind not in DIRECTION_KINDS:
@@ -219,8 +230,19 @@ def direction_from_probe(
         vector = np.cov(seen, rowvar=False) @ grad
     if residualizers:
         groups = labels if residualizers[0].within_labels else None
-        vector = _project_out(vector, covariate_axes(latents, covariates, groups))  # see the module docstring
-        metadata["orthogonal_to"] = "latent covariate predictor"
+        predictor = covariate_axes(latents, covariates, groups)
+        if size_axis is None:
+            vector = _project_out(vector, predictor)  # see the module docstring
+            metadata["orthogonal_to"] = "latent covariate predictor"
+        else:
+            axis = np.asarray(size_axis, np.float64).ravel()
+            if axis.size != grad.size or not np.all(np.isfinite(axis)) or not np.linalg.norm(axis) > 0:
+                raise ValueError(f"direction {name!r}: size_axis must be a finite non-zero ({grad.size},) vector, "
+                                 f"got shape {axis.shape}")
+            vector = _project_out(vector, axis[:, None])
+            metadata["orthogonal_to"] = "latent scaling axis"
+            metadata["size_axis_cos_covariate_axis"] = float(
+                abs(axis @ predictor[:, 0]) / (np.linalg.norm(axis) * np.linalg.norm(predictor[:, 0])))
     norm = np.linalg.norm(vector)
     if not norm > 0:
         raise ValueError(f"direction {name!r}: the probe's coefficients are all zero; it learned no direction")
@@ -237,22 +259,12 @@ def covariate_axes(latents: np.ndarray, covariates: np.ndarray, groups: np.ndarr
     latents = np.asarray(latents, np.float64)
     covariates = np.asarray(covariates, np.float64).reshape(len(latents), -1)
     if groups is not None:
-        latents, covariates = _centred_per_group(latents, groups), _centred_per_group(covariates, groups)
+        latents, covariates = centred_per_group(latents, groups), centred_per_group(covariates, groups)
     axes = []
     for column in covariates.T:
         predictor = Pipeline([("scale", StandardScaler()), ("head", RidgeCV(alphas=np.logspace(-3, 3, 13)))])
         axes.append(raw_gradient(predictor.fit(latents, column)))
     return np.stack(axes, axis=1)
-
-
-def _centred_per_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    groups = np.asarray(groups).ravel()
-    if len(groups) != len(values):
-        raise ValueError(f"groups: expected one label per row ({len(values)}), got {len(groups)}")
-    out = values.copy()
-    for g in np.unique(groups):
-        out[groups == g] -= values[groups == g].mean(axis=0)
-    return out
 
 
 def _project_out(vector: np.ndarray, axes: np.ndarray) -> np.ndarray:

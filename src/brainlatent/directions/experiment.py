@@ -61,6 +61,7 @@ from .evaluation import CV_INTERVAL, check_labels
 from .groundtruth import PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation
 from .headline import AGE_DIRECTIONS, VERSION_TAG_KEYS, headline_metrics
 from .probes import ProbeSettings, decision_scores
+from .sizeaxis import ScalingAxis, scaling_axis
 from .study import (
     DECODE_BATCH,
     ENCODE_BATCH,
@@ -109,7 +110,7 @@ def probe_settings(params: Params) -> ProbeSettings:
     return ProbeSettings(n_splits=c.n_splits, n_repeats=c.n_repeats, C=c.probe_C, n_bootstrap=c.n_bootstrap,
                          n_permutations=c.n_permutations, pca_components=c.pca_components, seed=params.seed,
                          direction=c.direction, size_control=c.size_control,
-                         size_control_fit=c.size_control_fit)
+                         size_control_fit=c.size_control_fit, size_axis=c.size_axis)
 
 
 # ------------------------------------------------------------------------------------------- cohort
@@ -266,7 +267,7 @@ class Experiment:
         return {"heldout_split": HELDOUT_SPLIT if self.split == "heldout" else "none (cross-validated only)",
                 "fit_splits": "+".join(FIT_SPLITS), "size_covariate": cfg.size_covariate,
                 "size_control": cfg.size_control, "size_control_fit": cfg.size_control_fit,
-                "cv_interval": CV_INTERVAL}
+                "size_axis": cfg.size_axis, "cv_interval": CV_INTERVAL}
 
     def run_tags(self) -> dict[str, str]:
         loaded = self.loaded
@@ -348,6 +349,7 @@ class Encoded:
     originals: np.ndarray  # (S, X, Y, Z) the traversed subjects' volumes
     reconstructions: np.ndarray  # (S, X, Y, Z) decode(latents[traversal_rows])
     psnr_db: np.ndarray  # (S,) reconstruction PSNR of the traversed subjects
+    size_axis: ScalingAxis | None = None  # the model's latent scaling axis (directions.size_axis: scaling)
 
 
 def encode(exp: Experiment) -> Encoded:
@@ -364,6 +366,28 @@ def encode(exp: Experiment) -> Encoded:
     return Encoded(latents, cohort_reconstructions, originals, reconstructions, psnr_db)
 
 
+def size_axis_rows(fit_rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The fitting subjects the scaling axis is averaged over: ``n`` of them, seeded (all when fewer)."""
+    if len(fit_rows) <= n:
+        return np.asarray(fit_rows)
+    return np.sort(np.random.default_rng(seed).choice(fit_rows, size=n, replace=False))
+
+
+def encode_size_axis(exp: Experiment) -> ScalingAxis | None:
+    """With ``directions.size_axis: scaling`` and a size-controlled target, the model's latent tangent of a
+    global rescaling over ``directions.size_axis_subjects`` fitting subjects (sizeaxis.py): 2 encodings each,
+    inversions for GAN families (the stage's ``time_size_axis_s``)."""
+    cfg = exp.params.directions
+    if cfg.size_axis != "scaling" or not exp.size_control_targets:
+        return None
+    rows = size_axis_rows(exp.fit_rows, cfg.size_axis_subjects, exp.params.seed)
+    axis = scaling_axis(lambda v: exp.codec.encode_volumes(v, ENCODE_BATCH), exp.data.volumes[rows],
+                        device=exp.codec.device)
+    log.info("size axis: scaling x%.2f over %d fitting subjects, tangent agreement %.3f", axis.factor,
+             axis.n_subjects, axis.agreement)
+    return axis
+
+
 def probe(exp: Experiment, encoded: Encoded) -> ProbeSuite:
     """Every feasible target's probes (latent, size-controlled, baselines) fitted with repeated CV on the fitting
     rows and scored once on the held-out rows (``run_probe_suite``)."""
@@ -378,6 +402,7 @@ def probe(exp: Experiment, encoded: Encoded) -> ProbeSuite:
         test_volumes=volumes[test] if has_test else None, test_reconstructions=recon[test] if has_test else None,
         targets=exp.targets,
         size_control_targets=exp.size_control_targets, size_covariate=exp.params.directions.size_covariate,
+        size_axis=None if encoded.size_axis is None else encoded.size_axis.vector,
     )
 
 
@@ -438,6 +463,12 @@ def record(exp: Experiment, run_id: str, suite: ProbeSuite, studies: dict[str, D
                      "n_heldout": float(len(exp.heldout_rows)),
                      "n_traversal_subjects": float(len(exp.traversal_rows))})
     headline.update({f"time_{k}": v for k, v in timings.items()})
+    if encoded.size_axis is not None:
+        headline["size_axis_agreement"] = encoded.size_axis.agreement
+        headline["size_axis_subjects"] = float(encoded.size_axis.n_subjects)
+        for name, d in suite.directions.items():
+            if "size_axis_cos_covariate_axis" in d.metadata:
+                headline[f"{name}_size_axis_cos_covariate_axis"] = d.metadata["size_axis_cos_covariate_axis"]
     roc_rows = exp.heldout_rows if exp.split == "heldout" else exp.fit_rows
     _write_tables(exp.out, suite, studies, encoded.latents[roc_rows], exp.data.subjects.iloc[roc_rows], exp.split)
     labels = exp.labels()
@@ -493,6 +524,8 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
         clock = _Stopwatch()
         with clock("encode_s"):
             encoded = encode(exp)
+        with clock("size_axis_s"):
+            encoded = replace(encoded, size_axis=encode_size_axis(exp))
         with clock("probes_s"):
             suite = probe(exp, encoded)
         direct(exp, suite)

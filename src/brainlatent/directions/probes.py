@@ -50,6 +50,10 @@ SIZE_CONTROLS: tuple[str, ...] = ("linear", "spline")
 SPLINE_KNOTS = 4
 SIZE_CONTROL_FITS: tuple[str, ...] = ("within", "pooled")  # CovariateResidualizer.within_labels
 DIRECTION_KINDS: tuple[str, ...] = ("pattern", "gradient")  # how a fitted probe becomes a direction (direction.py)
+# The latent head-size axis a size-controlled direction is made orthogonal to (direction.py, sizeaxis.py):
+# "scaling": the model's own tangent of an isotropic rescaling of the volumes; "covariate": a ridge regression
+# of the size covariate on the latents.
+SIZE_AXES: tuple[str, ...] = ("scaling", "covariate")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class ProbeSettings:
     direction: str = "gradient"  # how a fitted probe becomes a direction: "gradient" | "pattern" (direction.py)
     size_control: str = "linear"  # how the size covariate is regressed out: "linear" | "spline"
     size_control_fit: str = "within"  # its slope: "within" the label groups (ANCOVA) | "pooled" across them
+    # The head-size axis size-controlled directions avoid: "scaling" (the stage's default, directions.size_axis:
+    # needs the model's axis, run_probe_suite(size_axis=...)) | "covariate" (needs nothing but the arrays)
+    size_axis: str = "covariate"
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> None:
@@ -98,6 +105,8 @@ class ProbeSettings:
             bad("size_control", f"one of {SIZE_CONTROLS}")
         if self.size_control_fit not in SIZE_CONTROL_FITS:
             bad("size_control_fit", f"one of {SIZE_CONTROL_FITS}")
+        if self.size_axis not in SIZE_AXES:
+            bad("size_axis", f"one of {SIZE_AXES}")
         if self.C is not None and not self.C > 0:
             bad("C", "None (nested CV) or a positive float")
         if not self.Cs or min(self.Cs) <= 0:
@@ -152,11 +161,12 @@ class CovariateResidualizer(TransformerMixin, BaseEstimator):
         else:
             self.basis_ = None
         design = self._basis(covariates)
-        groups = label_indicators(y) if self.within_labels and y is not None else np.empty((len(design), 0))
-        fit = LinearRegression().fit(np.hstack([design, groups]), features)
-        # Only the covariate part is removed; the group intercepts stay in the residuals (constants do not
-        # matter to the standardised probe that follows).
-        self.coef_ = fit.coef_.reshape(features.shape[1], -1)[:, : design.shape[1]].T  # (basis, F)
+        if self.within_labels and y is not None:
+            # One intercept per label (the ANCOVA) is the same slope as a fit on values centred per label
+            # (Frisch-Waugh-Lovell). Only the slope is removed; the group offsets stay in the residuals.
+            design, features = centred_per_group(design, y), centred_per_group(features, y)
+        fit = LinearRegression().fit(design, features)
+        self.coef_ = fit.coef_.reshape(features.shape[1], -1).T  # (basis, F)
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -169,12 +179,18 @@ class CovariateResidualizer(TransformerMixin, BaseEstimator):
         return features - self._basis(covariates) @ self.coef_
 
 
-def label_indicators(y: np.ndarray) -> np.ndarray:
-    """``(N, k - 1)`` indicator columns of the ``k`` distinct labels of ``y`` (the first label is the baseline):
-    the per-group intercepts of a within-group (ANCOVA) regression."""
-    y = np.asarray(y).ravel()
-    levels = np.unique(y)
-    return (y[:, None] == levels[None, 1:]).astype(float)
+def centred_per_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``values (N, ...)`` minus the mean of its label group (``groups (N,)``): the within-group adjustment of
+    every size control (``CovariateResidualizer.within_labels``; the latent covariate axis of direction.py).
+    A regression on group-centred values has the slopes of one with an intercept per group."""
+    values = np.asarray(values, np.float64)
+    groups = np.asarray(groups).ravel()
+    if len(groups) != len(values):
+        raise ValueError(f"groups: expected one label per row ({len(values)}), got {len(groups)}")
+    out = values.copy()
+    for g in np.unique(groups):
+        out[groups == g] -= values[groups == g].mean(axis=0)
+    return out
 
 
 def linear_head(task: Task, settings: ProbeSettings) -> BaseEstimator:

@@ -80,6 +80,7 @@ def run_probe_suite(
     size_covariate: str = DEFAULT_SIZE_COVARIATE,
     baselines: bool = True,
     permute_baselines: bool = False,
+    size_axis: np.ndarray | None = None,
 ) -> ProbeSuite:
     """Probe ``targets`` (default: every target ``subjects`` can label, ``available_targets``) on
     ``latents (N, L)`` of the rows of ``subjects`` (subjects.csv columns).
@@ -93,6 +94,10 @@ def run_probe_suite(
     scored once by probes fitted on all fitting rows. Directions are fitted on all fitting rows for the ``latent`` probes and, for
     ``size_control_targets``, the ``latent_size_controlled`` probes.
 
+    ``size_axis (L,)``: the model's latent scaling axis (``sizeaxis.scaling_axis``), required when
+    ``settings.size_axis == "scaling"`` and a target is size-controlled: the size-controlled directions are made
+    orthogonal to it instead of to the latent covariate predictor (direction.py).
+
     Baselines get the same repeated CV and bootstrap CIs; their permutation tests are skipped unless
     ``permute_baselines`` (the PCA baseline refits a voxel PCA per fold and permutation: the slowest
     part by far, and the CIs already say whether the latents beat it).
@@ -100,6 +105,10 @@ def run_probe_suite(
     latents = np.asarray(latents, np.float64)
     _check_inputs(latents, subjects, volumes, reconstructions, test_latents, test_subjects)
     targets = available_targets(subjects) if targets is None else tuple(targets)
+    if settings.size_axis == "scaling" and size_control_targets and size_axis is None:
+        raise ValueError("run_probe_suite: settings.size_axis is 'scaling' but no size_axis (the model's latent "
+                         "scaling axis, sizeaxis.scaling_axis) was given")
+    axis = size_axis if settings.size_axis == "scaling" else None
     has_test = test_latents is not None
     suite = ProbeSuite()
     for target_name, features in probe_plan(targets, size_control_targets, baselines, reconstructions is not None):
@@ -115,7 +124,7 @@ def run_probe_suite(
                            X_test, y_test, permute_baselines)
         suite.results.append(result)
         if features in LATENT_FEATURES:  # the probe the held-out rows were scored with is the direction's
-            _add_direction(suite, result, latents, subjects, settings, size_covariate)
+            _add_direction(suite, result, latents, subjects, settings, size_covariate, axis)
     return suite
 
 
@@ -158,7 +167,7 @@ def _evaluate(target_name: str, features: str, X: np.ndarray, y: np.ndarray, set
 
 
 def _add_direction(suite: ProbeSuite, result: ProbeResult, latents: np.ndarray, subjects: pd.DataFrame,
-                   settings: ProbeSettings, size_covariate: str) -> None:
+                   settings: ProbeSettings, size_covariate: str, size_axis: np.ndarray | None = None) -> None:
     """The fitted latent probe and its :class:`Direction` (metadata: CV AUC, p-value, regularisation)."""
     target_name, features = result.target, result.features
     target = TARGETS[target_name]
@@ -166,12 +175,12 @@ def _add_direction(suite: ProbeSuite, result: ProbeResult, latents: np.ndarray, 
     name = direction_name(target_name, features)
     controlled = features == "latent_size_controlled"
     size = ({"size_covariate": size_covariate, "size_control": settings.size_control,
-             "size_control_fit": settings.size_control_fit} if controlled else {})
+             "size_control_fit": settings.size_control_fit, "size_axis": settings.size_axis} if controlled else {})
     suite.directions[name] = direction_from_probe(
         result.fitted, latents, name=name, positive=target.positive,
         covariates=covariate(subjects, size_covariate) if controlled else None,
         labels=target_labels(subjects, target_name) if controlled else None,
-        kind=settings.direction,
+        kind=settings.direction, size_axis=size_axis if controlled else None,
         metadata={"target": target_name, "task": target.task, "features": features,
                   "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
                   "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
