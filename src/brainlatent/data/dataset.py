@@ -144,13 +144,13 @@ def stream_workers() -> int:
 
 
 class StreamedSplit:
-    """One split read from the memmap on demand: the operations the loop and the tasks use on a split tensor.
+    """One split read from volumes.npy on demand: the operations the loop and the tasks use on a split tensor.
 
     ``len``, ``shape`` / ``ndim`` / ``dtype``, ``x[i:j]`` and ``x[index_tensor]`` (float32 (b, 1, X, Y, Z),
-    read from the float16 memmap), ``x.float()`` (itself) and ``x.mean(0, keepdim)`` (accumulated in float64
-    over batches). Training draws its batches through :meth:`loader`: a DataLoader whose workers read the
-    loop's own index batches (same order, same drop rule), pinned on CUDA. Only the rows being read are in
-    memory, plus the page cache the kernel may drop at will.
+    read from the float16 file), ``x.float()`` (itself) and ``x.mean(0, keepdim)`` (accumulated in float64
+    over batches). Training draws its batches through :meth:`epoch_loader`: a DataLoader whose workers read
+    the loop's own index batches (same order, same drop rule), pinned on CUDA. Only the rows being read are
+    in the process's memory; what was read stays in the kernel's page cache, which it drops at will.
     """
 
     dtype = torch.float32
@@ -161,26 +161,32 @@ class StreamedSplit:
         self.path = Path(volumes_path)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.shape = torch.Size((len(self.rows), 1, *volume_shape))
-        self._volumes: np.ndarray | None = None
+        self._layout: tuple[int, int, np.dtype] | None = None  # (pid, offset, dtype) of the open file
+        self._fd: int | None = None
         self._loader = None
 
     @classmethod
     def of(cls, data: "ProcessedData", split: str) -> "StreamedSplit":
         return cls(data.root / "volumes.npy", data.split_indices(split), data.grid.shape)
 
-    # -- pickling (DataLoader workers under spawn): reopen the memmap, never copy it ----------------------
+    # -- pickling (DataLoader workers under spawn): reopen the file, never copy the volumes ---------------
     def __getstate__(self) -> dict:
         return {"path": self.path, "rows": self.rows, "shape": self.shape}
 
     def __setstate__(self, state: dict) -> None:
         self.path, self.rows, self.shape = state["path"], state["rows"], state["shape"]
-        self._volumes, self._loader = None, None
+        self._layout, self._fd, self._loader = None, None, None
 
-    @property
-    def volumes(self) -> np.ndarray:
-        if self._volumes is None:
-            self._volumes = np.load(self.path, mmap_mode="r")
-        return self._volumes
+    def _open(self) -> tuple[int, int, np.dtype]:
+        """(file descriptor, byte offset of row 0, dtype) of volumes.npy, opened once per process (a forked
+        worker reopens it: a shared descriptor is safe with pread, but not across exec)."""
+        if self._layout is None or self._layout[0] != os.getpid():
+            mm = np.load(self.path, mmap_mode="r")  # reads the header only
+            if not mm.flags.c_contiguous or tuple(mm.shape[1:]) != tuple(self.shape[2:]):
+                raise ValueError(f"{self.path}: expected C-ordered volumes of shape (N, *{tuple(self.shape[2:])})")
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._layout = (os.getpid(), int(mm.offset), mm.dtype)
+        return self._fd, self._layout[1], self._layout[2]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -188,14 +194,37 @@ class StreamedSplit:
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
 
+    def _read_rows(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """``out[k] = volumes[rows[k]]`` for ascending ``rows``: one pread per run of consecutive rows. pread,
+        not the memmap: the pages read stay in the kernel's page cache instead of this process's RSS."""
+        fd, offset, dtype = self._open()
+        voxels = int(np.prod(self.shape[2:]))
+        row_bytes = voxels * dtype.itemsize
+        k = 0
+        while k < len(rows):
+            run = 1
+            while k + run < len(rows) and rows[k + run] == rows[k] + run:
+                run += 1
+            block = np.empty((run, *self.shape[2:]), dtype=dtype)
+            view, got, nbytes = memoryview(block).cast("B"), 0, run * row_bytes
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + int(rows[k]) * row_bytes + got)
+                if n == 0:
+                    raise ValueError(f"{self.path}: file ends before row {rows[k] + run - 1}")
+                got += n
+            out[k : k + run] = block
+            k += run
+
     def read(self, positions) -> torch.Tensor:
         """Volumes at ``positions`` (into this split) as float32 (b, 1, X, Y, Z), in the order given; the
-        memmap is read in ascending row order (sequential on disk)."""
+        file is read in ascending row order (sequential on disk)."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         rows = self.rows[pos]
         order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), *self.shape[2:]), dtype=np.float32)
-        out[order] = self.volumes[rows[order]]
+        sorted_vols = np.empty((len(rows), *self.shape[2:]), dtype=np.float32)
+        self._read_rows(rows[order], sorted_vols)
+        out = np.empty_like(sorted_vols)
+        out[order] = sorted_vols
         return torch.from_numpy(out).unsqueeze(1)
 
     def __getitem__(self, key) -> torch.Tensor:
@@ -219,8 +248,7 @@ class StreamedSplit:
             raise NotImplementedError("StreamedSplit.mean: only over the volumes (dim 0)")
         total = np.zeros(self.shape[2:], dtype=np.float64)
         for i in range(0, len(self), self.read_batch):
-            rows = self.rows[i : i + self.read_batch]
-            total += np.asarray(self.volumes[np.sort(rows)], dtype=np.float64).sum(0)
+            total += self.read(np.arange(i, min(i + self.read_batch, len(self))))[:, 0].numpy().sum(0, dtype=np.float64)
         mean = torch.from_numpy((total / max(len(self), 1)).astype(np.float32)).unsqueeze(0)
         return mean.unsqueeze(0) if keepdim else mean
 
@@ -244,7 +272,10 @@ class StreamedSplit:
         return self._loader
 
     def close(self) -> None:
-        """Stop the loader's workers (they would otherwise live until the process exits)."""
+        """Stop the loader's workers (they would otherwise live until the process exits) and close the file."""
+        if self._layout is not None and self._layout[0] == os.getpid() and self._fd is not None:
+            os.close(self._fd)
+        self._layout, self._fd = None, None
         loader, self._loader = self._loader, None
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
