@@ -10,6 +10,8 @@ cohort::
 
     python benchmarks/bench_positive_control.py --project DIR --region occipital_poles --magnitude 0.3 --family ae
 
+``--set KEY=VALUE`` (repeatable) is passed to the ``directions`` step only, e.g. ``--set
+directions.size_axis=covariate`` to compare the size-controlled direction's head-size axes on the same control.
 Every step is the CLI a user would type (``brainlatent plant / prepare / train / directions``) with
 ``--set data.processed_dir=data/processed_planted`` so the project's own processed cohort is left alone. The
 control's numbers are read back from ``metrics/directions/<family>.json`` (the control's run overwrites that
@@ -29,7 +31,7 @@ from pathlib import Path
 KEYS = ("planted_auc", "planted_auc_low", "planted_auc_high", "planted_size_controlled_auc",
         "planted_size_controlled_auc_low", "planted_size_controlled_auc_high", "planted_map_r",
         "planted_map_r_size_controlled", "sex_size_controlled_auc", "sex_local_map_r_raw",
-        "sex_local_map_r_size_controlled")
+        "sex_local_map_r_size_controlled", "size_axis_agreement")
 
 
 def run(cmd: list[str], project: Path, timings: dict[str, float], name: str) -> None:
@@ -50,6 +52,8 @@ def main() -> int:
     parser.add_argument("--magnitude", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", action="append", choices=("ae", "vae", "gan", "stylegan"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter override for the directions step only (repeatable)")
     args = parser.parse_args()
     project = args.project.resolve()
     cli = [str(Path(sys.executable).with_name("brainlatent"))]
@@ -64,7 +68,8 @@ def main() -> int:
     print("|---|" + "---|" * (len(KEYS) + 2))
     for family in args.family or ["ae"]:
         run(cli + ["train", "--model", family, *on_control], project, timings, f"train@{family}")
-        run(cli + ["directions", "--model", family, *on_control], project, timings, f"directions@{family}")
+        overrides = [arg for kv in args.overrides for arg in ("--set", kv)]
+        run(cli + ["directions", "--model", family, *on_control, *overrides], project, timings, f"directions@{family}")
         metrics = json.loads((project / "metrics" / "directions" / f"{family}.json").read_text())
         cells = [f"{metrics[k]:.3g}" if isinstance(metrics.get(k), (int, float)) else "-" for k in KEYS]
         print(f"| {family} | {' | '.join(cells)} | {timings[f'train@{family}']:.0f} | "

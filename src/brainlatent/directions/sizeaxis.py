@@ -28,8 +28,9 @@ Choices
       direction would drop the mean's sign and weight nothing differently when they agree.
 
 Cost: ``2 n`` encodings of ``n = directions.size_axis_subjects`` fitting subjects (seeded); one-pass encoders
-(AE, VAE) take well under a second, inverting families (GAN, StyleGAN) one inversion each (about 0.2 s per
-volume at the default 40 steps on the CPU, BENCHMARKS.md).
+(AE, VAE) take well under a second (0.05 s measured), inverting families (GAN, StyleGAN) one inversion each:
+0.35-0.6 s per volume at the default 40 steps on the CPU, 40 s for the GAN's 64 on a loaded 2-core machine
+(BENCHMARKS.md, "Size control against the model's scaling axis").
 """
 
 from __future__ import annotations
