@@ -136,11 +136,13 @@ def should_stream(n_volumes: int, shape: tuple[int, ...], mode: str | None = Non
 
 
 def stream_workers() -> int:
-    """DataLoader workers for a streamed split: $BRAINLATENT_STREAM_WORKERS, else one per core up to 4."""
+    """DataLoader workers for a streamed split: $BRAINLATENT_STREAM_WORKERS, else one per core (shared by the
+    processes torchrun starts on this node), at least 1, at most 4."""
     env = os.environ.get(STREAM_WORKERS_ENV)
     if env is not None:
         return max(0, int(env))
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 class StreamedSplit:
