@@ -246,6 +246,8 @@ def test_gan_stage_inverts_the_cohort_and_reencodes_a_subset(project, params):
     assert reencoded["subject"].nunique() == 2 and per_subject["subject"].nunique() == 4
     assert (project / "metrics" / "directions" / "gan.json").is_file()
     assert "time_encode_s" in outcome.metrics
+    # The default scaling size axis inverts 2 x min(size_axis_subjects, fitting subjects) volumes.
+    assert outcome.metrics["size_axis_subjects"] == 18 and "time_size_axis_s" in outcome.metrics
 
 
 def test_targets_that_cannot_fill_the_folds_are_skipped_with_the_reason():
@@ -274,6 +276,9 @@ def test_stylegan_w_plus_codec_flattens_and_restores_layers():
     assert LatentCodec.for_model(model, "w", 2).dim == 4
     with pytest.raises(ValueError, match=f"expected latents \\(B, {codec.dim}\\)"):
         codec.decode(torch.zeros(2, 4))
+    # The scaling size axis in W+ (inversion of the rescaled volumes): one flat unit axis of the codec's size.
+    axis = scaling_axis(lambda v: codec.encode_volumes(v, batch_size=4), np.random.default_rng(0).random((3, 8, 8, 8)))
+    assert axis.vector.shape == (codec.dim,) and abs(np.linalg.norm(axis.vector) - 1) < 1e-9
 
 
 # ------------------------------------------------------------------------------------------ traverse_scan
