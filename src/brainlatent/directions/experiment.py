@@ -9,7 +9,9 @@ experiment for one registered model version, end to end.
    val* subjects, then score once on the *test* split (the headline numbers): the one split no champion
    selection, tuning, early stopping, feature-net training or default choice sees. PCA-of-voxels and
    brain-mask-volume baselines under the same protocol (``run_probe_suite``).
-3. **Directions** from the fitted latent probes, saved as JSON with the model version they belong to.
+3. **Directions** from the fitted latent probes, saved as JSON with the model version they belong to; the
+   size-controlled ones orthogonal to the model's latent scaling axis (``directions.size_axis: scaling``,
+   sizeaxis.py: a seeded subset of the fitting subjects rescaled and encoded) or to the covariate predictor.
 4. **Traverse** test subjects along every direction and decode: strips, GIFs, 4D NIfTIs, group-mean
    difference and paired-t maps.
 5. **Effects** along each traversal: brain / ventricle / cortical-GM / sex-region volumes, projections on
