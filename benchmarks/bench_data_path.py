@@ -91,6 +91,7 @@ class PeakRSS:
         import psutil
 
         self.proc, self.period, self.peak = psutil.Process(), period, 0
+        self.child_cpu: dict[int, float] = {}  # pid -> last seen user + system seconds of each descendant
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -100,6 +101,9 @@ class PeakRSS:
             for p in [self.proc, *self.proc.children(recursive=True)]:
                 try:
                     total += p.memory_full_info().pss
+                    if p.pid != self.proc.pid:
+                        t = p.cpu_times()
+                        self.child_cpu[p.pid] = t.user + t.system
                 except Exception:  # a worker exiting
                     pass
             self.peak = max(self.peak, total)
@@ -206,6 +210,60 @@ def child(args) -> dict:
     }
 
 
+def make_raw(raw_dir: Path, n: int, distinct: int) -> Path:
+    """A manifest of ``n`` HCP-sized subjects (260 x 311 x 260 float32 .nii.gz, bench_preprocess.make_volume),
+    ``distinct`` phantom files symlinked under ``n`` names: prepare reads and resamples every one of them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_preprocess import make_volume
+
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(distinct):
+        if not (raw_dir / f"phantom_{k}.nii.gz").is_file():
+            make_volume(raw_dir / f"phantom_{k}.nii.gz", seed=k)
+    lines = ["subject,path,sex,age"]
+    for i in range(n):
+        link = raw_dir / f"sub-{i:04d}.nii.gz"
+        if not link.is_symlink():
+            link.symlink_to(f"phantom_{i % distinct}.nii.gz")
+        lines.append(f"sub-{i:04d},{link.name},{'MF'[i % 2]},{22 + (i * 7) % 15}")
+    manifest = raw_dir / f"manifest_{n}.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def prepare_child(args) -> dict:
+    """``prepare`` on a manifest in this process: wall and CPU time (with its joblib workers), peak PSS."""
+    import psutil
+    import yaml
+
+    from brainlatent.config import params_from_dict
+    from brainlatent.data.preprocess import prepare
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    shape = [int(v) for v in args.shapes.split(",")[0].split("x")]
+    raw["data"].update(source="manifest", path=str(args.manifest), covariates=[], shape=shape,
+                       processed_dir=str(args.processed), workers=args.prepare_workers)
+    params = params_from_dict(raw)
+    me = psutil.Process()
+    cpu0 = me.cpu_times()
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        result = prepare(params.data, project_root=root)
+        wall = time.perf_counter() - t0
+    cpu1 = me.cpu_times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system) + sum(peak.child_cpu.values())
+    return {
+        "stage": "prepare", "subjects": result.n_accepted,
+        "shape": shape, "workers": args.prepare_workers, "wall_s": round(wall, 1),
+        "s_per_subject": round(wall / max(1, args.n_prepare), 3),
+        "cpu_s": round(cpu, 1), "cores_busy": round(cpu / wall, 2),
+        "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_pss_with_workers_mb": round(peak.peak / 2**20, 1),
+        "note": "cpu_s: this process + its workers (sampled every 0.2 s: up to 0.2 s of each worker missed)",
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_data_path"))
@@ -221,12 +279,44 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="run the modes this many times, interleaved")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--prepare", default="", help="comma list of cohort sizes: time `prepare` on HCP-sized "
+                    "phantoms (data.workers = --prepare-workers) instead of training epochs")
+    ap.add_argument("--prepare-workers", type=int, default=2)
+    ap.add_argument("--distinct", type=int, default=8, help="distinct phantom files behind the --prepare cohort")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--manifest", help=argparse.SUPPRESS)
+    ap.add_argument("--n-prepare", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--processed", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args)))
+        return 0
+    if args.prepare_child:
+        print(json.dumps(prepare_child(args)))
+        return 0
+    if args.prepare:
+        for n in [int(v) for v in args.prepare.split(",")]:
+            manifest = make_raw(args.workdir / "raw", n, args.distinct)
+            out = args.workdir / f"prepared_{n}"
+            cmd = [sys.executable, __file__, "--prepare-child", "--manifest", str(manifest), "--processed", str(out),
+                   "--shapes", args.shapes.split(",")[0], "--prepare-workers", str(args.prepare_workers),
+                   "--n-prepare", str(n)]
+            proc = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True,
+                                  text=True)
+            if proc.returncode:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return proc.returncode
+            line = proc.stdout.strip().splitlines()[-1]
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(line + "\n")
+            if not args.keep:
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
         return 0
 
     for shape_s in args.shapes.split(","):

@@ -107,11 +107,15 @@ class Task(ABC):
     def schedulers(self) -> dict[str, Any]:
         return {}
 
-    def fit_data(self, train: torch.Tensor) -> None:
+    def fit_data(self, train: torch.Tensor | StreamedSplit) -> None:
         """Data-dependent set-up from the training split before the first step (the dense autoencoders'
-        template). A resume then restores the same buffers from the checkpoint."""
+        template). A resume then restores the same buffers from the checkpoint.
 
-    def on_train_end(self, train: torch.Tensor) -> None:
+        ``train`` here and in :meth:`on_train_end` may be a :class:`StreamedSplit` (a split too large for
+        memory): use only ``len``, ``.shape`` / ``.ndim``, slices ``train[i:j]``, index tensors, ``.float()``
+        and ``.mean(0, keepdim=...)``, which it supports by reading the file batch by batch."""
+
+    def on_train_end(self, train: torch.Tensor | StreamedSplit) -> None:
         """After the last epoch's steps, before its validation, checkpoint and artifacts: fit what depends on
         the trained weights (the VAE's sampling prior), so the final checkpoint and registered model hold it.
         Runs on every rank under torchrun (same weights and data give the same fit)."""
