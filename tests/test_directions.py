@@ -16,7 +16,8 @@ from brainlatent.directions import (Direction, ProbeSettings, direction_from_pro
                                     run_probe_suite)
 from brainlatent.directions.direction import covariate_axes
 from brainlatent.directions.probes import CovariateResidualizer
-from brainlatent.directions.sizeaxis import SCALING_FACTOR, rescale, scaling_axis
+from brainlatent.directions.groundtruth import map_correlation, partial_map_correlation
+from brainlatent.directions.sizeaxis import SCALING_FACTOR, global_size_map, rescale, scaling_axis
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -317,6 +318,62 @@ def test_scaling_axis_is_the_models_tangent_of_a_global_rescaling():
         scaling_axis(encode, _blobs(2, 1), factor=0.97)
     with pytest.raises(ValueError, match="does not change their latents"):
         scaling_axis(lambda v: np.zeros((len(v), 3)) + offset, _blobs(2, 1))  # a model that ignores size
+
+
+def test_global_size_map_is_the_rendered_difference_of_a_rescaling():
+    """Through an identity model it is the mean difference of the rescaled volumes themselves; through a model it
+    is what the model renders of them (here a decoder that halves the intensities)."""
+    vols = _blobs(3, 4)
+    expected = (rescale(vols, 1.03).astype(np.float64) - rescale(vols, 1 / 1.03)).mean(0)
+    identity = global_size_map(lambda v: v.reshape(len(v), -1), lambda z: z.reshape(vols.shape), vols)
+    np.testing.assert_allclose(identity, expected, atol=1e-6)
+    assert identity.shape == vols.shape[1:] and identity.sum() > 0  # + = larger
+    halved = global_size_map(lambda v: v.reshape(len(v), -1), lambda z: 0.5 * z.reshape(vols.shape), vols)
+    np.testing.assert_allclose(halved, 0.5 * expected, atol=1e-6)
+    with pytest.raises(ValueError, match="factor must be > 1"):
+        global_size_map(lambda v: v, lambda z: z, vols, factor=1.0)
+
+
+def _shell_and_local_maps(shape=(20, 24, 20)):
+    """A brain mask (a ball), a global-size map (+ on a shell at the ball's outline: the outline pushed outward)
+    and a planted local map (a local enlargement: the same shell, over one side only, so correlated with it)."""
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    centre = (np.array(shape, float) - 1)[:, None, None, None] / 2
+    radius = np.sqrt(((grid - centre) ** 2).sum(0))
+    mask = radius < 9.5
+    size_map = np.exp(-((radius - 7.5) ** 2) / 2.0)
+    spot = centre + np.array([0, 7.0, 0])[:, None, None, None]
+    local = size_map * np.exp(-((grid - spot) ** 2).sum(0) / (2 * 5.0**2))
+    return mask, size_map, local
+
+
+def test_partial_map_correlation_takes_out_what_a_global_size_change_explains():
+    """Known answer: a direction map = (its local part + a global-size component) correlates with the planted
+    local map better than its local part alone does, because the planted map itself correlates with the global
+    map; beyond size (partial r given the global map) both score exactly what the local part does, whatever the
+    size component's weight, and that equals the textbook partial correlation."""
+    mask, size_map, planted = _shell_and_local_maps()
+    assert map_correlation(size_map, planted, mask) > 0.15  # a pure size change already "matches" the local map
+    noise = np.random.default_rng(0).normal(scale=0.3, size=planted.shape)
+    local_part = planted + noise
+    for weight in (0.5, 2.0, -1.0):
+        with_size = local_part + weight * size_map
+        plain_local = map_correlation(local_part, planted, mask)
+        if weight > 0:
+            assert map_correlation(with_size, planted, mask) > plain_local + 0.02  # the plain r is boosted
+        beyond = partial_map_correlation(with_size, planted, size_map, mask)
+        assert beyond == pytest.approx(partial_map_correlation(local_part, planted, size_map, mask), abs=1e-12)
+    r_ab, r_ac, r_bc = (map_correlation(a, b, mask) for a, b in
+                        ((local_part, planted), (local_part, size_map), (planted, size_map)))
+    textbook = (r_ab - r_ac * r_bc) / np.sqrt((1 - r_ac**2) * (1 - r_bc**2))
+    assert partial_map_correlation(local_part, planted, size_map, mask) == pytest.approx(textbook, abs=1e-12)
+    # A map that is only a size change holds nothing beyond it; a control map that is constant explains nothing.
+    with pytest.raises(ValueError, match="multiple of the control map"):
+        partial_map_correlation(3 * size_map + 1, planted, size_map, mask)
+    with pytest.raises(ValueError, match="non-constant"):
+        partial_map_correlation(local_part, planted, np.ones_like(size_map), mask)
+    with pytest.raises(ValueError, match="differ"):
+        partial_map_correlation(local_part, planted, size_map[:-1], mask)
 
 
 def test_size_axis_option_is_validated_by_name():

@@ -18,12 +18,12 @@ from brainlatent import registry
 from brainlatent.anatomy import atlas_on_grid, load_template
 from brainlatent.config import params_from_dict
 from brainlatent.data.cohort import AGE_GROUPS
-from brainlatent.directions import Direction, map_correlation
+from brainlatent.directions import Direction, map_correlation, partial_map_correlation
 from brainlatent.directions.codec import LatentCodec
 from brainlatent.data.dataset import ProcessedData
 from brainlatent.directions.experiment import (FIT_SPLITS, GROUND_TRUTH_MAPS, feasible_targets, run_directions,
                                                size_axis_rows, traversal_rows)
-from brainlatent.directions.sizeaxis import scaling_axis
+from brainlatent.directions.sizeaxis import global_size_map, scaling_axis
 from brainlatent.directions.scan import traverse_scan
 from brainlatent.grid import Grid
 from brainlatent.models.stylegan import StyleGAN
@@ -196,9 +196,31 @@ def test_ground_truth_checks_recover_a_planted_map(project, ae):
     better = m["sex_local_map_r_size_controlled"] > m["sex_local_map_r_raw"]
     assert m["sex_local_size_controlled_better"] == float(better)
     assert m["age_ventricle_sign_correct"] in (0.0, 1.0)
+    # Beyond size: the same maps after taking out of both what a global rescaling of the traversed subjects, as the
+    # model renders it, explains (recomputed here from the registered model and the same subjects).
+    loaded = registry.load_model("models:/brainlatent-ae/1", torch.device("cpu"))
+    codec = LatentCodec.for_model(loaded.model)
+    data = ProcessedData.open(processed)
+    trav = traversal_rows(data.split_indices("test"), len(data.subjects), FAST["n_traversal_subjects"], ae.seed)
+    size_map = global_size_map(codec.encode_volumes, codec.decode_latents, data.volumes[trav])
+    assert m["planted_map_r_beyond_size_size_controlled"] == pytest.approx(1.0, abs=1e-4)
+    assert m["sex_local_map_r_beyond_size_size_controlled"] == pytest.approx(1.0, abs=1e-4)
+    assert m["planted_map_r_beyond_size"] == pytest.approx(
+        partial_map_correlation(raw_planted, planted_map, size_map, mask), abs=1e-4)
+    assert m["sex_local_map_r_beyond_size_raw"] == pytest.approx(
+        partial_map_correlation(raw_sex, local_map, size_map, mask), abs=1e-4)
+    assert m["sex_local_map_r_global_size"] == pytest.approx(map_correlation(size_map, local_map, mask), abs=1e-4)
+    assert m["planted_map_r_global_size"] == pytest.approx(map_correlation(size_map, planted_map, mask), abs=1e-4)
+    assert m["sex_local_size_controlled_better_beyond_size"] == float(
+        m["sex_local_map_r_beyond_size_size_controlled"] > m["sex_local_map_r_beyond_size_raw"])
+    assert m["planted_size_controlled_better_beyond_size"] == float(
+        m["planted_map_r_beyond_size_size_controlled"] > m["planted_map_r_beyond_size"])
+    assert "time_size_map_s" in m
     assert second.metrics["sex_auc"] == pytest.approx(first.metrics["sex_auc"])  # deterministic
     run = mlflow.get_run(second.run_id)
     assert "gt.age_old.ventricle_volume_mm3.change_per_sd" in run.data.metrics
+    assert {"gt.age_group.age_map_r_beyond_size", "gt.global_size.age_map_r",
+            "gt.planted.size_controlled_minus_raw_r_beyond_size"} <= set(run.data.metrics)
     version = MlflowClient().get_model_version("brainlatent-ae", "1")
     assert float(version.tags["directions.age_map_r"]) == pytest.approx(1.0, abs=1e-3)
 

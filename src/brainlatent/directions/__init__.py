@@ -23,7 +23,8 @@ Method and conventions: docs/directions_method.md.
 from .direction import Direction, direction_from_probe, raw_gradient
 from .effects import Monotonicity, TraversalEffects, monotonicity, traversal_effects
 from .evaluation import Estimate, ProbeResult, evaluate_probe
-from .groundtruth import PLANTED_AGE_SIGNS, effect_agreement, effect_maps, ground_truth_metrics, map_correlation
+from .groundtruth import (PLANTED_AGE_SIGNS, effect_agreement, effect_maps, ground_truth_metrics, map_correlation,
+                          partial_map_correlation)
 from .probes import CovariateResidualizer, ProbeSettings, make_probe, probe_probability
 from .suite import ProbeSuite, run_probe_suite
 from .targets import TARGETS, Target, available_targets, brain_mask_volume, covariate, target_labels
@@ -34,6 +35,6 @@ __all__ = [
     "Monotonicity", "ProbeResult", "ProbeSettings", "ProbeSuite", "Target", "TraversalEffects",
     "available_targets", "brain_mask_volume", "covariate", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
     "evaluate_probe", "ground_truth_metrics", "group_difference_map", "make_probe", "map_correlation",
-    "monotonicity", "probe_probability", "raw_gradient", "run_probe_suite", "symmetric_steps", "target_labels",
+    "monotonicity", "partial_map_correlation", "probe_probability", "raw_gradient", "run_probe_suite", "symmetric_steps", "target_labels",
     "traversal_effects", "traverse",
 ]

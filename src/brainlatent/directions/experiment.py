@@ -19,8 +19,10 @@ experiment for one registered model version, end to end.
    re-encoded volumes, each with its monotonicity.
 6. **Counterfactual checks** of every direction (counterfactual.py): composition, reversibility,
    effectiveness, minimality.
-7. **Ground truth** (synthetic cohort, positive controls): difference maps against the planted effect maps;
-   sign and monotonicity of the ventricle change along the age directions.
+7. **Ground truth** (synthetic cohort, positive controls): difference maps against the planted effect maps,
+   plainly and beyond global size (partial r given the map of a pure global rescaling of the traversed
+   subjects, rendered by the model: sizeaxis.global_size_map); sign and monotonicity of the ventricle change
+   along the age directions.
 8. **Outputs**: ``directions/<family>/`` (DVC), ``metrics/directions/<family>.json`` (flat headline
    numbers), one MLflow run in ``brainlatent-directions``, headline tags on the model version.
 
@@ -60,10 +62,10 @@ from . import counterfactual as cf
 from .codec import LatentCodec
 from .direction import Direction
 from .evaluation import CV_INTERVAL, check_labels
-from .groundtruth import PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation
+from .groundtruth import PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation, partial_map_correlation
 from .headline import AGE_DIRECTIONS, VERSION_TAG_KEYS, headline_metrics
 from .probes import ProbeSettings, decision_scores
-from .sizeaxis import ScalingAxis, scaling_axis
+from .sizeaxis import ScalingAxis, global_size_map, scaling_axis
 from .study import (
     DECODE_BATCH,
     ENCODE_BATCH,
@@ -159,31 +161,65 @@ def load_ground_truth(gt_dir: Path | None, grid: Grid) -> dict[str, np.ndarray]:
 SIZE_CONTROL_COMPARISONS = (("sex", "sex_local"), (PLANTED, "planted"))
 
 
-def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[str, DirectionStudy]
-                        ) -> dict[str, float]:
+# The reference map of the "beyond size" checks: gt.<size-map key>.<map>_map_r is its own r with each planted map.
+SIZE_MAP_KEY = "global_size"
+
+
+def size_reference_map(exp: Experiment, encoded: Encoded) -> np.ndarray:
+    """The map of a pure global rescaling of the traversed subjects as the model renders it
+    (sizeaxis.global_size_map; x1.03 linear, like the scaling axis): what the ground-truth checks take out of
+    both maps for their "beyond size" partial r. ``2 x directions.n_traversal_subjects`` encodings and decodings
+    (inversions for GAN families); computed only when there is ground truth."""
+    return global_size_map(lambda v: exp.codec.encode_volumes(v, ENCODE_BATCH),
+                           lambda z: exp.codec.decode_latents(z, DECODE_BATCH), encoded.originals,
+                           device=exp.codec.device)
+
+
+def _map_r(what: str, fn, *maps_and_mask) -> float:
+    try:
+        return fn(*maps_and_mask)
+    except ValueError as err:  # a constant map: the decoder ignores this direction
+        log.warning("ground truth: %s: %s", what, err)
+        return math.nan
+
+
+def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[str, DirectionStudy],
+                        size_map: np.ndarray | None = None) -> dict[str, float]:
     """``gt.<direction>.<map>_map_r`` for every direction x planted map (inside the template brain mask),
     the planted-sign checks along the age directions, and the size-control comparisons on the local maps
-    (``gt.<map>.size_controlled_better``). Empty when there is no ground truth (real cohorts)."""
+    (``gt.<map>.size_controlled_better``). Empty when there is no ground truth (real cohorts).
+
+    With ``size_map`` (:func:`size_reference_map`) also ``gt.<direction>.<map>_map_r_beyond_size``, the partial
+    r of the two maps given the global-rescaling map (groundtruth.partial_map_correlation, same mask), the
+    comparisons by it (``gt.<map>.size_controlled_better_beyond_size``) and the reference's own plain r with each
+    planted map (``gt.global_size.<map>_map_r``: how much a pure size change already "matches" it)."""
     if not maps:
         return {}
     mask = atlas_on_grid(grid).brain > 0.5
     out: dict[str, float] = {}
-    for name, study in studies.items():
+    if size_map is not None:
         for key, planted in maps.items():
-            try:
-                out[f"gt.{name}.{key}_map_r"] = map_correlation(study.difference.mean_difference, planted, mask)
-            except ValueError as err:  # a constant map: the decoder ignores this direction
-                log.warning("ground truth: %s vs planted %s map: %s", name, key, err)
-                out[f"gt.{name}.{key}_map_r"] = math.nan
+            out[f"gt.{SIZE_MAP_KEY}.{key}_map_r"] = _map_r(f"global size map vs planted {key} map",
+                                                           map_correlation, size_map, planted, mask)
+    for name, study in studies.items():
+        diff = study.difference.mean_difference
+        for key, planted in maps.items():
+            what = f"{name} vs planted {key} map"
+            out[f"gt.{name}.{key}_map_r"] = _map_r(what, map_correlation, diff, planted, mask)
+            if size_map is not None:
+                out[f"gt.{name}.{key}_map_r_beyond_size"] = _map_r(f"{what} beyond size", partial_map_correlation,
+                                                                   diff, planted, size_map, mask)
         if name in AGE_DIRECTIONS:
             checks = ground_truth_metrics(summary=study.effects.summary, expected_signs=PLANTED_AGE_SIGNS)
             out.update({f"gt.{name}.{k}": v for k, v in checks.items()})
     for target, key in SIZE_CONTROL_COMPARISONS:
-        raw, controlled = out.get(f"gt.{target}.{key}_map_r"), out.get(f"gt.{target}_size_controlled.{key}_map_r")
-        if raw is not None and controlled is not None:
-            # The issue's claim, measured: size control recovers the local effect better.
-            out[f"gt.{key}.size_controlled_minus_raw_r"] = controlled - raw
-            out[f"gt.{key}.size_controlled_better"] = float(controlled > raw)
+        for suffix in ("", "_beyond_size"):
+            raw = out.get(f"gt.{target}.{key}_map_r{suffix}")
+            controlled = out.get(f"gt.{target}_size_controlled.{key}_map_r{suffix}")
+            if raw is not None and controlled is not None:
+                # The issue's claim, measured: size control recovers the local effect better (NaN compares false).
+                out[f"gt.{key}.size_controlled_minus_raw_r{suffix}"] = controlled - raw
+                out[f"gt.{key}.size_controlled_better{suffix}"] = float(controlled > raw)
     return out
 
 
@@ -536,7 +572,9 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
             mlflow.set_tag("effectiveness_featurenet", featurenet_id)
             studies = traverse_and_measure(exp, suite, ctx)
             model_cf = model_checks(encoded, ctx, studies)
-        gt = ground_truth_checks(ctx.planted, exp.data.grid, studies)
+        with clock("size_map_s"):  # the "beyond size" reference; only with ground truth
+            size_map = size_reference_map(exp, encoded) if ctx.planted else None
+        gt = ground_truth_checks(ctx.planted, exp.data.grid, studies, size_map)
         clock.timings["total_s"] = time.perf_counter() - t_start
         headline = record(exp, run.info.run_id, suite, studies, encoded, gt, model_cf, clock.timings)
         log.info("directions %s v%s: %s (%.0f s)", family, loaded.version,

@@ -6,6 +6,10 @@ checks per direction:
 
   map correlation  Pearson r between the traversal's group-mean difference map and the planted effect map,
                    optionally inside a brain mask (so the empty background does not inflate r)
+  beyond size      the same r after regressing both maps, voxelwise, on the map of a pure global rescaling
+                   (``partial_map_correlation``): a local enlargement at coarse voxels mostly pushes the brain's
+                   outline outward, as a larger brain does, so a global-size map already correlates with a
+                   local one and the plain r rewards any global-size component of a direction
   effect sign      along the age direction the ventricle volume must rise (planted growth > 0): the
                    measured change per SD must have the planted sign and rise monotonically
 
@@ -35,6 +39,37 @@ def map_correlation(estimated: np.ndarray, planted: np.ndarray, mask: np.ndarray
     if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         raise ValueError("map_correlation: need >= 3 masked voxels and non-constant maps")
     return float(pearsonr(a, b).statistic)
+
+
+def partial_map_correlation(estimated: np.ndarray, planted: np.ndarray, control: np.ndarray,
+                            mask: np.ndarray | None = None) -> float:
+    """Partial correlation of two ``(X, Y, Z)`` maps given a third, over the voxels of ``mask``: Pearson r
+    between the residuals of ``estimated`` and of ``planted`` after a least-squares fit of each on ``control``
+    (with an intercept). What r is left once everything ``control`` explains is taken out of both maps; when
+    ``estimated = local + a * control`` it equals the partial r of ``local`` alone, whatever ``a``.
+
+    Raises ValueError like :func:`map_correlation`, and when a map is (numerically) a multiple of ``control``
+    (nothing is left of it beyond the control)."""
+    estimated, planted, control = (np.asarray(m, np.float64) for m in (estimated, planted, control))
+    if not estimated.shape == planted.shape == control.shape:
+        raise ValueError(f"partial_map_correlation: estimated {estimated.shape}, planted {planted.shape} and "
+                         f"control {control.shape} maps differ")
+    mask = np.ones(estimated.shape, bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != estimated.shape:
+        raise ValueError(f"partial_map_correlation: mask {mask.shape} does not match the maps {estimated.shape}")
+    a, b, c = estimated[mask], planted[mask], control[mask]
+    if a.size < 4 or np.ptp(a) == 0 or np.ptp(b) == 0 or np.ptp(c) == 0:
+        raise ValueError("partial_map_correlation: need >= 4 masked voxels and non-constant maps")
+    c = c - c.mean()
+    residuals = []
+    for m in (a, b):
+        m = m - m.mean()
+        r = m - (m @ c) / (c @ c) * c
+        if np.linalg.norm(r) <= 1e-10 * np.linalg.norm(m):
+            raise ValueError("partial_map_correlation: a map is a multiple of the control map; nothing is left")
+        residuals.append(r)
+    ra, rb = residuals
+    return float(ra @ rb / (np.linalg.norm(ra) * np.linalg.norm(rb)))
 
 
 def effect_maps(volumes: np.ndarray, design: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -45,6 +45,17 @@ HEADLINE: tuple[HeadlineKey, ...] = (
     HeadlineKey("planted_map_r", "gt.planted.planted_map_r", version_tag=True),
     HeadlineKey("planted_map_r_size_controlled", "gt.planted_size_controlled.planted_map_r"),
     HeadlineKey("planted_size_controlled_better", "gt.planted.size_controlled_better"),
+    # The same comparisons beyond global size: partial r given the map of a pure global rescaling
+    # (experiment.ground_truth_checks), and that map's own plain r with the local map.
+    HeadlineKey("sex_local_map_r_beyond_size_raw", "gt.sex.sex_local_map_r_beyond_size"),
+    HeadlineKey("sex_local_map_r_beyond_size_size_controlled", "gt.sex_size_controlled.sex_local_map_r_beyond_size"),
+    HeadlineKey("sex_local_size_controlled_better_beyond_size", "gt.sex_local.size_controlled_better_beyond_size"),
+    HeadlineKey("sex_local_map_r_global_size", "gt.global_size.sex_local_map_r"),
+    HeadlineKey("planted_map_r_beyond_size", "gt.planted.planted_map_r_beyond_size"),
+    HeadlineKey("planted_map_r_beyond_size_size_controlled",
+                "gt.planted_size_controlled.planted_map_r_beyond_size"),
+    HeadlineKey("planted_size_controlled_better_beyond_size", "gt.planted.size_controlled_better_beyond_size"),
+    HeadlineKey("planted_map_r_global_size", "gt.global_size.planted_map_r"),
     HeadlineKey("age_ventricle_sign_correct", "gt.age_group.ventricle_volume_mm3.sign_correct"),
     HeadlineKey("age_ventricle_monotonicity", version_tag=True),
     HeadlineKey("encode_psnr_db", version_tag=True),

@@ -31,6 +31,9 @@ Cost: ``2 n`` encodings of ``n = directions.size_axis_subjects`` fitting subject
 (AE, VAE) take well under a second (0.05 s measured), inverting families (GAN, StyleGAN) one inversion each:
 0.35-0.6 s per volume at the default 40 steps on the CPU, 40 s for the GAN's 64 on a loaded 2-core machine
 (BENCHMARKS.md, "Size control against the model's scaling axis").
+
+``global_size_map`` is the image-space twin used by the ground-truth checks (groundtruth.py, "beyond size"):
+the group difference map a pure global rescaling produces, as the model renders it.
 """
 
 from __future__ import annotations
@@ -106,3 +109,28 @@ def scaling_axis(encode: Callable[[np.ndarray], np.ndarray], volumes: np.ndarray
     lengths = np.linalg.norm(tangents, axis=1)
     agreement = float(np.mean((tangents @ vector)[lengths > 0] / lengths[lengths > 0]))
     return ScalingAxis(vector=vector, agreement=agreement, n_subjects=len(vols), factor=float(factor))
+
+
+def global_size_map(encode: Callable[[np.ndarray], np.ndarray], decode: Callable[[np.ndarray], np.ndarray],
+                    volumes: np.ndarray, factor: float = SCALING_FACTOR,
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """The group difference map of a pure global rescaling, as the model renders it: the mean over ``volumes``
+    ``(N, X, Y, Z)`` of ``decode(encode(S_s x)) - decode(encode(S_{1/s} x))`` (``(X, Y, Z)`` float64; + = larger).
+
+    The reference the ground-truth checks take out of a direction's map and of the planted map before
+    correlating them (``partial_map_correlation``). Through the model, not the rescaled volumes themselves:
+    a direction's difference map is a difference of decoded volumes, so it carries the decoder's smoothing and
+    whatever the model renders for a larger brain; a global-size component in it looks like this map more than
+    like the difference of the interpolated volumes themselves, which the decoder's smoothing never touched. Given the
+    subjects (the traversed ones, so the reference shares their anatomy) it depends on nothing else: not on
+    labels, probes or ``directions.size_axis``, so raw and size-controlled directions, under either axis option,
+    are compared against the same reference. Cost: ``2 N`` encodings and decodings (inversions for GAN families).
+    """
+    if not factor > 1:
+        raise ValueError(f"global size map: factor must be > 1 (linear size), got {factor!r}")
+    vols = np.asarray(volumes, np.float32)
+    if vols.ndim != 4 or len(vols) < 1:
+        raise ValueError(f"global size map: expected (N >= 1, X, Y, Z) volumes, got shape {vols.shape}")
+    larger = np.asarray(decode(encode(rescale(vols, factor, device))), np.float64)
+    smaller = np.asarray(decode(encode(rescale(vols, 1.0 / factor, device))), np.float64)
+    return (larger - smaller).mean(axis=0)
