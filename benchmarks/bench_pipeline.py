@@ -7,7 +7,9 @@ second one, docs/synthetic_cohort.md) it builds a fresh git + DVC project from t
 reads back ``metrics/evaluate/*.json`` and ``metrics/directions/*.json``. Stage times come from the moments DVC
 announces each stage ("Running stage ...") in its output.
 
-Run: ``python benchmarks/bench_pipeline.py --recipe template --recipe tissue [--set gan.epochs=20] [--keep DIR]``.
+Run: ``python benchmarks/bench_pipeline.py --recipe template --recipe tissue [--set gan.epochs=20] [--keep DIR]``;
+``--params params.research.yaml --set-file benchmarks/research_short.yaml`` starts from another params file and a
+YAML file of dotted-key overrides (the shortened research run, docs/research_scale.md).
 Prints Markdown tables (stage seconds; sample quality beside its floors; directions) per recipe. A 2-core machine
 takes ~12-15 min per recipe; run it on a quiet machine when the stage times matter.
 """
@@ -35,8 +37,9 @@ SAMPLERS = ("vae", "gan", "stylegan")
 QUALITY = ("c2st_auc", "intensity_w1", "coverage", "density", "tissue_tv")
 DIRECTIONS = ("sex_auc", "sex_size_controlled_auc", "sex_brain_mask_volume_auc", "age_old_auc", "age_old_pca_voxels_auc",
               "age_old_pca_reconstructions_auc",
-              "age_map_r", "sex_local_map_r_raw", "sex_local_map_r_size_controlled", "age_ventricle_monotonicity",
-              "encode_psnr_db")
+              "age_map_r", "sex_local_map_r_raw", "sex_local_map_r_size_controlled",
+              "sex_local_map_r_beyond_size_raw", "sex_local_map_r_beyond_size_size_controlled",
+              "sex_local_map_r_global_size", "age_ventricle_monotonicity", "encode_psnr_db")
 
 
 def _set(raw: dict, dotted: str, value) -> None:
@@ -47,14 +50,18 @@ def _set(raw: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def make_project(dest: Path, recipe: str, overrides: list[str]) -> dict[str, str]:
-    """A fresh git + DVC repository at ``dest`` holding this checkout's pipeline; returns the environment."""
+def make_project(dest: Path, recipe: str, overrides: list[str], params_file: Path = REPO / "params.yaml",
+                 set_file: Path | None = None) -> dict[str, str]:
+    """A fresh git + DVC repository at ``dest`` holding this checkout's pipeline, its params.yaml made from
+    ``params_file``, the dotted keys of ``set_file`` and then ``overrides``; returns the environment."""
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, dest / name)
     shutil.copytree(REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(Path(params_file).read_text())
     _set(raw, "synth.recipe", recipe)
+    for key, value in (yaml.safe_load(Path(set_file).read_text()) if set_file else {}).items():
+        _set(raw, key, value)
     for item in overrides:
         key, value = item.split("=", 1)
         _set(raw, key, yaml.safe_load(value))
@@ -144,16 +151,19 @@ def main() -> int:
     parser.add_argument("--recipe", action="append", choices=("template", "tissue"), help="repeatable")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--keep", type=Path, help="build the projects under this folder and keep them")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="the params file to start from")
+    parser.add_argument("--set-file", type=Path, help="YAML mapping of dotted keys to values, applied before --set")
     args = parser.parse_args()
     recipes = args.recipe or ["template"]
     base = args.keep or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     print(f"# Whole pipeline per cohort, {dt.date.today()}: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}; overrides: {args.overrides or 'none'}\n")
+          f"python {platform.python_version()}; params {args.params.name}, set-file {args.set_file or 'none'}, "
+          f"overrides: {args.overrides or 'none'}\n")
     for recipe in recipes:
         project = base / recipe
         if project.exists():
             shutil.rmtree(project)
-        env = make_project(project, recipe, args.overrides)
+        env = make_project(project, recipe, args.overrides, args.params, args.set_file)
         stages, total, cpu = run_pipeline(project, env, base / f"{recipe}.log")
         print(f"## synth.recipe: {recipe} ({project})\n\n{tables(project, stages, total, cpu)}\n", flush=True)
     if args.keep is None:
