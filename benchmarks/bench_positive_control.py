@@ -30,8 +30,10 @@ from pathlib import Path
 
 KEYS = ("planted_auc", "planted_auc_low", "planted_auc_high", "planted_size_controlled_auc",
         "planted_size_controlled_auc_low", "planted_size_controlled_auc_high", "planted_map_r",
-        "planted_map_r_size_controlled", "sex_size_controlled_auc", "sex_local_map_r_raw",
-        "sex_local_map_r_size_controlled", "size_axis_agreement")
+        "planted_map_r_size_controlled", "planted_map_r_beyond_size", "planted_map_r_beyond_size_size_controlled",
+        "planted_map_r_global_size", "sex_size_controlled_auc", "sex_local_map_r_raw",
+        "sex_local_map_r_size_controlled", "sex_local_map_r_beyond_size_raw",
+        "sex_local_map_r_beyond_size_size_controlled", "size_axis_agreement")
 
 
 def run(cmd: list[str], project: Path, timings: dict[str, float], name: str) -> None:

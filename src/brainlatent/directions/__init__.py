@@ -35,6 +35,7 @@ __all__ = [
     "Monotonicity", "ProbeResult", "ProbeSettings", "ProbeSuite", "Target", "TraversalEffects",
     "available_targets", "brain_mask_volume", "covariate", "decode_batched", "direction_from_probe", "effect_agreement", "effect_maps",
     "evaluate_probe", "ground_truth_metrics", "group_difference_map", "make_probe", "map_correlation",
-    "monotonicity", "partial_map_correlation", "probe_probability", "raw_gradient", "run_probe_suite", "symmetric_steps", "target_labels",
+    "monotonicity", "partial_map_correlation", "probe_probability", "raw_gradient", "run_probe_suite",
+    "symmetric_steps", "target_labels",
     "traversal_effects", "traverse",
 ]
