@@ -100,9 +100,23 @@ DIRECTION_CHECKS = (
     DirectionCheck("sex_local_map_r_size_controlled", "size-controlled sex direction: the same (r)"),
     DirectionCheck("sex_local_size_controlled_better", "size control recovers the local sex effect better (1 = yes)",
                    1.0, _AE_VAE),
+    # The same beyond global size (partial r given the map of a pure rescaling, docs/directions_method.md): a
+    # local enlargement also pushes the brain's outline out, which plain r credits to any size component.
+    DirectionCheck("sex_local_map_r_global_size", "a pure global rescaling vs the planted local sex map (r)"),
+    DirectionCheck("sex_local_map_r_beyond_size_raw", "sex direction: map vs planted local sex effect beyond global "
+                   "size (partial r)"),
+    DirectionCheck("sex_local_map_r_beyond_size_size_controlled", "size-controlled sex direction: the same (partial r)"),
+    DirectionCheck("sex_local_size_controlled_better_beyond_size", "size control recovers the local sex effect better "
+                   "beyond global size (1 = yes)", 1.0, _AE_VAE),
     DirectionCheck("planted_auc", "positive control: probe AUC of the planted label, test split"),
     DirectionCheck("planted_map_r", "positive control: direction map vs planted effect (r)"),
     DirectionCheck("planted_size_controlled_better", "positive control: size control recovers it better (1 = yes)"),
+    DirectionCheck("planted_map_r_beyond_size", "positive control: direction map vs planted effect beyond global size "
+                   "(partial r)"),
+    DirectionCheck("planted_map_r_beyond_size_size_controlled", "positive control: size-controlled, the same "
+                   "(partial r)"),
+    DirectionCheck("planted_size_controlled_better_beyond_size", "positive control: size control recovers it better "
+                   "beyond global size (1 = yes)"),
     # Counterfactual checks (directions/counterfactual.py): reported, no targets yet.
     DirectionCheck("cf_composition_mae", "counterfactual composition: mean |decode(encode(x)) - x| in the brain"),
     DirectionCheck("cf_age_group_reversibility_ratio", "age direction: reversibility (+d, -d) residual / change"),
