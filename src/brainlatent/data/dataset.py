@@ -165,6 +165,7 @@ class StreamedSplit:
         self.shape = torch.Size((len(self.rows), 1, *volume_shape))
         self._layout: tuple[int, int, np.dtype] | None = None  # (pid, offset, dtype) of the open file
         self._fd: int | None = None
+        self._buf: np.ndarray | None = None  # reused float16 read buffer
         self._loader = None
 
     @classmethod
@@ -177,7 +178,7 @@ class StreamedSplit:
 
     def __setstate__(self, state: dict) -> None:
         self.path, self.rows, self.shape = state["path"], state["rows"], state["shape"]
-        self._layout, self._fd, self._loader = None, None, None
+        self._layout, self._fd, self._buf, self._loader = None, None, None, None
 
     def _open(self) -> tuple[int, int, np.dtype]:
         """(file descriptor, byte offset of row 0, dtype) of volumes.npy, opened once per process (a forked
@@ -196,38 +197,39 @@ class StreamedSplit:
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
 
-    def _read_rows(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """``out[k] = volumes[rows[k]]`` for ascending ``rows``: one pread per run of consecutive rows. pread,
-        not the memmap: the pages read stay in the kernel's page cache instead of this process's RSS."""
-        fd, offset, dtype = self._open()
-        voxels = int(np.prod(self.shape[2:]))
-        row_bytes = voxels * dtype.itemsize
-        k = 0
-        while k < len(rows):
-            run = 1
-            while k + run < len(rows) and rows[k + run] == rows[k] + run:
-                run += 1
-            block = np.empty((run, *self.shape[2:]), dtype=dtype)
-            view, got, nbytes = memoryview(block).cast("B"), 0, run * row_bytes
-            while got < nbytes:
-                n = os.preadv(fd, [view[got:]], offset + int(rows[k]) * row_bytes + got)
-                if n == 0:
-                    raise ValueError(f"{self.path}: file ends before row {rows[k] + run - 1}")
-                got += n
-            out[k : k + run] = block
-            k += run
+    max_run = 16  # rows per pread: bounds the reused float16 buffer
 
     def read(self, positions) -> torch.Tensor:
-        """Volumes at ``positions`` (into this split) as float32 (b, 1, X, Y, Z), in the order given; the
-        file is read in ascending row order (sequential on disk)."""
+        """Volumes at ``positions`` (into this split) as float32 (b, 1, X, Y, Z), in the order given. The file
+        is read in ascending row order, one pread per run of consecutive rows (sequential on disk), into a
+        reused float16 buffer converted straight into place. pread, not the memmap: the pages read stay in the
+        kernel's page cache instead of this process's RSS."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         rows = self.rows[pos]
         order = np.argsort(rows, kind="stable")
-        sorted_vols = np.empty((len(rows), *self.shape[2:]), dtype=np.float32)
-        self._read_rows(rows[order], sorted_vols)
-        out = np.empty_like(sorted_vols)
-        out[order] = sorted_vols
-        return torch.from_numpy(out).unsqueeze(1)
+        rows_sorted = rows[order]
+        out = torch.empty((len(rows), 1, *self.shape[2:]), dtype=torch.float32)
+        fd, offset, dtype = self._open()
+        row_bytes = int(np.prod(self.shape[2:])) * dtype.itemsize
+        k = 0
+        while k < len(rows_sorted):
+            run = 1
+            while (k + run < len(rows_sorted) and run < self.max_run
+                   and rows_sorted[k + run] == rows_sorted[k] + run):
+                run += 1
+            if self._buf is None or len(self._buf) < run or self._buf.dtype != dtype:
+                self._buf = np.empty((max(run, 1), *self.shape[2:]), dtype=dtype)
+            view, got, nbytes = memoryview(self._buf).cast("B"), 0, run * row_bytes
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:nbytes]], offset + int(rows_sorted[k]) * row_bytes + got)
+                if n == 0:
+                    raise ValueError(f"{self.path}: file ends before row {rows_sorted[k] + run - 1}")
+                got += n
+            block = torch.from_numpy(self._buf[:run])
+            for j in range(run):
+                out[int(order[k + j]), 0].copy_(block[j])
+            k += run
+        return out
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):
