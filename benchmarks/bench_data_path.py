@@ -11,7 +11,7 @@ chunks, not by ``prepare``), then runs one training epoch of a small conv autoen
 
 Per run, one JSON line: load seconds, epoch seconds (steps measured; with ``--max-steps`` the epoch time is
 extrapolated from the measured steps), data wait (time the loop waits for its next batch) as a share of step time,
-peak RSS of the main process (``ru_maxrss``) and peak summed PSS of the main process and its workers (sampled
+peak RSS of the main process (VmHWM) and peak summed PSS of the main process and its workers (sampled
 every 0.2 s: pages the forked workers share with the main process are split between them, counted once in all).
 
 Run::
@@ -81,6 +81,15 @@ def drop_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries the parent's high-water mark over fork
+    and exec into it, so a child of a parent that wrote a large memmap would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 class PeakRSS:
@@ -204,7 +213,7 @@ def child(args) -> dict:
         "read_ms_per_volume_warm": round(read_s_per_volume * 1000, 2),
         "data_wait_share": round(sum(waits) / max(sum(steps), 1e-9), 4),
         "first_wait_s": round(waits[0], 3) if waits else None,
-        "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_main_mb": peak_rss_mb(),
         "peak_pss_with_workers_mb": round(peak.peak / 2**20, 1),
         "train_float32_mb": round(len(train) * int(np.prod(data.grid.shape)) * 4 / 2**20, 1),
     }
@@ -258,7 +267,7 @@ def prepare_child(args) -> dict:
         "shape": shape, "workers": args.prepare_workers, "wall_s": round(wall, 1),
         "s_per_subject": round(wall / max(1, args.n_prepare), 3),
         "cpu_s": round(cpu, 1), "cores_busy": round(cpu / wall, 2),
-        "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_main_mb": peak_rss_mb(),
         "peak_pss_with_workers_mb": round(peak.peak / 2**20, 1),
         "note": "cpu_s: this process + its workers (sampled every 0.2 s: up to 0.2 s of each worker missed)",
     }
@@ -329,6 +338,16 @@ def main() -> int:
             runs = [(m, w) for m in args.modes.split(",") for w in (args.workers.split(",") if m == "stream" else [0])]
             runs = runs * args.repeats  # interleaved: a load change on the machine hits every mode
             for mode, workers in runs:
+                # Loading a split in memory peaks at ~1.5x its float32 size (the float16 copy beside it): skip it
+                # where that would take over half of the memory available now (the machine is shared).
+                from brainlatent.data.dataset import available_memory
+
+                need = 1.5 * sum(SPLIT_CYCLE[i % len(SPLIT_CYCLE)] == "train" for i in range(n)) * np.prod(shape) * 4
+                if mode == "memory" and need > 0.5 * available_memory():
+                    line = json.dumps({"mode": mode, "shape": list(shape), "subjects": n, "skipped":
+                                       f"needs ~{need / 2**30:.1f} GiB, available {available_memory() / 2**30:.1f}"})
+                    print(line, flush=True)
+                    continue
                 drop_cache(folder / "volumes.npy")
                 env = {**os.environ, "BRAINLATENT_STREAM_WORKERS": str(workers), "OMP_WAIT_POLICY": "PASSIVE"}
                 cmd = [sys.executable, __file__, "--child", "--processed", str(folder), "--mode", mode,
