@@ -46,6 +46,7 @@ from brainlatent.anatomy import sex_region_of
 from brainlatent.config import EvaluateConfig, Params, to_flat_dict
 from brainlatent.data.dataset import ProcessedData
 from brainlatent.grid import Grid
+from brainlatent.metric_groups import grouped
 from brainlatent.metrics import anatomical, generative, quality
 from brainlatent.metrics.reconstruction import reconstruction_per_volume
 from brainlatent.models.base import LatentModel
@@ -180,7 +181,7 @@ def train_featurenet(params: Params, root: Path | None = None) -> FeatureNetOutc
             curves = {k.replace("_", "/", 1): v for k, v in row.items() if k != "epoch"}
             mlflow.log_metrics(curves, step=int(row["epoch"]))
         held_out = evaluate_featurenet(model, x_va, s_va, a_va, device=device, age_weight=cfg.age_weight)
-        metrics = tracking.grouped("kept", held_out)
+        metrics = grouped("kept", held_out)
         metrics["kept/epoch"] = float(min(history, key=lambda r: r["val_loss"])["epoch"])
         mlflow.log_metrics(metrics)
         version, champion = registry.log_and_register(

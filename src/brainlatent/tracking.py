@@ -47,12 +47,6 @@ PROJECT_MARKERS = ("dvc.yaml", "params.yaml")
 DVC_TEMP_WORKSPACES = Path(".dvc") / "tmp" / "exps"
 
 
-def grouped(group: str, values: dict[str, float]) -> dict[str, float]:
-    """``{"mse": 1.0}`` -> ``{"val/mse": 1.0}`` for ``group="val"``. Curves are logged as ``<group>/<name>``
-    (train/, val/, schedule/, kept/) because MLflow's chart view draws one section per prefix."""
-    return {f"{group}/{k}": v for k, v in values.items()}
-
-
 def _find_project(start: Path) -> Path | None:
     """The nearest folder at or above ``start`` that holds every :data:`PROJECT_MARKERS` file."""
     for folder in (start, *start.parents):

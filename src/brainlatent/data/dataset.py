@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from brainlatent.data.preprocess import SPLITS, SUBJECT_COLUMNS
+from brainlatent.data.layout import SPLITS, SUBJECT_COLUMNS
 from brainlatent.grid import Grid
 
 log = logging.getLogger(__name__)

@@ -62,22 +62,15 @@ from brainlatent.data.hcp import (
     load_hcp,
     load_synthetic,
 )
+from brainlatent.data.layout import SPLITS, SUBJECT_COLUMNS, VOLUME_DTYPE  # noqa: F401  (re-exported)
 from brainlatent.data.manifest import PLANTED_LABEL, load_manifest
 from brainlatent.grid import Grid
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-# brain_mask_volume_mm3: the native mask's volume (contains any local effect that adds brain volume);
-# etiv_mm3: the template's intracranial volume over the determinant of the affine registration to it.
-SUBJECT_COLUMNS: tuple[str, ...] = (
-    "index", "subject_id", "sex", "age_group", "age", "brain_mask_volume_mm3", "etiv_mm3", "split",
-    "center_x_mm", "center_y_mm", "center_z_mm",
-)  # fmt: skip
 # A positive control's files next to its manifest (written by `brainlatent plant`), copied to ground_truth/.
 PLANT_DESCRIPTION = "planted.json"
 PLANTED_EFFECT_MAP = "planted_effect.nii.gz"
-VOLUME_DTYPE = np.float16
 # Percentiles from every 2nd voxel per axis once a brain has this many voxels: 1/8 of HCP's ~3.5 M brain
 # voxels (0.7 mm) still pins the 0.5/99.5 percentiles to well under 1 % and saves ~70 ms per subject.
 _PERCENTILE_SUBSAMPLE_ABOVE = 1_000_000

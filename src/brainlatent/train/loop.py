@@ -29,14 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from brainlatent.data.dataset import StreamedSplit
-from brainlatent.tracking import grouped
+from brainlatent.metric_groups import grouped
 from brainlatent.train import distributed
 from brainlatent.train.checkpoint import load_checkpoint, save_atomic
 from brainlatent.train.device import autocast, to_memory_format
 
 log = logging.getLogger(__name__)
 
-# Per-epoch metrics are grouped (tracking.grouped): train/<loss>, val/<metric>, schedule/<value>, and this.
+# Per-epoch metrics are grouped (metric_groups.grouped): train/<loss>, val/<metric>, schedule/<value>, and this.
 EPOCH_SECONDS = "time/epoch_seconds"
 
 
