@@ -61,3 +61,13 @@ def test_every_family_builds_and_runs_at_the_research_shape(research, family):
             assert scores.shape[0] == 2
     assert tuple(out.shape) == (2, 1, *shape)
     assert sum(p.numel() for p in model.parameters()) > 1_000_000  # the research widths, not the CPU defaults
+
+
+def test_directions_inversion_batch_shrinks_with_the_grid():
+    """Directions invert volumes in batches that keep every activation: bounded by voxels, so the research and
+    128^3 grids stay near training's memory while the default grid keeps its batch (and its numbers)."""
+    from brainlatent.directions.codec import ENCODE_BATCH, encode_batch
+
+    assert encode_batch((24, 32, 24)) == ENCODE_BATCH
+    assert encode_batch((64, 80, 64)) == 6
+    assert encode_batch((128, 160, 128)) == 1

@@ -13,6 +13,8 @@ Everything else in ``brainlatent.directions`` sees arrays ``(N, D)`` and the cod
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,19 @@ import torch
 from brainlatent.models.base import LatentModel
 
 from .traversal import decode_batched
+
+
+ENCODE_BATCH = 32
+# An inversion batch (gan, stylegan) keeps every generator activation for its backward pass: at the research
+# widths and 64 x 80 x 64, 32 volumes took the directions stage to a 10.5 GB peak (BENCHMARKS.md, the shortened
+# research run). Capping the voxels per batch keeps the stage near training's memory at any shape; below the
+# cap (24 x 32 x 24: 113 volumes) the batch stays ENCODE_BATCH, so small grids encode exactly as before.
+ENCODE_BATCH_VOXELS = 2**21
+
+
+def encode_batch(shape: Sequence[int]) -> int:
+    """Volumes per encoding batch for volumes of ``shape`` (X, Y, Z): ENCODE_BATCH, fewer on large grids."""
+    return max(1, min(ENCODE_BATCH, ENCODE_BATCH_VOXELS // math.prod(shape)))
 
 
 @dataclass(frozen=True)
@@ -83,14 +98,16 @@ class LatentCodec:
             raise ValueError(f"{self.describe()}: expected latents (B, {self.dim}), got {tuple(z.shape)}")
         return self.model.decode(z.to(self.device, torch.float32))
 
-    def encode_volumes(self, volumes: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def encode_volumes(self, volumes: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """``(N, X, Y, Z)`` volumes (any float dtype, a memmap is fine) -> ``(N, D)`` float64 latents.
 
-        Batched: an inversion batch costs about as much per volume as single volumes on a CPU, and far less
-        on a GPU; each volume's inversion is independent of the others in its batch (brainlatent.inversion).
+        Batched (``batch_size`` None: :func:`encode_batch` of the shape): an inversion batch costs about as much
+        per volume as single volumes on a CPU, and far less on a GPU; each volume's inversion is independent of
+        the others in its batch (brainlatent.inversion).
         """
         if volumes.ndim != 4:
             raise ValueError(f"volumes: expected (N, X, Y, Z), got shape {volumes.shape}")
+        batch_size = batch_size or encode_batch(volumes.shape[1:])
         out = []
         for start in range(0, len(volumes), batch_size):
             batch = torch.from_numpy(np.asarray(volumes[start : start + batch_size], np.float32)[:, None])

@@ -68,7 +68,6 @@ from .probes import ProbeSettings, decision_scores
 from .sizeaxis import ScalingAxis, global_size_map, scaling_axis
 from .study import (
     DECODE_BATCH,
-    ENCODE_BATCH,
     DirectionStudy,
     TraversalContext,
     study_direction,
@@ -170,7 +169,7 @@ def size_reference_map(exp: Experiment, encoded: Encoded) -> np.ndarray:
     (sizeaxis.global_size_map; x1.03 linear, like the scaling axis): what the ground-truth checks take out of
     both maps for their "beyond size" partial r. ``2 x directions.n_traversal_subjects`` encodings and decodings
     (inversions for GAN families); computed only when there is ground truth."""
-    return global_size_map(lambda v: exp.codec.encode_volumes(v, ENCODE_BATCH),
+    return global_size_map(lambda v: exp.codec.encode_volumes(v),
                            lambda z: exp.codec.decode_latents(z, DECODE_BATCH), encoded.originals,
                            device=exp.codec.device)
 
@@ -396,7 +395,7 @@ def encode(exp: Experiment) -> Encoded:
     on the default cohort (BENCHMARKS.md, Run I vs Run H): the AE / VAE's encode step stays under 0.5 s, the
     GAN families' +4-7 s on top of 32-34 s of inversion. The cohort's volumes are in memory anyway for the
     PCA-of-voxels baseline, and these are as many again."""
-    latents = exp.codec.encode_volumes(exp.data.volumes, ENCODE_BATCH)
+    latents = exp.codec.encode_volumes(exp.data.volumes)
     cohort_reconstructions = exp.codec.decode_latents(latents, DECODE_BATCH)
     originals = np.asarray(exp.data.volumes[exp.traversal_rows], np.float32)
     reconstructions = cohort_reconstructions[exp.traversal_rows]
@@ -419,7 +418,7 @@ def encode_size_axis(exp: Experiment) -> ScalingAxis | None:
     if cfg.size_axis != "scaling" or not exp.size_control_targets:
         return None
     rows = size_axis_rows(exp.fit_rows, cfg.size_axis_subjects, exp.params.seed)
-    axis = scaling_axis(lambda v: exp.codec.encode_volumes(v, ENCODE_BATCH), exp.data.volumes[rows],
+    axis = scaling_axis(lambda v: exp.codec.encode_volumes(v), exp.data.volumes[rows],
                         device=exp.codec.device)
     log.info("size axis: scaling x%.2f over %d fitting subjects, tangent agreement %.3f", axis.factor,
              axis.n_subjects, axis.agreement)

@@ -19,7 +19,7 @@ from brainlatent.data.dataset import ProcessedData
 from brainlatent.grid import Grid
 
 from . import counterfactual as cf
-from .codec import LatentCodec
+from .codec import LatentCodec, encode_batch
 from .direction import Direction
 from .effects import TraversalEffects, reencode_traversals, traversal_effects
 from .targets import covariate
@@ -27,7 +27,6 @@ from .traversal import DifferenceMap, group_difference_map, traverse
 
 log = logging.getLogger(__name__)
 
-ENCODE_BATCH = 32
 DECODE_BATCH = 16
 
 
@@ -107,7 +106,7 @@ def study_direction(direction: Direction, probe, codec: LatentCodec, ctx: Traver
     measured = traversal_effects(traversals, ctx.steps, measure=ctx.measure, subject_ids=ids)
     controlled = direction.metadata.get("features") == "latent_size_controlled"
     covariates = covariate(ctx.subjects, ctx.size_covariate)[:n] if controlled else None
-    reencoded = reencode_traversals(traversals[:n], codec.encode, ENCODE_BATCH, codec.device)
+    reencoded = reencode_traversals(traversals[:n], codec.encode, encode_batch(traversals.shape[2:]), codec.device)
     probed = traversal_effects(traversals[:n], ctx.steps, reencoded=reencoded, probe=probe,
                                probe_covariates=covariates, subject_ids=ids[:n])
     effects = _merge_effects(measured, probed)
