@@ -30,8 +30,11 @@ repro: install
 	$(BIN)/dvc config core.analytics false
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
+# Two pytest processes (pytest-xdist), one test file each at a time: most of the suite waits on subprocesses
+# (DVC, MLflow servers, Chromium, PostgreSQL), so two keep a 2-core machine busy. TEST_WORKERS=0 runs in one.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # The lowest allowed versions: every direct dependency pinned to its floor in pyproject.toml
 # (.ci/floor_constraints.py), torch kept at the CPU wheel installed first, newest versions of everything else.

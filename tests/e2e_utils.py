@@ -3,12 +3,14 @@ the pipeline's environment, a local MLflow UI server and a headless Chromium to 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -117,6 +119,14 @@ def apt_install(package: str) -> str:
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
         return f"installing {package} needs apt-get as root"
     apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # `make test` runs two pytest workers (pytest-xdist): both may want a package at once, and apt-get refuses
+    # to run beside itself (dpkg lock). One installs while the other waits, then finds the package there.
+    with open(Path(tempfile.gettempdir()) / "brainlatent-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _apt_get(package, apt_env)
+
+
+def _apt_get(package: str, apt_env: dict[str, str]) -> str:
     for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]):
         try:
             proc = subprocess.run(cmd, env=apt_env, capture_output=True, text=True, timeout=600)
