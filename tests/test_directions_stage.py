@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import mlflow
 import nibabel as nib
@@ -21,8 +22,8 @@ from brainlatent.data.cohort import AGE_GROUPS
 from brainlatent.directions import Direction, map_correlation, partial_map_correlation
 from brainlatent.directions.codec import LatentCodec
 from brainlatent.data.dataset import ProcessedData
-from brainlatent.directions.experiment import (FIT_SPLITS, GROUND_TRUTH_MAPS, feasible_targets, run_directions,
-                                               size_axis_rows, traversal_rows)
+from brainlatent.directions.experiment import (FIT_SPLITS, GROUND_TRUTH_MAPS, feasible_targets, ground_truth_checks,
+                                               run_directions, size_axis_rows, traversal_rows)
 from brainlatent.directions.sizeaxis import global_size_map, scaling_axis
 from brainlatent.directions.scan import traverse_scan
 from brainlatent.grid import Grid
@@ -215,6 +216,15 @@ def test_ground_truth_checks_recover_a_planted_map(project, ae):
         m["sex_local_map_r_beyond_size_size_controlled"] > m["sex_local_map_r_beyond_size_raw"])
     assert m["planted_size_controlled_better_beyond_size"] == float(
         m["planted_map_r_beyond_size_size_controlled"] > m["planted_map_r_beyond_size"])
+    # The global size each direction moves beyond the local map (the size-controlled maps *are* the local maps
+    # here: only float32 rounding is left of them beyond it, so their value is not checked, only the flag's rule).
+    assert m["sex_global_size_r_beyond_local_raw"] == pytest.approx(
+        partial_map_correlation(raw_sex, size_map, local_map, mask), abs=1e-4)
+    assert m["planted_global_size_r_beyond_local"] == pytest.approx(
+        partial_map_correlation(raw_planted, size_map, planted_map, mask), abs=1e-4)
+    controlled = m.get("sex_global_size_r_beyond_local_size_controlled", np.nan)
+    raw_size = m["sex_global_size_r_beyond_local_raw"]
+    assert m["sex_local_size_controlled_less_size"] == float(abs(controlled) < abs(raw_size))
     assert "time_size_map_s" in m
     assert second.metrics["sex_auc"] == pytest.approx(first.metrics["sex_auc"])  # deterministic
     run = mlflow.get_run(second.run_id)
@@ -223,6 +233,26 @@ def test_ground_truth_checks_recover_a_planted_map(project, ae):
             "gt.planted.size_controlled_minus_raw_r_beyond_size"} <= set(run.data.metrics)
     version = MlflowClient().get_model_version("brainlatent-ae", "1")
     assert float(version.tags["directions.age_map_r"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_size_control_checks_tell_the_local_effect_from_the_global_size_a_direction_carries():
+    """Known answer: a raw direction that renders the local effect plus a global rescaling, and a size-controlled
+    one that renders the local effect alone. Beyond size both recover the local map equally (the partial r is
+    blind to the size component by construction); the global size moved beyond the local map tells them apart."""
+    grid = Grid.box((12, 16, 12), (176.0, 224.0, 176.0), load_template().center_mm)
+    mask = atlas_on_grid(grid).brain > 0.5
+    rng = np.random.default_rng(0)
+    local, size = rng.normal(size=(2, *grid.shape))
+    noise = lambda: 0.3 * rng.normal(size=grid.shape)  # noqa: E731 - the decoders' own idiosyncrasy
+    study = lambda m: SimpleNamespace(difference=SimpleNamespace(mean_difference=m))  # noqa: E731
+    studies = {"sex": study(local + 2.0 * size + noise()), "sex_size_controlled": study(local + noise())}
+    out = ground_truth_checks({"sex_local": local}, grid, studies, size_map=size)
+    beyond = (out["gt.sex.sex_local_map_r_beyond_size"], out["gt.sex_size_controlled.sex_local_map_r_beyond_size"])
+    assert beyond[0] == pytest.approx(beyond[1], abs=0.05) and min(beyond) > 0.9
+    assert out["gt.sex.global_size_map_r_beyond_sex_local"] > 0.95
+    assert abs(out["gt.sex_size_controlled.global_size_map_r_beyond_sex_local"]) < 0.1
+    assert out["gt.sex_local.size_controlled_less_size"] == 1.0
+    assert out["gt.sex_local.size_controlled_better"] == 1.0  # plain r: raw is diluted by its size component
 
 
 def test_scaling_size_axis_makes_the_size_controlled_directions_orthogonal_to_the_models_own_size_axis(project, ae):

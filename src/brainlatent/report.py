@@ -108,6 +108,13 @@ DIRECTION_CHECKS = (
     DirectionCheck("sex_local_map_r_beyond_size_size_controlled", "size-controlled sex direction: the same (partial r)"),
     DirectionCheck("sex_local_size_controlled_better_beyond_size", "size control recovers the local sex effect better "
                    "beyond global size (1 = yes)", 1.0, _AE_VAE),
+    # ...and what that partial r cannot see: the global size a direction moves beyond the local effect.
+    DirectionCheck("sex_global_size_r_beyond_local_raw", "sex direction: map vs a global rescaling beyond the "
+                   "planted local sex effect (partial r; global size it moves)"),
+    DirectionCheck("sex_global_size_r_beyond_local_size_controlled", "size-controlled sex direction: the same "
+                   "(partial r)"),
+    DirectionCheck("sex_local_size_controlled_less_size", "size control moves less global size beyond the local "
+                   "effect (1 = yes)"),
     DirectionCheck("planted_auc", "positive control: probe AUC of the planted label, test split"),
     DirectionCheck("planted_map_r", "positive control: direction map vs planted effect (r)"),
     DirectionCheck("planted_size_controlled_better", "positive control: size control recovers it better (1 = yes)"),
@@ -117,6 +124,8 @@ DIRECTION_CHECKS = (
                    "(partial r)"),
     DirectionCheck("planted_size_controlled_better_beyond_size", "positive control: size control recovers it better "
                    "beyond global size (1 = yes)"),
+    DirectionCheck("planted_size_controlled_less_size", "positive control: size control moves less global size "
+                   "beyond the planted effect (1 = yes)"),
     # Counterfactual checks (directions/counterfactual.py): reported, no targets yet.
     DirectionCheck("cf_composition_mae", "counterfactual composition: mean |decode(encode(x)) - x| in the brain"),
     DirectionCheck("cf_age_group_reversibility_ratio", "age direction: reversibility (+d, -d) residual / change"),

@@ -191,7 +191,10 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
     With ``size_map`` (:func:`size_reference_map`) also ``gt.<direction>.<map>_map_r_beyond_size``, the partial
     r of the two maps given the global-rescaling map (groundtruth.partial_map_correlation, same mask), the
     comparisons by it (``gt.<map>.size_controlled_better_beyond_size``) and the reference's own plain r with each
-    planted map (``gt.global_size.<map>_map_r``: how much a pure size change already "matches" it)."""
+    planted map (``gt.global_size.<map>_map_r``: how much a pure size change already "matches" it), and for the
+    raw and size-controlled directions of each comparison ``gt.<direction>.global_size_map_r_beyond_<map>``:
+    the partial r of the direction's map with the rescaling map given the local map (the global size it moves
+    beyond the local effect; ``gt.<map>.size_controlled_less_size`` when size control moves less of it)."""
     if not maps:
         return {}
     mask = atlas_on_grid(grid).brain > 0.5
@@ -212,6 +215,19 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
             checks = ground_truth_metrics(summary=study.effects.summary, expected_signs=PLANTED_AGE_SIGNS)
             out.update({f"gt.{name}.{k}": v for k, v in checks.items()})
     for target, key in SIZE_CONTROL_COMPARISONS:
+        if size_map is not None and key in maps:
+            # The other half of "local and size-independent": how much global size a direction still moves
+            # beyond the local effect (partial r of its map with the rescaling map given the local map). The
+            # beyond-size r above cannot see it: a map ``local + a x size`` scores the same whatever ``a``.
+            for name in (target, f"{target}_size_controlled"):
+                if name in studies:
+                    out[f"gt.{name}.{SIZE_MAP_KEY}_map_r_beyond_{key}"] = _map_r(
+                        f"{name} vs the global size map beyond the planted {key} map", partial_map_correlation,
+                        studies[name].difference.mean_difference, size_map, maps[key], mask)
+            raw = out.get(f"gt.{target}.{SIZE_MAP_KEY}_map_r_beyond_{key}")
+            controlled = out.get(f"gt.{target}_size_controlled.{SIZE_MAP_KEY}_map_r_beyond_{key}")
+            if raw is not None and controlled is not None:
+                out[f"gt.{key}.size_controlled_less_size"] = float(abs(controlled) < abs(raw))
         for suffix in ("", "_beyond_size"):
             raw = out.get(f"gt.{target}.{key}_map_r{suffix}")
             controlled = out.get(f"gt.{target}_size_controlled.{key}_map_r{suffix}")

@@ -56,6 +56,16 @@ HEADLINE: tuple[HeadlineKey, ...] = (
                 "gt.planted_size_controlled.planted_map_r_beyond_size"),
     HeadlineKey("planted_size_controlled_better_beyond_size", "gt.planted.size_controlled_better_beyond_size"),
     HeadlineKey("planted_map_r_global_size", "gt.global_size.planted_map_r"),
+    # The global size a direction moves beyond the local effect (partial r with the rescaling map given the
+    # local map): the beyond-size r cannot see it, since `local + a x size` scores the same whatever `a`.
+    HeadlineKey("sex_global_size_r_beyond_local_raw", "gt.sex.global_size_map_r_beyond_sex_local"),
+    HeadlineKey("sex_global_size_r_beyond_local_size_controlled",
+                "gt.sex_size_controlled.global_size_map_r_beyond_sex_local"),
+    HeadlineKey("sex_local_size_controlled_less_size", "gt.sex_local.size_controlled_less_size"),
+    HeadlineKey("planted_global_size_r_beyond_local", "gt.planted.global_size_map_r_beyond_planted"),
+    HeadlineKey("planted_global_size_r_beyond_local_size_controlled",
+                "gt.planted_size_controlled.global_size_map_r_beyond_planted"),
+    HeadlineKey("planted_size_controlled_less_size", "gt.planted.size_controlled_less_size"),
     HeadlineKey("age_ventricle_sign_correct", "gt.age_group.ventricle_volume_mm3.sign_correct"),
     HeadlineKey("age_ventricle_monotonicity", version_tag=True),
     HeadlineKey("encode_psnr_db", version_tag=True),
