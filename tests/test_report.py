@@ -16,6 +16,7 @@ from brainlatent.config import params_from_dict
 from brainlatent.grid import Grid
 from brainlatent.evaluation import evaluate_family, train_featurenet
 from brainlatent.report import (
+    DIRECTION_CHECKS,
     below_baseline_reason,
     build_report,
     comparability_warnings,
@@ -141,6 +142,15 @@ def test_directions_summary_marks_each_target_for_the_families_it_applies_to():
     assert summary.loc["sex: baseline AUC, native brain-mask volume alone", "target"] == ""
     assert "age direction: difference map vs planted age effect (r)" not in summary.index  # not measured here
     assert directions_summary(table[["fid"]]) is None
+
+
+def test_every_direction_check_asks_its_own_question_of_a_headline_number():
+    """The summary's rows are keyed by the question: two checks asking the same one would show one's value under
+    the other's key (it happened: "the same (partial r)" twice)."""
+    questions = [check.question for check in DIRECTION_CHECKS]
+    assert len(set(questions)) == len(questions), sorted(q for q in questions if questions.count(q) > 1)
+    keys = [check.key for check in DIRECTION_CHECKS]
+    assert len(set(keys)) == len(keys)
 
 
 def test_headline_puts_every_quality_number_beside_its_floors_and_says_why_cells_are_blank():

@@ -109,10 +109,10 @@ DIRECTION_CHECKS = (
     DirectionCheck("sex_local_size_controlled_better_beyond_size", "size control recovers the local sex effect better "
                    "beyond global size (1 = yes)", 1.0, _AE_VAE),
     # ...and what that partial r cannot see: the global size a direction moves beyond the local effect.
-    DirectionCheck("sex_global_size_r_beyond_local_raw", "sex direction: map vs a global rescaling beyond the "
-                   "planted local sex effect (partial r; global size it moves)"),
-    DirectionCheck("sex_global_size_r_beyond_local_size_controlled", "size-controlled sex direction: the same "
-                   "(partial r)"),
+    DirectionCheck("sex_global_size_r_beyond_local_raw", "sex direction: global size it moves beyond the planted "
+                   "local sex effect (partial r with a global rescaling's map)"),
+    DirectionCheck("sex_global_size_r_beyond_local_size_controlled", "size-controlled sex direction: global size "
+                   "it moves beyond the local effect (partial r)"),
     DirectionCheck("sex_local_size_controlled_less_size", "size control moves less global size beyond the local "
                    "effect (1 = yes)"),
     DirectionCheck("planted_auc", "positive control: probe AUC of the planted label, test split"),
@@ -240,6 +240,7 @@ def directions_summary(table: pd.DataFrame) -> pd.DataFrame | None:
             if text and check.minimum is not None and family in check.families:
                 text += " pass" if value >= check.minimum else " FAIL"
             cells[family] = text
+        assert check.question not in rows, f"two direction checks ask {check.question!r}"  # rows are keyed by it
         rows[check.question] = {"target": target, **cells}
     if not rows:
         return None
