@@ -219,14 +219,14 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
             # The other half of "local and size-independent": how much global size a direction still moves
             # beyond the local effect (partial r of its map with the rescaling map given the local map). The
             # beyond-size r above cannot see it: a map ``local + a x size`` scores the same whatever ``a``.
+            moved = {}
             for name in (target, f"{target}_size_controlled"):
                 if name in studies:
-                    out[f"gt.{name}.{SIZE_MAP_KEY}_map_r_beyond_{key}"] = _map_r(
+                    moved[name] = out[f"gt.{name}.{SIZE_MAP_KEY}_map_r_beyond_{key}"] = _map_r(
                         f"{name} vs the global size map beyond the planted {key} map", partial_map_correlation,
                         studies[name].difference.mean_difference, size_map, maps[key], mask)
-            raw = out.get(f"gt.{target}.{SIZE_MAP_KEY}_map_r_beyond_{key}")
-            controlled = out.get(f"gt.{target}_size_controlled.{SIZE_MAP_KEY}_map_r_beyond_{key}")
-            if raw is not None and controlled is not None:
+            if len(moved) == 2:
+                raw, controlled = moved.values()
                 out[f"gt.{key}.size_controlled_less_size"] = float(abs(controlled) < abs(raw))
         for suffix in ("", "_beyond_size"):
             raw = out.get(f"gt.{target}.{key}_map_r{suffix}")
