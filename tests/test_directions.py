@@ -16,7 +16,7 @@ from brainlatent.directions import (Direction, ProbeSettings, direction_from_pro
                                     run_probe_suite)
 from brainlatent.directions.direction import covariate_axes
 from brainlatent.directions.probes import CovariateResidualizer
-from brainlatent.directions.groundtruth import map_correlation, partial_map_correlation
+from brainlatent.directions.groundtruth import map_correlation, partial_map_correlation, size_free_map_correlation
 from brainlatent.directions.sizeaxis import SCALING_FACTOR, global_size_map, rescale, scaling_axis
 
 
@@ -374,6 +374,41 @@ def test_partial_map_correlation_takes_out_what_a_global_size_change_explains():
         partial_map_correlation(local_part, planted, np.ones_like(size_map), mask)
     with pytest.raises(ValueError, match="differ"):
         partial_map_correlation(local_part, planted, size_map[:-1], mask)
+
+
+def test_size_free_map_correlation_counts_a_size_component_against_a_direction():
+    """Known answer: against the part of the planted map a global-size map does not explain, a direction map
+    made of that part scores 1, and adding any global-size component (either sign) lowers the score as
+    1 / sqrt(1 + a^2 var(size) / var(part)); the partial r forgives that component, this one does not. It is the
+    textbook semipartial correlation."""
+    mask, size_map, planted = _shell_and_local_maps()
+    c = size_map[mask] - size_map[mask].mean()
+    b = planted[mask] - planted[mask].mean()
+    part = np.zeros_like(planted)
+    part[mask] = b - (b @ c) / (c @ c) * c  # the planted map's size-free part
+    assert size_free_map_correlation(part, planted, size_map, mask) == pytest.approx(1.0, abs=1e-12)
+    # The planted map itself carries a size-like component, so it scores below its size-free part.
+    assert size_free_map_correlation(planted, planted, size_map, mask) < 0.99
+    scores = []
+    for weight in (0.0, 0.5, -0.5, 2.0):
+        with_size = part + weight * size_map
+        expected = 1 / np.sqrt(1 + weight**2 * np.var(size_map[mask]) / np.var(part[mask]))
+        score = size_free_map_correlation(with_size, planted, size_map, mask)
+        assert score == pytest.approx(expected, abs=1e-9)
+        assert partial_map_correlation(with_size, planted, size_map, mask) == pytest.approx(1.0, abs=1e-9)
+        scores.append(score)
+    assert scores[0] > scores[1] > scores[3] and scores[1] == pytest.approx(scores[2])
+    noisy = planted + np.random.default_rng(1).normal(scale=0.3, size=planted.shape)
+    r_ab, r_ac, r_bc = (map_correlation(a, b, mask) for a, b in ((noisy, planted), (noisy, size_map),
+                                                                 (planted, size_map)))
+    textbook = (r_ab - r_ac * r_bc) / np.sqrt(1 - r_bc**2)
+    assert size_free_map_correlation(noisy, planted, size_map, mask) == pytest.approx(textbook, abs=1e-12)
+    with pytest.raises(ValueError, match="planted map is a multiple of the control map"):
+        size_free_map_correlation(noisy, 2 * size_map - 1, size_map, mask)
+    with pytest.raises(ValueError, match="non-constant"):
+        size_free_map_correlation(np.ones_like(noisy), planted, size_map, mask)
+    with pytest.raises(ValueError, match="differ"):
+        size_free_map_correlation(noisy, planted[:-1], size_map, mask)
 
 
 def test_size_axis_option_is_validated_by_name():

@@ -20,6 +20,7 @@ from brainlatent.anatomy import atlas_on_grid, load_template
 from brainlatent.config import params_from_dict
 from brainlatent.data.cohort import AGE_GROUPS
 from brainlatent.directions import Direction, map_correlation, partial_map_correlation
+from brainlatent.directions.groundtruth import size_free_map_correlation
 from brainlatent.directions.codec import LatentCodec
 from brainlatent.data.dataset import ProcessedData
 from brainlatent.directions.experiment import (FIT_SPLITS, GROUND_TRUTH_MAPS, feasible_targets, ground_truth_checks,
@@ -175,7 +176,8 @@ def test_ground_truth_checks_recover_a_planted_map(project, ae):
     sex_map = rng.normal(size=age_map.shape)
     _write_ground_truth(project, {"age": age_map, "sex": sex_map, "sex_local": local_map, "planted": planted_map})
 
-    second = run_directions("ae", ae, root=project)
+    # With three refits of the raw vs size-controlled comparison (directions.map_bootstrap; off by default).
+    second = run_directions("ae", replace(ae, directions=replace(ae.directions, map_bootstrap=3)), root=project)
     m = second.metrics
     assert "planted_auc" in m and "planted_p_value" in m and "planted_size_controlled_auc" in m
     assert m["planted_map_r_size_controlled"] == pytest.approx(1.0, abs=1e-4)
@@ -226,11 +228,25 @@ def test_ground_truth_checks_recover_a_planted_map(project, ae):
     raw_size = m["sex_global_size_r_beyond_local_raw"]
     assert m["sex_local_size_controlled_less_size"] == float(abs(controlled) < abs(raw_size))
     assert "time_size_map_s" in m
+    # Size-free r: the whole map against the part of the local map the rescaling map does not explain.
+    assert m["sex_local_map_r_size_free_size_controlled"] == pytest.approx(
+        size_free_map_correlation(local_map, local_map, size_map, mask), abs=1e-4)
+    assert m["sex_local_map_r_size_free_raw"] == pytest.approx(
+        size_free_map_correlation(raw_sex, local_map, size_map, mask), abs=1e-4)
+    assert m["planted_size_controlled_minus_raw_r_size_free"] == pytest.approx(
+        m["planted_map_r_size_free_size_controlled"] - m["planted_map_r_size_free"], abs=1e-9)
+    for stem in ("sex_local", "planted"):
+        for suffix in ("", "_beyond_size", "_size_free"):
+            low, high = (m[f"{stem}_size_controlled_minus_raw_r{suffix}_{end}"] for end in ("low", "high"))
+            assert -2 <= low <= high <= 2
+            assert m[f"{stem}_size_controlled_better{suffix}_share"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert "time_map_bootstrap_s" in m
     assert second.metrics["sex_auc"] == pytest.approx(first.metrics["sex_auc"])  # deterministic
     run = mlflow.get_run(second.run_id)
     assert "gt.age_old.ventricle_volume_mm3.change_per_sd" in run.data.metrics
     assert {"gt.age_group.age_map_r_beyond_size", "gt.global_size.age_map_r",
             "gt.planted.size_controlled_minus_raw_r_beyond_size"} <= set(run.data.metrics)
+    assert run.data.metrics["gt.sex_local.bootstrap_refits"] == 3
     version = MlflowClient().get_model_version("brainlatent-ae", "1")
     assert float(version.tags["directions.age_map_r"]) == pytest.approx(1.0, abs=1e-3)
 
@@ -253,6 +269,11 @@ def test_size_control_checks_tell_the_local_effect_from_the_global_size_a_direct
     assert abs(out["gt.sex_size_controlled.global_size_map_r_beyond_sex_local"]) < 0.1
     assert out["gt.sex_local.size_controlled_less_size"] == 1.0
     assert out["gt.sex_local.size_controlled_better"] == 1.0  # plain r: raw is diluted by its size component
+    # Size-free r: the whole map against the local map's size-free part; raw's size component counts against it.
+    free = (out["gt.sex.sex_local_map_r_size_free"], out["gt.sex_size_controlled.sex_local_map_r_size_free"])
+    assert free[1] > 0.9 > 0.6 > free[0]
+    assert out["gt.sex_local.size_controlled_better_size_free"] == 1.0
+    assert out["gt.sex_local.size_controlled_minus_raw_r_size_free"] == pytest.approx(free[1] - free[0])
 
 
 def test_scaling_size_axis_makes_the_size_controlled_directions_orthogonal_to_the_models_own_size_axis(project, ae):

@@ -575,6 +575,9 @@ class DirectionsConfig:
     # local effects as well or better on both cohorts (docs/directions_method.md, "Size control")
     size_axis: Literal["scaling", "covariate"] = "scaling"
     size_axis_subjects: PositiveInt = 32  # fitting subjects (seeded) the scaling axis is averaged over
+    # Refits of the raw and size-controlled probes on resampled subjects for intervals on their map comparison
+    # (directions/refit.py; ground-truth cohorts only). 0: off. Costs 4 x n_traversal_subjects decodings each
+    map_bootstrap: NonNegInt = 0
     # Effectiveness check: add the registered feature network's P(male) / expected age group to what is
     # measured along every traversal (counterfactual.py); skipped with a warning when none is registered.
     effectiveness_featurenet: bool = True

@@ -115,6 +115,18 @@ DIRECTION_CHECKS = (
                    "it moves beyond the local effect (partial r)"),
     DirectionCheck("sex_local_size_controlled_less_size", "size control moves less global size beyond the local "
                    "effect (1 = yes)"),
+    # Size-free r: the whole map against the part of the local map a global rescaling does not explain, so the
+    # global size a direction moves counts against it; with directions.map_bootstrap, the refit interval.
+    DirectionCheck("sex_local_map_r_size_free_raw", "sex direction: whole map vs the size-free part of the planted "
+                   "local sex effect (r)"),
+    DirectionCheck("sex_local_map_r_size_free_size_controlled", "size-controlled sex direction: the same "
+                   "(size-free r)"),
+    DirectionCheck("sex_local_size_controlled_better_size_free", "size control recovers the size-free local sex "
+                   "effect better (1 = yes)", 1.0, _AE_VAE),
+    DirectionCheck("sex_local_size_controlled_minus_raw_r_size_free_low", "size-free r, size-controlled minus raw: "
+                   "lower 95% bound over probe refits (directions.map_bootstrap)"),
+    DirectionCheck("sex_local_size_controlled_minus_raw_r_size_free_high", "size-free r, size-controlled minus "
+                   "raw: upper 95% bound over probe refits"),
     DirectionCheck("planted_auc", "positive control: probe AUC of the planted label, test split"),
     DirectionCheck("planted_map_r", "positive control: direction map vs planted effect (r)"),
     DirectionCheck("planted_size_controlled_better", "positive control: size control recovers it better (1 = yes)"),
@@ -126,6 +138,10 @@ DIRECTION_CHECKS = (
                    "beyond global size (1 = yes)"),
     DirectionCheck("planted_size_controlled_less_size", "positive control: size control moves less global size "
                    "beyond the planted effect (1 = yes)"),
+    DirectionCheck("planted_map_r_size_free", "positive control: whole map vs the size-free part of the planted "
+                   "effect (r)"),
+    DirectionCheck("planted_map_r_size_free_size_controlled", "positive control: size-controlled, the same "
+                   "(size-free r)"),
     # Counterfactual checks (directions/counterfactual.py): reported, no targets yet.
     DirectionCheck("cf_composition_mae", "counterfactual composition: mean |decode(encode(x)) - x| in the brain"),
     DirectionCheck("cf_age_group_reversibility_ratio", "age direction: reversibility (+d, -d) residual / change"),

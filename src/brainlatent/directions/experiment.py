@@ -62,9 +62,11 @@ from . import counterfactual as cf
 from .codec import LatentCodec
 from .direction import Direction
 from .evaluation import CV_INTERVAL, check_labels
-from .groundtruth import PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation, partial_map_correlation
+from .groundtruth import (PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation, partial_map_correlation,
+                          size_free_map_correlation)
 from .headline import AGE_DIRECTIONS, VERSION_TAG_KEYS, headline_metrics
-from .probes import ProbeSettings, decision_scores
+from .probes import ProbeSettings, chosen_regularisation, decision_scores
+from .refit import ComparisonMaps, size_control_bootstrap
 from .sizeaxis import ScalingAxis, global_size_map, scaling_axis
 from .study import (
     DECODE_BATCH,
@@ -189,8 +191,11 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
     (``gt.<map>.size_controlled_better``). Empty when there is no ground truth (real cohorts).
 
     With ``size_map`` (:func:`size_reference_map`) also ``gt.<direction>.<map>_map_r_beyond_size``, the partial
-    r of the two maps given the global-rescaling map (groundtruth.partial_map_correlation, same mask), the
-    comparisons by it (``gt.<map>.size_controlled_better_beyond_size``) and the reference's own plain r with each
+    r of the two maps given the global-rescaling map (groundtruth.partial_map_correlation, same mask),
+    ``gt.<direction>.<map>_map_r_size_free``, the r of the direction's whole map with the part of the planted
+    map the rescaling map does not explain (groundtruth.size_free_map_correlation: global size the direction
+    moves lowers it), the comparisons by both (``gt.<map>.size_controlled_better_beyond_size`` /
+    ``_size_free``) and the reference's own plain r with each
     planted map (``gt.global_size.<map>_map_r``: how much a pure size change already "matches" it), and for the
     raw and size-controlled directions of each comparison ``gt.<direction>.global_size_map_r_beyond_<map>``:
     the partial r of the direction's map with the rescaling map given the local map (the global size it moves
@@ -211,6 +216,8 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
             if size_map is not None:
                 out[f"gt.{name}.{key}_map_r_beyond_size"] = _map_r(f"{what} beyond size", partial_map_correlation,
                                                                    diff, planted, size_map, mask)
+                out[f"gt.{name}.{key}_map_r_size_free"] = _map_r(f"{what}, size-free part", size_free_map_correlation,
+                                                                 diff, planted, size_map, mask)
         if name in AGE_DIRECTIONS:
             checks = ground_truth_metrics(summary=study.effects.summary, expected_signs=PLANTED_AGE_SIGNS)
             out.update({f"gt.{name}.{k}": v for k, v in checks.items()})
@@ -228,13 +235,41 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
             if len(moved) == 2:
                 raw, controlled = moved.values()
                 out[f"gt.{key}.size_controlled_less_size"] = float(abs(controlled) < abs(raw))
-        for suffix in ("", "_beyond_size"):
+        for suffix in ("", "_beyond_size", "_size_free"):
             raw = out.get(f"gt.{target}.{key}_map_r{suffix}")
             controlled = out.get(f"gt.{target}_size_controlled.{key}_map_r{suffix}")
             if raw is not None and controlled is not None:
                 # The issue's claim, measured: size control recovers the local effect better (NaN compares false).
                 out[f"gt.{key}.size_controlled_minus_raw_r{suffix}"] = controlled - raw
                 out[f"gt.{key}.size_controlled_better{suffix}"] = float(controlled > raw)
+    return out
+
+
+def size_control_intervals(exp: Experiment, encoded: Encoded, suite: ProbeSuite, ctx: TraversalContext,
+                           size_map: np.ndarray | None) -> dict[str, float]:
+    """With ``directions.map_bootstrap: n > 0`` and ground truth: for every raw vs size-controlled comparison
+    (``SIZE_CONTROL_COMPARISONS``), ``n`` refits of both probes on resampled fitting subjects, traversed from
+    resampled traversed subjects (refit.py): ``gt.<map>.size_controlled_minus_raw_r<suffix>_low`` / ``_high``,
+    ``gt.<map>.size_controlled_better<suffix>_share`` and ``gt.<map>.bootstrap_refits``. The probes keep the
+    C they were fitted with; the latent scaling axis is the model's."""
+    n = exp.params.directions.map_bootstrap
+    if not n or size_map is None:
+        return {}
+    maps_mask = ctx.mask
+    fit = exp.fit_rows
+    out: dict[str, float] = {}
+    for target, key in SIZE_CONTROL_COMPARISONS:
+        probes = {f: suite.probes.get(f"{target}.{f}") for f in ("latent", "latent_size_controlled")}
+        if key not in ctx.planted or any(p is None for p in probes.values()):
+            continue
+        result = size_control_bootstrap(
+            target, encoded.latents[fit], exp.data.subjects.iloc[fit].reset_index(drop=True), exp.settings,
+            exp.params.directions.size_covariate, ctx.latents, (float(ctx.steps[0]), float(ctx.steps[-1])),
+            exp.codec.decode, ComparisonMaps(ctx.planted[key], size_map, maps_mask), n, seed=exp.params.seed,
+            size_axis=None if encoded.size_axis is None else encoded.size_axis.vector,
+            C={f: chosen_regularisation(p)["C"] for f, p in probes.items()}, batch_size=DECODE_BATCH,
+            device=exp.codec.device)
+        out.update({f"gt.{key}.{k}": v for k, v in result.items()})
     return out
 
 
@@ -590,6 +625,8 @@ def run_directions(family: str, params: Params, root: Path | None = None, model_
         with clock("size_map_s"):  # the "beyond size" reference; only with ground truth
             size_map = size_reference_map(exp, encoded) if ctx.planted else None
         gt = ground_truth_checks(ctx.planted, exp.data.grid, studies, size_map)
+        with clock("map_bootstrap_s"):  # directions.map_bootstrap refits (0: off, the default)
+            gt.update(size_control_intervals(exp, encoded, suite, ctx, size_map))
         clock.timings["total_s"] = time.perf_counter() - t_start
         headline = record(exp, run.info.run_id, suite, studies, encoded, gt, model_cf, clock.timings)
         log.info("directions %s v%s: %s (%.0f s)", family, loaded.version,

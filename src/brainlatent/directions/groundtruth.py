@@ -10,6 +10,11 @@ checks per direction:
                    (``partial_map_correlation``): a local enlargement at coarse voxels mostly pushes the brain's
                    outline outward, as a larger brain does, so a global-size map already correlates with a
                    local one and the plain r rewards any global-size component of a direction
+  size-free        the direction's whole map against the part of the planted map that the global-rescaling
+                   map does not explain (``size_free_map_correlation``, a semipartial r): the planted local
+                   effect with its size-like component taken out is what a size-independent direction should
+                   render, and any global size the direction still moves lowers the score (the beyond-size
+                   r cannot see it: a map ``local + a x size`` scores the same there whatever ``a``)
   effect sign      along the age direction the ventricle volume must rise (planted growth > 0): the
                    measured change per SD must have the planted sign and rise monotonically
 
@@ -41,6 +46,23 @@ def map_correlation(estimated: np.ndarray, planted: np.ndarray, mask: np.ndarray
     return float(pearsonr(a, b).statistic)
 
 
+def _masked_triple(what: str, estimated: np.ndarray, planted: np.ndarray, control: np.ndarray,
+                   mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three maps' voxels inside ``mask`` as float64 vectors, ``control`` centred; ValueError (prefixed by
+    ``what``) for maps of different shapes, a mask that does not fit, or constant maps."""
+    estimated, planted, control = (np.asarray(m, np.float64) for m in (estimated, planted, control))
+    if not estimated.shape == planted.shape == control.shape:
+        raise ValueError(f"{what}: estimated {estimated.shape}, planted {planted.shape} and control "
+                         f"{control.shape} maps differ")
+    mask = np.ones(estimated.shape, bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != estimated.shape:
+        raise ValueError(f"{what}: mask {mask.shape} does not match the maps {estimated.shape}")
+    a, b, c = estimated[mask], planted[mask], control[mask]
+    if a.size < 4 or np.ptp(a) == 0 or np.ptp(b) == 0 or np.ptp(c) == 0:
+        raise ValueError(f"{what}: need >= 4 masked voxels and non-constant maps")
+    return a, b, c - c.mean()
+
+
 def partial_map_correlation(estimated: np.ndarray, planted: np.ndarray, control: np.ndarray,
                             mask: np.ndarray | None = None) -> float:
     """Partial correlation of two ``(X, Y, Z)`` maps given a third, over the voxels of ``mask``: Pearson r
@@ -50,17 +72,7 @@ def partial_map_correlation(estimated: np.ndarray, planted: np.ndarray, control:
 
     Raises ValueError like :func:`map_correlation`, and when a map is (numerically) a multiple of ``control``
     (nothing is left of it beyond the control)."""
-    estimated, planted, control = (np.asarray(m, np.float64) for m in (estimated, planted, control))
-    if not estimated.shape == planted.shape == control.shape:
-        raise ValueError(f"partial_map_correlation: estimated {estimated.shape}, planted {planted.shape} and "
-                         f"control {control.shape} maps differ")
-    mask = np.ones(estimated.shape, bool) if mask is None else np.asarray(mask, bool)
-    if mask.shape != estimated.shape:
-        raise ValueError(f"partial_map_correlation: mask {mask.shape} does not match the maps {estimated.shape}")
-    a, b, c = estimated[mask], planted[mask], control[mask]
-    if a.size < 4 or np.ptp(a) == 0 or np.ptp(b) == 0 or np.ptp(c) == 0:
-        raise ValueError("partial_map_correlation: need >= 4 masked voxels and non-constant maps")
-    c = c - c.mean()
+    a, b, c = _masked_triple("partial_map_correlation", estimated, planted, control, mask)
     residuals = []
     for m in (a, b):
         m = m - m.mean()
@@ -70,6 +82,25 @@ def partial_map_correlation(estimated: np.ndarray, planted: np.ndarray, control:
         residuals.append(r)
     ra, rb = residuals
     return float(ra @ rb / (np.linalg.norm(ra) * np.linalg.norm(rb)))
+
+
+def size_free_map_correlation(estimated: np.ndarray, planted: np.ndarray, control: np.ndarray,
+                              mask: np.ndarray | None = None) -> float:
+    """Semipartial correlation of two ``(X, Y, Z)`` maps given a third, over the voxels of ``mask``: Pearson r
+    between ``estimated`` as it is and the residual of ``planted`` after a least-squares fit on ``control``
+    (with an intercept). How well a direction's whole change renders the part of the planted effect that
+    ``control`` (a global rescaling) does not explain. Unlike :func:`partial_map_correlation`, a component
+    along ``control`` in ``estimated`` is not forgiven: ``local_perp + a * control`` scores
+    ``1 / sqrt(1 + a^2 var(control) / var(local_perp))``, highest at ``a = 0``.
+
+    Raises ValueError like :func:`partial_map_correlation`."""
+    a, b, c = _masked_triple("size_free_map_correlation", estimated, planted, control, mask)
+    a, b = a - a.mean(), b - b.mean()
+    rb = b - (b @ c) / (c @ c) * c
+    if np.linalg.norm(rb) <= 1e-10 * np.linalg.norm(b):
+        raise ValueError("size_free_map_correlation: the planted map is a multiple of the control map; nothing "
+                         "is left of it")
+    return float(a @ rb / (np.linalg.norm(a) * np.linalg.norm(rb)))
 
 
 def effect_maps(volumes: np.ndarray, design: pd.DataFrame) -> dict[str, np.ndarray]:

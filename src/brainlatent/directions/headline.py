@@ -66,6 +66,23 @@ HEADLINE: tuple[HeadlineKey, ...] = (
     HeadlineKey("planted_global_size_r_beyond_local_size_controlled",
                 "gt.planted_size_controlled.global_size_map_r_beyond_planted"),
     HeadlineKey("planted_size_controlled_less_size", "gt.planted.size_controlled_less_size"),
+    # Size-free r: the direction's whole map against the part of the planted map a global rescaling does not
+    # explain; unlike the beyond-size r it counts the global size a direction moves against it.
+    HeadlineKey("sex_local_map_r_size_free_raw", "gt.sex.sex_local_map_r_size_free"),
+    HeadlineKey("sex_local_map_r_size_free_size_controlled", "gt.sex_size_controlled.sex_local_map_r_size_free"),
+    HeadlineKey("sex_local_size_controlled_better_size_free", "gt.sex_local.size_controlled_better_size_free"),
+    HeadlineKey("planted_map_r_size_free", "gt.planted.planted_map_r_size_free"),
+    HeadlineKey("planted_map_r_size_free_size_controlled", "gt.planted_size_controlled.planted_map_r_size_free"),
+    HeadlineKey("planted_size_controlled_better_size_free", "gt.planted.size_controlled_better_size_free"),
+    # size-controlled minus raw by each measure, and with directions.map_bootstrap its refit interval and the
+    # share of refits with size control ahead (refit.py)
+    *(HeadlineKey(f"{stem}_size_controlled_minus_raw_r{suffix}{end}",
+                  f"gt.{key}.size_controlled_minus_raw_r{suffix}{end}")
+      for stem, key in (("sex_local", "sex_local"), ("planted", "planted"))
+      for suffix in ("", "_beyond_size", "_size_free") for end in ("", "_low", "_high")),
+    *(HeadlineKey(f"{stem}_size_controlled_better{suffix}_share", f"gt.{key}.size_controlled_better{suffix}_share")
+      for stem, key in (("sex_local", "sex_local"), ("planted", "planted"))
+      for suffix in ("", "_beyond_size", "_size_free")),
     HeadlineKey("age_ventricle_sign_correct", "gt.age_group.ventricle_volume_mm3.sign_correct"),
     HeadlineKey("age_ventricle_monotonicity", version_tag=True),
     HeadlineKey("encode_psnr_db", version_tag=True),

@@ -170,19 +170,41 @@ def _add_direction(suite: ProbeSuite, result: ProbeResult, latents: np.ndarray, 
                    settings: ProbeSettings, size_covariate: str, size_axis: np.ndarray | None = None) -> None:
     """The fitted latent probe and its :class:`Direction` (metadata: CV AUC, p-value, regularisation)."""
     target_name, features = result.target, result.features
-    target = TARGETS[target_name]
     suite.probes[f"{target_name}.{features}"] = result.fitted
-    name = direction_name(target_name, features)
+    suite.directions[direction_name(target_name, features)] = latent_direction(
+        result.fitted, latents, subjects, target_name, features, settings, size_covariate, size_axis,
+        metadata={"cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
+                  "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
+                  "n_subjects": result.n_subjects, **result.regularisation})
+
+
+def latent_direction(fitted: Pipeline, latents: np.ndarray, subjects: pd.DataFrame, target_name: str,
+                     features: str, settings: ProbeSettings, size_covariate: str,
+                     size_axis: np.ndarray | None = None, metadata: dict | None = None) -> Direction:
+    """The :class:`Direction` of a latent probe fitted on ``latents``/``subjects`` (``features``: ``latent`` or
+    ``latent_size_controlled``), made the way the suite makes every direction."""
+    target = TARGETS[target_name]
     controlled = features == "latent_size_controlled"
     size = ({"size_covariate": size_covariate, "size_control": settings.size_control,
              "size_control_fit": settings.size_control_fit, "size_axis": settings.size_axis} if controlled else {})
-    suite.directions[name] = direction_from_probe(
-        result.fitted, latents, name=name, positive=target.positive,
+    return direction_from_probe(
+        fitted, latents, name=direction_name(target_name, features), positive=target.positive,
         covariates=covariate(subjects, size_covariate) if controlled else None,
         labels=target_labels(subjects, target_name) if controlled else None,
         kind=settings.direction, size_axis=size_axis if controlled else None,
-        metadata={"target": target_name, "task": target.task, "features": features,
-                  "cv_auc": result.cv["auc"].value, "cv_auc_low": result.cv["auc"].low,
-                  "cv_auc_high": result.cv["auc"].high, "p_value": result.p_value,
-                  "n_subjects": result.n_subjects, **size, **result.regularisation},
+        metadata={"target": target_name, "task": target.task, "features": features, **size, **(metadata or {})},
     )
+
+
+def fit_latent_direction(target_name: str, features: str, latents: np.ndarray, subjects: pd.DataFrame,
+                         settings: ProbeSettings, size_covariate: str, size_axis: np.ndarray | None = None
+                         ) -> Direction:
+    """Fit one latent probe on all of ``latents``/``subjects`` (no CV, no scoring) and return its direction:
+    what a refit of the suite's direction on other subjects gives (refit.py). ``settings.C`` should be fixed
+    (``probe_C``, or the C the suite chose): a nested C search per refit is what the suite's CV is for."""
+    if features not in LATENT_FEATURES:
+        raise ValueError(f"fit_latent_direction: features must be one of {LATENT_FEATURES}, got {features!r}")
+    latents = np.asarray(latents, np.float64)
+    X = _features(features, latents, subjects, None, None, size_covariate)
+    probe = make_probe(TARGETS[target_name].task, features, settings).fit(X, target_labels(subjects, target_name))
+    return latent_direction(probe, latents, subjects, target_name, features, settings, size_covariate, size_axis)
