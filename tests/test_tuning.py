@@ -144,10 +144,32 @@ def test_study_writes_tuned_file_logs_nested_runs_and_feeds_training(tiny_proces
     assert applied.ae.epochs == params.ae.epochs and applied.vae == params.vae
 
 
-def test_prunes_bad_trials_and_survives_failing_ones(tiny_processed, project):
-    # lr choices that learn, stay flat (worse than the median: pruned after epoch 1) and diverge (NaN: failed).
-    # With seed 10 the seeded TPE draws good, good, flat, nan, nan: the median pruner (warm-up 0) has its two
-    # completed trials before the flat one. Asserted below, so a changed sampler fails loudly here.
+class _ScriptedSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler (its public plugin interface) that draws a fixed sequence of values, one per trial:
+    what the pruner and the failure handling see no longer depends on how a seeded TPE of a given Optuna
+    release happens to draw (a seed that drew good, good, flat, nan, nan in Optuna 5.0 drew three good ones
+    in 5.1)."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.values[trial.number]
+
+
+def test_prunes_bad_trials_and_survives_failing_ones(tiny_processed, project, monkeypatch):
+    # lr choices that learn, stay flat (worse than the median: pruned after epoch 1) and diverge (NaN: failed),
+    # drawn in the order good, good, flat, nan, nan: the median pruner (warm-up 0) has its two completed trials
+    # before the flat one. The study, its storage, pruner and MLflow runs are the real ones; only the draws are
+    # scripted.
+    monkeypatch.setattr("brainlatent.tuning.make_sampler",
+                        lambda tune, seed: _ScriptedSampler([GOOD_LR, GOOD_LR, FLAT_LR, NAN_LR, NAN_LR]))
     params = _params(project, n_trials=5, pruner="median", pruner_warmup_epochs=0, seed=10,
                      space={"ae": {"lr": {"choices": [GOOD_LR, FLAT_LR, NAN_LR]}}})
     result = tune_family("ae", params)
