@@ -11,7 +11,8 @@ import torch
 
 from brainlatent.config import ConfigError, build_section
 from brainlatent.directions.probes import ProbeSettings
-from brainlatent.directions.refit import ComparisonMaps, resample_within_labels, size_control_bootstrap
+from brainlatent.directions.metrics import stratified_bootstrap_indices
+from brainlatent.directions.refit import ComparisonMaps, size_control_bootstrap
 
 SHAPE = (10, 12, 10)
 N_LATENT = 6
@@ -103,8 +104,9 @@ def test_without_a_size_component_there_is_nothing_for_size_control_to_win(setup
 
 
 def test_resampling_keeps_both_classes_and_their_counts():
+    # The draw size_control_bootstrap makes of its fitting subjects (metrics.stratified_bootstrap_indices).
     labels = np.array([0] * 5 + [1] * 3)
-    rows = resample_within_labels(labels, np.random.default_rng(0))
+    rows = np.sort(stratified_bootstrap_indices(labels, 1, np.random.default_rng(0))[0])
     assert len(rows) == 8 and (labels[rows] == 1).sum() == 3 and set(rows[labels[rows] == 1]) <= {5, 6, 7}
 
 

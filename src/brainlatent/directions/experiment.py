@@ -62,8 +62,8 @@ from . import counterfactual as cf
 from .codec import LatentCodec
 from .direction import Direction
 from .evaluation import CV_INTERVAL, check_labels
-from .groundtruth import (PLANTED_AGE_SIGNS, ground_truth_metrics, map_correlation, partial_map_correlation,
-                          size_free_map_correlation)
+from .groundtruth import (MAP_MEASURE_SUFFIXES, PLANTED_AGE_SIGNS, SIZE_REFERENCE_MEASURES, ground_truth_metrics,
+                          map_correlation, partial_map_correlation)
 from .headline import AGE_DIRECTIONS, VERSION_TAG_KEYS, headline_metrics
 from .probes import ProbeSettings, chosen_regularisation, decision_scores
 from .refit import ComparisonMaps, size_control_bootstrap
@@ -76,7 +76,7 @@ from .study import (
     traversal_measure,
     write_study,
 )
-from .suite import ProbeSuite, run_probe_suite
+from .suite import LATENT_FEATURES, ProbeSuite, run_probe_suite
 from .targets import PLANTED, TARGETS, available_targets, covariate, target_labels
 from .traversal import symmetric_steps
 
@@ -214,10 +214,9 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
             what = f"{name} vs planted {key} map"
             out[f"gt.{name}.{key}_map_r"] = _map_r(what, map_correlation, diff, planted, mask)
             if size_map is not None:
-                out[f"gt.{name}.{key}_map_r_beyond_size"] = _map_r(f"{what} beyond size", partial_map_correlation,
-                                                                   diff, planted, size_map, mask)
-                out[f"gt.{name}.{key}_map_r_size_free"] = _map_r(f"{what}, size-free part", size_free_map_correlation,
-                                                                 diff, planted, size_map, mask)
+                for suffix, measure in SIZE_REFERENCE_MEASURES.items():
+                    out[f"gt.{name}.{key}_map_r{suffix}"] = _map_r(f"{what} ({suffix[1:]})", measure, diff, planted,
+                                                                   size_map, mask)
         if name in AGE_DIRECTIONS:
             checks = ground_truth_metrics(summary=study.effects.summary, expected_signs=PLANTED_AGE_SIGNS)
             out.update({f"gt.{name}.{k}": v for k, v in checks.items()})
@@ -235,7 +234,7 @@ def ground_truth_checks(maps: dict[str, np.ndarray], grid: Grid, studies: dict[s
             if len(moved) == 2:
                 raw, controlled = moved.values()
                 out[f"gt.{key}.size_controlled_less_size"] = float(abs(controlled) < abs(raw))
-        for suffix in ("", "_beyond_size", "_size_free"):
+        for suffix in MAP_MEASURE_SUFFIXES:
             raw = out.get(f"gt.{target}.{key}_map_r{suffix}")
             controlled = out.get(f"gt.{target}_size_controlled.{key}_map_r{suffix}")
             if raw is not None and controlled is not None:
@@ -255,17 +254,16 @@ def size_control_intervals(exp: Experiment, encoded: Encoded, suite: ProbeSuite,
     n = exp.params.directions.map_bootstrap
     if not n or size_map is None:
         return {}
-    maps_mask = ctx.mask
     fit = exp.fit_rows
     out: dict[str, float] = {}
     for target, key in SIZE_CONTROL_COMPARISONS:
-        probes = {f: suite.probes.get(f"{target}.{f}") for f in ("latent", "latent_size_controlled")}
+        probes = {f: suite.probes.get(f"{target}.{f}") for f in LATENT_FEATURES}
         if key not in ctx.planted or any(p is None for p in probes.values()):
             continue
         result = size_control_bootstrap(
             target, encoded.latents[fit], exp.data.subjects.iloc[fit].reset_index(drop=True), exp.settings,
             exp.params.directions.size_covariate, ctx.latents, (float(ctx.steps[0]), float(ctx.steps[-1])),
-            exp.codec.decode, ComparisonMaps(ctx.planted[key], size_map, maps_mask), n, seed=exp.params.seed,
+            exp.codec.decode, ComparisonMaps(ctx.planted[key], size_map, ctx.mask), n, seed=exp.params.seed,
             size_axis=None if encoded.size_axis is None else encoded.size_axis.vector,
             C={f: chosen_regularisation(p)["C"] for f, p in probes.items()}, batch_size=DECODE_BATCH,
             device=exp.codec.device)

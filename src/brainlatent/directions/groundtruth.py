@@ -103,6 +103,13 @@ def size_free_map_correlation(estimated: np.ndarray, planted: np.ndarray, contro
     return float(a @ rb / (np.linalg.norm(a) * np.linalg.norm(rb)))
 
 
+# The map comparisons that take a global-size map as reference, by the suffix of their metric names
+# (``<map>_map_r<suffix>``; the plain r, map_correlation, has none). One table for the stage's checks
+# (experiment.ground_truth_checks), their refit intervals (refit.py) and the headline keys.
+SIZE_REFERENCE_MEASURES = {"_beyond_size": partial_map_correlation, "_size_free": size_free_map_correlation}
+MAP_MEASURE_SUFFIXES = ("", *SIZE_REFERENCE_MEASURES)
+
+
 def effect_maps(volumes: np.ndarray, design: pd.DataFrame) -> dict[str, np.ndarray]:
     """Voxel-wise least-squares coefficient maps of ``volumes (N, X, Y, Z)`` on the columns of ``design``
     (``N`` rows; an intercept is added): ``{column: (X, Y, Z) map}``, each the change per unit of that column

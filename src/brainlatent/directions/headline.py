@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .evaluation import ProbeResult
+from .groundtruth import MAP_MEASURE_SUFFIXES
 from .suite import ProbeSuite
 from .targets import TARGETS
 
@@ -79,10 +80,10 @@ HEADLINE: tuple[HeadlineKey, ...] = (
     *(HeadlineKey(f"{stem}_size_controlled_minus_raw_r{suffix}{end}",
                   f"gt.{key}.size_controlled_minus_raw_r{suffix}{end}")
       for stem, key in (("sex_local", "sex_local"), ("planted", "planted"))
-      for suffix in ("", "_beyond_size", "_size_free") for end in ("", "_low", "_high")),
+      for suffix in MAP_MEASURE_SUFFIXES for end in ("", "_low", "_high")),
     *(HeadlineKey(f"{stem}_size_controlled_better{suffix}_share", f"gt.{key}.size_controlled_better{suffix}_share")
       for stem, key in (("sex_local", "sex_local"), ("planted", "planted"))
-      for suffix in ("", "_beyond_size", "_size_free")),
+      for suffix in MAP_MEASURE_SUFFIXES),
     HeadlineKey("age_ventricle_sign_correct", "gt.age_group.ventricle_volume_mm3.sign_correct"),
     HeadlineKey("age_ventricle_monotonicity", version_tag=True),
     HeadlineKey("encode_psnr_db", version_tag=True),

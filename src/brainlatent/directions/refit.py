@@ -24,15 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .groundtruth import map_correlation, partial_map_correlation, size_free_map_correlation
+from .groundtruth import MAP_MEASURE_SUFFIXES, SIZE_REFERENCE_MEASURES, map_correlation
+from .metrics import percentile_interval, stratified_bootstrap_indices
 from .probes import ProbeSettings
-from .suite import fit_latent_direction
+from .suite import LATENT_FEATURES, fit_latent_direction
 from .targets import target_labels
 from .traversal import Decode, decode_batched
-
-# The map measures a comparison is made on, by the key suffix experiment.ground_truth_checks uses.
-FEATURES = ("latent", "latent_size_controlled")  # the raw and the size-controlled probe, in that order
-MEASURES = {"": "plain r", "_beyond_size": "partial r beyond global size", "_size_free": "size-free r"}
 
 
 @dataclass(frozen=True)
@@ -45,26 +42,19 @@ class ComparisonMaps:
 
 
 def map_measures(difference: np.ndarray, maps: ComparisonMaps) -> dict[str, float]:
-    """Every measure of :data:`MEASURES` of one traversal's mean difference map; NaN where a map is constant."""
-    fns = {"": lambda: map_correlation(difference, maps.planted, maps.mask),
-           "_beyond_size": lambda: partial_map_correlation(difference, maps.planted, maps.size_map, maps.mask),
-           "_size_free": lambda: size_free_map_correlation(difference, maps.planted, maps.size_map, maps.mask)}
-    out = {}
-    for suffix, fn in fns.items():
-        try:
-            out[suffix] = fn()
-        except ValueError:  # a constant map: the decoder ignores this direction
-            out[suffix] = float("nan")
+    """One traversal's mean difference map by every measure the stage compares with (groundtruth.py), keyed by
+    the metric suffix of :data:`~.groundtruth.MAP_MEASURE_SUFFIXES`; NaN where a map is constant."""
+    out = {"": _or_nan(map_correlation, difference, maps.planted, maps.mask)}
+    for suffix, measure in SIZE_REFERENCE_MEASURES.items():
+        out[suffix] = _or_nan(measure, difference, maps.planted, maps.size_map, maps.mask)
     return out
 
 
-def resample_within_labels(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Row indices drawn with replacement within each label group, as many as the group has: a bootstrap
-    sample that keeps the class balance (and both classes) of the fitting subjects."""
-    labels = np.asarray(labels)
-    rows = [rng.choice(np.flatnonzero(labels == g), size=int((labels == g).sum()), replace=True)
-            for g in np.unique(labels)]
-    return np.sort(np.concatenate(rows))
+def _or_nan(measure, *maps) -> float:
+    try:
+        return measure(*maps)
+    except ValueError:  # a constant map: the decoder ignores this direction (no log: it would repeat per refit)
+        return float("nan")
 
 
 def size_control_bootstrap(
@@ -88,17 +78,17 @@ def size_control_bootstrap(
     (``latents (N, L)``, ``subjects`` their rows), each direction traversed from resampled ``traversal_latents
     (S, L)`` between ``end_steps`` (in SDs, as the stage's first and last step) and scored against ``maps``.
 
-    Returns, per measure suffix of :data:`MEASURES`: ``size_controlled_minus_raw_r<suffix>_low`` / ``_high``
+    Returns, per measure suffix of :data:`~.groundtruth.MAP_MEASURE_SUFFIXES`: ``size_controlled_minus_raw_r<suffix>_low`` / ``_high``
     (percentile interval at ``settings.ci_level``), ``size_controlled_better<suffix>_share`` (share of refits
     with size control ahead), and ``bootstrap_refits`` (refits with every measure finite). ``C``: the inverse
     regularisation per feature set (``{"latent": .., "latent_size_controlled": ..}``, the C the suite chose);
     by default ``settings.C``."""
     if n < 2:
         raise ValueError(f"size_control_bootstrap: n must be >= 2 refits, got {n}")
-    features_c = {f: (C or {}).get(f, settings.C) for f in FEATURES}
+    features_c = {f: (C or {}).get(f, settings.C) for f in LATENT_FEATURES}
     if any(c is None for c in features_c.values()):
         raise ValueError("size_control_bootstrap: the probes' C must be fixed (directions.probe_C, or the C the "
-                         f"suite chose, per feature set {FEATURES}); got {features_c}")
+                         f"suite chose, per feature set {LATENT_FEATURES}); got {features_c}")
     latents = np.asarray(latents, np.float64)
     traversal_latents = np.asarray(traversal_latents, np.float64)
     if traversal_latents.ndim != 2 or traversal_latents.shape[1] != latents.shape[1]:
@@ -107,13 +97,13 @@ def size_control_bootstrap(
     labels = target_labels(subjects, target)
     steps = np.asarray(end_steps, np.float64)
     rng = np.random.default_rng(seed)
-    diffs: dict[str, list[float]] = {suffix: [] for suffix in MEASURES}
+    diffs: dict[str, list[float]] = {suffix: [] for suffix in MAP_MEASURE_SUFFIXES}
     for _ in range(n):
-        rows = resample_within_labels(labels, rng)
+        rows = np.sort(stratified_bootstrap_indices(labels, 1, rng)[0])  # sorted: the fit sees subjects in order
         fit_subjects = subjects.iloc[rows].reset_index(drop=True)
         traversed = traversal_latents[rng.integers(0, len(traversal_latents), len(traversal_latents))]
         scores = []
-        for features in FEATURES:
+        for features in LATENT_FEATURES:  # raw, then size-controlled
             direction = fit_latent_direction(target, features, latents[rows], fit_subjects,
                                              settings.replace(C=features_c[features]), size_covariate, size_axis)
             codes = traversed[:, None, :] + direction.offsets(steps)[None, :, :]  # (S, 2, L)
@@ -121,17 +111,16 @@ def size_control_bootstrap(
                                   device=device).reshape(len(traversed), 2, *maps.planted.shape)
             scores.append(map_measures((ends[:, 1].astype(np.float64) - ends[:, 0]).mean(0), maps))
         raw, controlled = scores
-        for suffix in MEASURES:
+        for suffix in MAP_MEASURE_SUFFIXES:
             diffs[suffix].append(controlled[suffix] - raw[suffix])
-    table = np.array([diffs[s] for s in MEASURES])  # (measures, n)
+    table = np.array([diffs[s] for s in MAP_MEASURE_SUFFIXES])  # (measures, n)
     finite = np.all(np.isfinite(table), axis=0)
     if finite.sum() < 2:
         raise ValueError(f"size_control_bootstrap: only {int(finite.sum())} of {n} refits gave finite map "
                          "measures (the decoder ignores the directions?)")
-    tail = 100 * (1 - settings.ci_level) / 2
     out: dict[str, float] = {"bootstrap_refits": float(finite.sum())}
-    for suffix, values in zip(MEASURES, table[:, finite]):
-        low, high = np.percentile(values, [tail, 100 - tail])
+    for suffix, values in zip(MAP_MEASURE_SUFFIXES, table[:, finite]):
+        low, high = percentile_interval(values, settings.ci_level)
         out[f"size_controlled_minus_raw_r{suffix}_low"] = float(low)
         out[f"size_controlled_minus_raw_r{suffix}_high"] = float(high)
         out[f"size_controlled_better{suffix}_share"] = float(np.mean(values > 0))
